@@ -1,0 +1,157 @@
+"""System checks for the ``RUNS_APP`` settings and the database (ids ``runs_app.E0xx``/``W0xx``).
+
+Each setting has one check id; ``manage.py check`` lists every problem at once, with a hint.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.core import checks
+from django.db import connections
+
+from .conf import DEFAULTS, user_settings
+
+NOTIFY_CHANNEL_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+# key -> (check id, is the value valid?, what a valid value is)
+SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "MAX_PAYLOAD_BYTES": ("runs_app.E003", _positive_int, "a positive integer (bytes)"),
+    "FLUSH_BATCH_SIZE": ("runs_app.E004", _positive_int, "a positive integer (rows)"),
+    "CLEANUP_BATCH_SIZE": ("runs_app.E005", _positive_int, "a positive integer (rows)"),
+    "CLEANUP_MAX_DELETE_FRACTION": (
+        "runs_app.E006",
+        lambda v: _is_number(v) and 0 < v <= 1,
+        "a number greater than 0 and at most 1",
+    ),
+    "CLEANUP_MAX_DELETE_COUNT": (
+        "runs_app.E007",
+        lambda v: v is None or (_is_int(v) and v >= 0),
+        "None (no limit) or an integer >= 0",
+    ),
+    "RUN_STALE_AFTER": ("runs_app.E008", _positive_number, "a positive number of seconds"),
+    "PUBLISHER": (
+        "runs_app.E009",
+        lambda v: isinstance(v, str) and "." in v and not v.startswith("."),
+        'a dotted import path such as "runs_app.publishers.LoggingPublisher"',
+    ),
+    "PUBLISHER_OPTIONS": (
+        "runs_app.E010",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+        "a dict of keyword arguments for the publisher class",
+    ),
+    "DRAIN_BATCH_SIZE": ("runs_app.E011", _positive_int, "a positive integer (events)"),
+    "LEASE_SECONDS": ("runs_app.E012", _positive_number, "a positive number of seconds"),
+    "MAX_ATTEMPTS": ("runs_app.E013", _positive_int, "a positive integer"),
+    "RETRY_BASE_SECONDS": ("runs_app.E014", _positive_number, "a positive number of seconds"),
+    "RETRY_MAX_SECONDS": (
+        "runs_app.E015",
+        _positive_number,
+        "a positive number of seconds, at least RETRY_BASE_SECONDS",
+    ),
+    "POLL_INTERVAL": ("runs_app.E016", _positive_number, "a positive number of seconds"),
+    "NOTIFY": ("runs_app.E017", lambda v: isinstance(v, bool), "True or False"),
+    "NOTIFY_CHANNEL": (
+        "runs_app.E018",
+        lambda v: isinstance(v, str) and bool(NOTIFY_CHANNEL_PATTERN.match(v)),
+        "a PostgreSQL identifier: a letter or _, then letters, digits or _, 63 at most",
+    ),
+}
+
+SQLITE_MIN_VERSION = (3, 35, 0)
+
+
+def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    configured = user_settings()
+    if not isinstance(configured, dict):
+        return [
+            checks.Error(
+                f"RUNS_APP must be a dict, not {type(configured).__name__}.",
+                hint="Set RUNS_APP = {...} in your settings, or remove it to use the defaults.",
+                id="runs_app.E001",
+            )
+        ]
+    errors: list[Any] = []
+    unknown = sorted(str(key) for key in configured if key not in DEFAULTS)
+    if unknown:
+        errors.append(
+            checks.Error(
+                f"RUNS_APP has unknown key(s): {', '.join(unknown)}.",
+                hint=f"Known keys: {', '.join(DEFAULTS)}.",
+                id="runs_app.E002",
+            )
+        )
+    for key, (check_id, is_valid, expected) in SETTING_RULES.items():
+        if key in configured and not is_valid(configured[key]):
+            errors.append(
+                checks.Error(
+                    f"RUNS_APP[{key!r}] is {configured[key]!r}; it must be {expected}.",
+                    hint=f"Fix it or remove it to use the default ({DEFAULTS[key]!r}).",
+                    id=check_id,
+                )
+            )
+    base = configured.get("RETRY_BASE_SECONDS", DEFAULTS["RETRY_BASE_SECONDS"])
+    ceiling = configured.get("RETRY_MAX_SECONDS", DEFAULTS["RETRY_MAX_SECONDS"])
+    if _positive_number(base) and _positive_number(ceiling) and ceiling < base:
+        errors.append(
+            checks.Error(
+                f"RUNS_APP['RETRY_MAX_SECONDS'] ({ceiling!r}) is below "
+                f"RETRY_BASE_SECONDS ({base!r}).",
+                hint="The backoff ceiling must be at least the base delay.",
+                id="runs_app.E015",
+            )
+        )
+    return errors
+
+
+def check_database(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """SQLite needs RETURNING (3.35+) and, for safe concurrent writers, IMMEDIATE transactions."""
+    connection = connections["default"]
+    if connection.vendor != "sqlite":
+        return []
+    import sqlite3
+
+    problems: list[Any] = []
+    if sqlite3.sqlite_version_info < SQLITE_MIN_VERSION:
+        problems.append(
+            checks.Error(
+                f"SQLite {sqlite3.sqlite_version} is too old for runs_app.",
+                hint="runs_app needs SQLite 3.35 or newer (UPDATE ... RETURNING).",
+                id="runs_app.E020",
+            )
+        )
+    options = connection.settings_dict.get("OPTIONS", {})
+    if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
+        problems.append(
+            checks.Warning(
+                "The default database is SQLite without transaction_mode IMMEDIATE.",
+                hint=(
+                    'Set DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE" '
+                    "so concurrent writers wait for each other instead of failing with "
+                    '"database is locked".'
+                ),
+                id="runs_app.W001",
+            )
+        )
+    return problems

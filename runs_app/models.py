@@ -1,0 +1,204 @@
+"""The data model: a Run, its state ledger, its outbox cursor, its events, and its projects.
+
+Rows are written by :mod:`runs_app.services`, which keeps them consistent with each other (a run
+always has its state, its outbox row and its ``run.started`` event). Write through the services.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+RUN_ID_MAX_LENGTH = 64
+SCOPE_MAX_LENGTH = 200
+EVENT_TYPE_MAX_LENGTH = 100
+PROJECT_KEY_MAX_LENGTH = 255
+PROJECT_NAME_MAX_LENGTH = 255
+
+
+def empty_object() -> dict[str, Any]:
+    return {}
+
+
+class RunStatus(models.TextChoices):
+    ACTIVE = "active", "active"
+    COMPLETED = "completed", "completed"
+    FAILED = "failed", "failed"
+
+
+class FlushStatus(models.TextChoices):
+    NOT_STARTED = "not_started", "not started"
+    IN_PROGRESS = "in_progress", "in progress"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+
+
+class CleanupStatus(models.TextChoices):
+    NOT_RUN = "not_run", "not run"
+    REFUSED = "refused", "refused"
+    DONE = "done", "done"
+
+
+class Run(models.Model):
+    """One execution of a job. Its id is a string chosen by the caller or a uuid4 hex."""
+
+    id = models.CharField(primary_key=True, max_length=RUN_ID_MAX_LENGTH)
+    scope = models.CharField(max_length=SCOPE_MAX_LENGTH, default="default")
+    metadata = models.JSONField(default=empty_object, blank=True)
+    # Per-run event counter: the seq of the newest event. Bumped with a row lock by append_events.
+    last_seq = models.PositiveBigIntegerField(default=0)
+    # Creation order, independent of clocks: "newer run" compares ordinals, never timestamps.
+    ordinal = models.PositiveBigIntegerField(unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    state: RunState
+    outbox: RunOutbox
+
+    class Meta:
+        ordering = ["-ordinal"]
+        indexes = [models.Index(fields=["scope", "ordinal"], name="runs_app_run_scope_ordinal")]
+
+    def __str__(self) -> str:
+        return f"{self.scope}/{self.id}"
+
+
+class RunState(models.Model):
+    """A run's lifecycle and ledgers (flush and cleanup). One per run."""
+
+    run = models.OneToOneField(
+        Run, on_delete=models.CASCADE, primary_key=True, related_name="state"
+    )
+    # Copied from the run so the database can enforce one active run per scope.
+    scope = models.CharField(max_length=SCOPE_MAX_LENGTH)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.ACTIVE)
+    error = models.TextField(blank=True, default="")
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(default=timezone.now)
+
+    # Flush ledger.
+    flush_status = models.CharField(
+        max_length=16, choices=FlushStatus.choices, default=FlushStatus.NOT_STARTED
+    )
+    flush_error = models.TextField(blank=True, default="")
+    flushed_at = models.DateTimeField(null=True, blank=True)
+    rows_seen = models.PositiveBigIntegerField(default=0)
+    rows_created = models.PositiveBigIntegerField(default=0)
+    rows_updated = models.PositiveBigIntegerField(default=0)
+    rows_confirmed = models.PositiveBigIntegerField(default=0)
+
+    # Cleanup ledger.
+    cleanup_status = models.CharField(
+        max_length=16, choices=CleanupStatus.choices, default=CleanupStatus.NOT_RUN
+    )
+    cleanup_reason = models.CharField(max_length=32, blank=True, default="")
+    cleanup_message = models.TextField(blank=True, default="")
+    rows_removed = models.PositiveBigIntegerField(default=0)
+    cleanup_forced = models.BooleanField(default=False)
+    cleanup_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope"],
+                condition=Q(status="active"),
+                name="runs_app_one_active_run_per_scope",
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "heartbeat_at"], name="runs_app_state_stale")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}: {self.status}"
+
+    @property
+    def flush_succeeded(self) -> bool | None:
+        """True when the flush succeeded, None when it never started, False otherwise."""
+        if self.flush_status == FlushStatus.NOT_STARTED:
+            return None
+        return self.flush_status == FlushStatus.SUCCEEDED
+
+
+class RunOutbox(models.Model):
+    """A run's delivery cursor: events with ``seq >= next_seq`` are pending, in seq order."""
+
+    run = models.OneToOneField(
+        Run, on_delete=models.CASCADE, primary_key=True, related_name="outbox"
+    )
+    next_seq = models.PositiveBigIntegerField(default=1)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    # Null means "no backoff": claimable as soon as there are pending events.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    lease_token = models.UUIDField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    leased_by = models.CharField(max_length=200, blank=True, default="")
+    blocked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "run outbox"
+        verbose_name_plural = "run outboxes"
+
+    def __str__(self) -> str:
+        return f"outbox of {self.run_id} (next seq {self.next_seq})"
+
+
+class RunEvent(models.Model):
+    """One event of a run, numbered by ``seq`` (1, 2, 3, ... without gaps)."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveBigIntegerField()
+    type = models.CharField(max_length=EVENT_TYPE_MAX_LENGTH)
+    payload = models.JSONField(default=empty_object, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    published_at = models.DateTimeField(null=True, blank=True)
+    skipped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "seq"], name="runs_app_event_run_seq"),
+        ]
+        indexes = [
+            # Small: only events still waiting for the relay. Finds runs with work to do.
+            models.Index(
+                fields=["run", "seq"],
+                condition=Q(published_at__isnull=True, skipped_at__isnull=True),
+                name="runs_app_event_pending",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}#{self.seq} {self.type}"
+
+
+class Project(models.Model):
+    """A synced item, unique by (scope, key), stamped with the last run that saw it."""
+
+    scope = models.CharField(max_length=SCOPE_MAX_LENGTH)
+    key = models.CharField(max_length=PROJECT_KEY_MAX_LENGTH)
+    name = models.CharField(max_length=PROJECT_NAME_MAX_LENGTH)
+    data = models.JSONField(default=empty_object, blank=True)
+    # SET_NULL: deleting a run never deletes projects.
+    last_seen_run = models.ForeignKey(
+        Run, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    last_confirmed_run = models.ForeignKey(
+        Run, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["scope", "key"]
+        constraints = [
+            models.UniqueConstraint(fields=["scope", "key"], name="runs_app_project_scope_key"),
+        ]
+        indexes = [
+            models.Index(fields=["scope", "last_seen_run"], name="runs_app_project_seen"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope}/{self.key}"

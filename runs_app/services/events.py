@@ -1,0 +1,113 @@
+"""Appending events to a run: contiguous seqs under a row lock, one bulk insert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from ..exceptions import RunClosed, RunNotFound
+from ..models import Run, RunEvent, RunState, RunStatus
+from .db import connection_for_write, db_alias, table
+from .validation import PreparedEvent, prepare_events, run_id_of
+
+
+def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
+    """Append events to an active run and return them with their seqs.
+
+    One transaction (nested in the caller's, if any): a single ``UPDATE ... RETURNING`` bumps the
+    run's ``last_seq`` by the number of events and locks the run row until commit, then one bulk
+    insert writes the events. Concurrent appenders to one run therefore get contiguous seqs that
+    commit in seq order, so a reader of ``seq >= next_seq`` never skips a row.
+
+    Raises ``InvalidEvent`` (nothing written), ``RunNotFound``, ``RunClosed`` for a completed or
+    failed run.
+    """
+    run_id = run_id_of(run)
+    prepared = prepare_events(events)
+    with transaction.atomic(using=db_alias()):
+        return insert_events(run_id, prepared)
+
+
+def insert_events(
+    run_id: str, events: Sequence[PreparedEvent], *, allow_closed: bool = False
+) -> list[RunEvent]:
+    """Allocate seqs and insert validated events. Call inside a transaction.
+
+    ``allow_closed`` is for the app's own lifecycle and audit events (``run.completed``,
+    ``cleanup.refused``...), which are appended to runs that callers may no longer write to.
+    """
+    if not events:
+        ensure_run_accepts_events(run_id, allow_closed=allow_closed)
+        return []
+    last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed)
+    first_seq = last_seq - len(events) + 1
+    now = timezone.now()
+    rows = [
+        RunEvent(
+            run_id=run_id,
+            seq=first_seq + offset,
+            type=event.type,
+            payload=event.payload,
+            created_at=now,
+        )
+        for offset, event in enumerate(events)
+    ]
+    return RunEvent.objects.using(db_alias()).bulk_create(rows)
+
+
+def reserve_seqs(run_id: str, count: int, *, allow_closed: bool) -> int:
+    """Bump ``Run.last_seq`` by ``count`` and return the new value; locks the run row.
+
+    Raw SQL because the ORM cannot return the updated counter from the UPDATE itself
+    (``F("last_seq") + count`` would need a second query, racing other appenders).
+    """
+    status_filter = (
+        ""
+        if allow_closed
+        else (
+            f" AND EXISTS (SELECT 1 FROM {table(RunState)} s"
+            f" WHERE s.run_id = {table(Run)}.id AND s.status = %s)"
+        )
+    )
+    params: list[Any] = [count, run_id]
+    if not allow_closed:
+        params.append(RunStatus.ACTIVE)
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table(Run)} SET last_seq = last_seq + %s WHERE id = %s{status_filter}"
+            " RETURNING last_seq",
+            params,
+        )
+        row = cursor.fetchone()
+    if row is None:
+        ensure_run_accepts_events(run_id, allow_closed=allow_closed)
+        raise RunNotFound(run_id)  # a run row without its state: not a run the app knows
+    return int(row[0])
+
+
+def ensure_run_accepts_events(run_id: str, *, allow_closed: bool) -> None:
+    """Raise RunNotFound or RunClosed, as the run's state says."""
+    status = (
+        RunState.objects.using(db_alias())
+        .filter(run_id=run_id)
+        .values_list("status", flat=True)
+        .first()
+    )
+    if status is None:
+        raise RunNotFound(run_id)
+    if status != RunStatus.ACTIVE and not allow_closed:
+        raise RunClosed(run_id, status)
+
+
+def list_events(run: Run | str, after_seq: int = 0) -> list[RunEvent]:
+    """The run's events with ``seq > after_seq`` in seq order. Raises ``RunNotFound``."""
+    run_id = run_id_of(run)
+    events = list(
+        RunEvent.objects.using(db_alias()).filter(run_id=run_id, seq__gt=after_seq).order_by("seq")
+    )
+    if not events and not Run.objects.using(db_alias()).filter(pk=run_id).exists():
+        raise RunNotFound(run_id)
+    return events

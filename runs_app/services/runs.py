@@ -1,0 +1,249 @@
+"""The run lifecycle: create, ensure, complete, fail, heartbeat, read.
+
+Every function here is one ``transaction.atomic`` block that nests inside the caller's
+transaction: a caller can write its own rows and create a run (or append events) in one
+``atomic()``, and everything commits or rolls back together. The transactions are short: a few
+single-row statements and one bulk insert, no I/O outside the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
+from ..models import FlushStatus, Run, RunEvent, RunOutbox, RunState, RunStatus
+from .db import connection_for_write, db_alias, is_postgresql
+from .events import ensure_run_accepts_events, insert_events
+from .validation import (
+    PreparedEvent,
+    error_text,
+    new_run_id,
+    prepare_events,
+    run_id_of,
+    validate_json_object,
+    validate_run_id,
+    validate_scope,
+)
+
+# Key of the transaction-level advisory lock that serialises run creation on PostgreSQL, so the
+# "id free? scope free? next ordinal?" checks and the inserts happen as one step. Run creation is
+# rare (once per job execution), so one lock for all scopes costs nothing measurable.
+RUN_CREATION_LOCK_KEY = 0x72756E73  # "runs"
+
+
+def create_run(
+    scope: str = "default",
+    *,
+    run_id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    events: Iterable[Any] = (),
+) -> Run:
+    """Create a run with its state (active), its outbox (``next_seq=1``), a ``run.started``
+    event (seq 1) and ``events`` (seq 2, 3, ...), all in one transaction.
+
+    Raises ``RunAlreadyExists`` (the id is taken), ``RunInProgress`` (the scope has an active
+    run), ``InvalidInput``/``InvalidEvent``; in every case nothing is written.
+    """
+    scope = validate_scope(scope)
+    run_id = new_run_id() if run_id is None else validate_run_id(run_id)
+    metadata_dict = validate_json_object("metadata", {} if metadata is None else metadata)
+    prepared = prepare_events(events)
+    return _create(run_id, scope, metadata_dict, prepared)
+
+
+def ensure_run(
+    run_id: str, *, scope: str = "default", metadata: Mapping[str, Any] | None = None
+) -> tuple[Run, bool]:
+    """Return ``(run, created)``: the run with this id, created as ``create_run`` would if absent.
+
+    Idempotent and safe under races: of two callers racing on one id, one creates and the other
+    gets ``created=False``. The same id in another scope raises ``RunAlreadyExists``.
+    """
+    run_id = validate_run_id(run_id)
+    scope = validate_scope(scope)
+    metadata_dict = validate_json_object("metadata", {} if metadata is None else metadata)
+    existing = _existing_in_scope(run_id, scope)
+    if existing is not None:
+        return existing, False
+    try:
+        return _create(run_id, scope, metadata_dict, []), True
+    except RunAlreadyExists:
+        # Lost a race: the winner's run is committed now (creation is serialised).
+        existing = _existing_in_scope(run_id, scope)
+        if existing is None:
+            raise
+        return existing, False
+
+
+def _existing_in_scope(run_id: str, scope: str) -> Run | None:
+    run = Run.objects.using(db_alias()).filter(pk=run_id).first()
+    if run is not None and run.scope != scope:
+        raise RunAlreadyExists(
+            run_id, f"Run {run_id!r} exists in scope {run.scope!r}, not in {scope!r}."
+        )
+    return run
+
+
+def _create(run_id: str, scope: str, metadata: dict[str, Any], events: list[PreparedEvent]) -> Run:
+    try:
+        with transaction.atomic(using=db_alias()):
+            return _insert_run(run_id, scope, metadata, events)
+    except IntegrityError:
+        # Only reachable when something bypassed the creation lock (another writer, or SQLite
+        # without IMMEDIATE transactions): report the conflict the constraints caught.
+        _raise_if_taken(run_id, scope)
+        raise
+
+
+def _insert_run(
+    run_id: str, scope: str, metadata: dict[str, Any], events: list[PreparedEvent]
+) -> Run:
+    alias = db_alias()
+    if is_postgresql():
+        with connection_for_write().cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [RUN_CREATION_LOCK_KEY])
+    _raise_if_taken(run_id, scope)
+    ordinal = (Run.objects.using(alias).aggregate(top=Max("ordinal"))["top"] or 0) + 1
+    now = timezone.now()
+    all_events = [PreparedEvent("run.started", {"scope": scope, "metadata": metadata}), *events]
+    run = Run.objects.using(alias).create(
+        id=run_id,
+        scope=scope,
+        metadata=metadata,
+        last_seq=len(all_events),
+        ordinal=ordinal,
+        created_at=now,
+    )
+    run.state = RunState.objects.using(alias).create(
+        run=run, scope=scope, started_at=now, heartbeat_at=now
+    )
+    run.outbox = RunOutbox.objects.using(alias).create(run=run)
+    RunEvent.objects.using(alias).bulk_create(
+        RunEvent(run=run, seq=seq, type=event.type, payload=event.payload, created_at=now)
+        for seq, event in enumerate(all_events, start=1)
+    )
+    return run
+
+
+def _raise_if_taken(run_id: str, scope: str) -> None:
+    alias = db_alias()
+    if Run.objects.using(alias).filter(pk=run_id).exists():
+        raise RunAlreadyExists(run_id)
+    active = (
+        RunState.objects.using(alias)
+        .filter(scope=scope, status=RunStatus.ACTIVE)
+        .values_list("run_id", flat=True)
+        .first()
+    )
+    if active is not None:
+        raise RunInProgress(scope, active)
+
+
+def lock_state(run_id: str) -> RunState:
+    """The run's state row, locked until the end of the transaction (with its run attached)."""
+    try:
+        state = (
+            RunState.objects.using(db_alias())
+            .select_for_update(of=("self",))
+            .select_related("run")
+            .get(run_id=run_id)
+        )
+    except RunState.DoesNotExist:
+        raise RunNotFound(run_id) from None
+    state.run.state = state
+    return state
+
+
+def lock_active_state(run_id: str) -> RunState:
+    state = lock_state(run_id)
+    if state.status != RunStatus.ACTIVE:
+        raise RunClosed(run_id, state.status)
+    return state
+
+
+def close_run(
+    state: RunState, status: RunStatus, event_type: str, payload: dict[str, Any], error: str = ""
+) -> Run:
+    """Write the final status and its event. Call inside a transaction with the state locked."""
+    now = timezone.now()
+    state.status = status
+    state.error = error
+    state.finished_at = now
+    state.heartbeat_at = now
+    state.save(using=db_alias(), update_fields=["status", "error", "finished_at", "heartbeat_at"])
+    insert_events(state.run_id, [PreparedEvent(event_type, payload)], allow_closed=True)
+    return state.run
+
+
+def complete_run(run: Run | str) -> Run:
+    """Close an active run, fail-safe: a run whose flush failed or never finished is marked
+    ``failed`` (event ``run.failed``), never ``completed``. Otherwise ``completed`` (event
+    ``run.completed`` with the ledger counts). One transaction with the state row locked.
+
+    Raises ``RunNotFound``, ``RunClosed`` (already completed or failed).
+    """
+    run_id = run_id_of(run)
+    with transaction.atomic(using=db_alias()):
+        state = lock_active_state(run_id)
+        if state.flush_status in (FlushStatus.FAILED, FlushStatus.IN_PROGRESS):
+            reason = (
+                "flush_failed" if state.flush_status == FlushStatus.FAILED else "flush_unfinished"
+            )
+            error = f"{reason}: {state.flush_error}" if state.flush_error else reason
+            return close_run(
+                state, RunStatus.FAILED, "run.failed", {"reason": reason, "error": error}, error
+            )
+        return close_run(state, RunStatus.COMPLETED, "run.completed", ledger_counts(state))
+
+
+def ledger_counts(state: RunState) -> dict[str, Any]:
+    return {
+        "flush_status": state.flush_status,
+        "rows_seen": state.rows_seen,
+        "rows_created": state.rows_created,
+        "rows_updated": state.rows_updated,
+        "rows_confirmed": state.rows_confirmed,
+    }
+
+
+def fail_run(run: Run | str, error: str = "", *, reason: str = "error") -> Run:
+    """Mark an active run failed with ``error`` (event ``run.failed``). One transaction.
+
+    Raises ``RunNotFound``, ``RunClosed``.
+    """
+    run_id = run_id_of(run)
+    error = error_text(error)
+    with transaction.atomic(using=db_alias()):
+        state = lock_active_state(run_id)
+        return close_run(
+            state, RunStatus.FAILED, "run.failed", {"reason": reason, "error": error}, error
+        )
+
+
+def heartbeat(run: Run | str) -> None:
+    """Record that the run's process is alive (so it is not reaped as stale).
+
+    Raises ``RunNotFound``, ``RunClosed``.
+    """
+    run_id = run_id_of(run)
+    updated = (
+        RunState.objects.using(db_alias())
+        .filter(run_id=run_id, status=RunStatus.ACTIVE)
+        .update(heartbeat_at=timezone.now())
+    )
+    if not updated:
+        ensure_run_accepts_events(run_id, allow_closed=False)
+
+
+def get_run(run_id: str) -> Run:
+    """The run with its state and outbox. Raises ``RunNotFound``."""
+    run_id = validate_run_id(run_id)
+    try:
+        return Run.objects.using(db_alias()).select_related("state", "outbox").get(pk=run_id)
+    except Run.DoesNotExist:
+        raise RunNotFound(run_id) from None

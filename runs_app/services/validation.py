@@ -1,0 +1,206 @@
+"""Input validation shared by every write path. Nothing is written before these pass.
+
+Each error is an ``InvalidInput`` (or ``InvalidEvent``) naming the field and the limit it broke.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..conf import runs_settings
+from ..exceptions import InvalidEvent, InvalidInput
+from ..models import EVENT_TYPE_MAX_LENGTH, RUN_ID_MAX_LENGTH, SCOPE_MAX_LENGTH, Run
+
+# Deeper JSON than this is refused rather than risking a RecursionError half-way.
+JSON_MAX_DEPTH = 100
+ERROR_MAX_LENGTH = 10_000
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event to append: ``Event("project.seen", {"key": "a"})``, like a mapping of both."""
+
+    type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedEvent:
+    """A validated event, ready to insert."""
+
+    type: str
+    payload: dict[str, Any]
+
+
+def _has_control_character(text: str) -> bool:
+    return any(ord(char) < 32 or ord(char) == 127 for char in text)
+
+
+def validate_run_id(value: Any, field_name: str = "run_id") -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(field_name, f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidInput(field_name, "must not be empty", limit=RUN_ID_MAX_LENGTH)
+    if len(value) > RUN_ID_MAX_LENGTH:
+        raise InvalidInput(
+            field_name,
+            f"is {len(value)} characters; the limit is {RUN_ID_MAX_LENGTH}",
+            limit=RUN_ID_MAX_LENGTH,
+        )
+    if any(char.isspace() for char in value) or _has_control_character(value):
+        raise InvalidInput(
+            field_name, "must not contain whitespace or control characters", limit="no whitespace"
+        )
+    return value
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def run_id_of(run: Run | str) -> str:
+    """A service's ``run`` argument is a Run or its id."""
+    if isinstance(run, Run):
+        return run.pk
+    return validate_run_id(run, "run")
+
+
+def validate_scope(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput("scope", f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidInput("scope", "must not be empty", limit=SCOPE_MAX_LENGTH)
+    if len(value) > SCOPE_MAX_LENGTH:
+        raise InvalidInput(
+            "scope",
+            f"is {len(value)} characters; the limit is {SCOPE_MAX_LENGTH}",
+            limit=SCOPE_MAX_LENGTH,
+        )
+    if _has_control_character(value) or value != value.strip():
+        raise InvalidInput(
+            "scope",
+            "must not contain control characters or leading/trailing whitespace",
+            limit="printable",
+        )
+    return value
+
+
+def validate_text(
+    field_name: str, value: Any, max_length: int, *, error: type[InvalidInput] = InvalidInput
+) -> str:
+    """A required, non-empty string of at most ``max_length`` characters, without NUL."""
+    if not isinstance(value, str):
+        raise error(field_name, f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise error(field_name, "must not be empty", limit=max_length)
+    if len(value) > max_length:
+        raise error(
+            field_name,
+            f"is {len(value)} characters; the limit is {max_length}",
+            limit=max_length,
+        )
+    if "\x00" in value:
+        raise error(field_name, "contains a NUL character", limit="no NUL")
+    return value
+
+
+def error_text(value: Any) -> str:
+    """Free-form error text for the ledger: a string, cut to ``ERROR_MAX_LENGTH``, NUL removed."""
+    if not isinstance(value, str):
+        raise InvalidInput("error", f"must be a string, not {type(value).__name__}")
+    return value.replace("\x00", "")[:ERROR_MAX_LENGTH]
+
+
+def _check_json_value(field_name: str, value: Any, depth: int, error: type[InvalidInput]) -> None:
+    if depth > JSON_MAX_DEPTH:
+        raise error(
+            field_name, f"is nested deeper than {JSON_MAX_DEPTH} levels", limit=JSON_MAX_DEPTH
+        )
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise error(field_name, "contains a NUL character (\\u0000)", limit="no NUL")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise error(field_name, f"has a non-string key {key!r}; JSON keys are strings")
+            if "\x00" in key:
+                raise error(field_name, "has a key with a NUL character (\\u0000)", limit="no NUL")
+            _check_json_value(field_name, item, depth + 1, error)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json_value(field_name, item, depth + 1, error)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise error(field_name, f"contains {value!r}, which JSON cannot represent")
+    elif value is not None and not isinstance(value, bool | int):
+        raise error(field_name, f"contains a {type(value).__name__}, which is not JSON")
+
+
+def encode_json_object(
+    field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
+) -> str:
+    """Validate a JSON object and return its compact JSON text.
+
+    Refused: anything but a mapping with string keys, values that are not JSON (NaN, Infinity,
+    sets, objects...), NUL characters (PostgreSQL cannot store them), and more than
+    ``MAX_PAYLOAD_BYTES`` bytes of UTF-8.
+    """
+    if not isinstance(value, Mapping):
+        raise error(field_name, f"must be a JSON object (a dict), not {type(value).__name__}")
+    _check_json_value(field_name, value, 1, error)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise error(field_name, "contains text that is not valid Unicode") from exc
+    limit = runs_settings.MAX_PAYLOAD_BYTES
+    if size > limit:
+        raise error(
+            field_name,
+            f"is {size} bytes of JSON; the limit is {limit} (RUNS_APP['MAX_PAYLOAD_BYTES'])",
+            limit=limit,
+        )
+    return text
+
+
+def validate_json_object(
+    field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
+) -> dict[str, Any]:
+    encode_json_object(field_name, value, error=error)
+    return dict(value)
+
+
+def prepare_event(value: Any, field_name: str = "event") -> PreparedEvent:
+    if isinstance(value, Event):
+        event_type, payload = value.type, value.payload
+    elif isinstance(value, Mapping):
+        unknown = sorted(str(key) for key in value if key not in ("type", "payload"))
+        if unknown:
+            raise InvalidEvent(
+                field_name,
+                f"has unknown key(s) {', '.join(unknown)}; an event has type and payload",
+            )
+        if "type" not in value:
+            raise InvalidEvent(f"{field_name}.type", "is missing", limit=EVENT_TYPE_MAX_LENGTH)
+        event_type, payload = value["type"], value.get("payload", {})
+    else:
+        raise InvalidEvent(
+            field_name, f"must be a mapping with type and payload, not {type(value).__name__}"
+        )
+    if payload is None:
+        payload = {}
+    validate_text(f"{field_name}.type", event_type, EVENT_TYPE_MAX_LENGTH, error=InvalidEvent)
+    return PreparedEvent(
+        event_type, validate_json_object(f"{field_name}.payload", payload, error=InvalidEvent)
+    )
+
+
+def prepare_events(events: Iterable[Any]) -> list[PreparedEvent]:
+    if isinstance(events, Mapping | Event | str | bytes):
+        raise InvalidEvent("events", "must be a list of events, not a single event")
+    return [prepare_event(event, f"events[{index}]") for index, event in enumerate(events)]

@@ -1,0 +1,37 @@
+"""Suite-wide pytest configuration.
+
+- Tests marked ``postgresql`` skip on SQLite, with a reason.
+- ``RUNS_APP_FORBID_SKIPS=1`` (set by .ci/run for the PostgreSQL pass) turns any skip into a
+  failure of the session, so a PostgreSQL pass can never silently test less.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from django.db import connection
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if connection.vendor == "postgresql":
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs PostgreSQL (row locks, SKIP LOCKED); DATABASE_URL is {connection.vendor}"
+    )
+    for item in items:
+        if "postgresql" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("RUNS_APP_FORBID_SKIPS") != "1":
+        return
+    reporter: Any = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if skipped:
+        reporter.write_line(
+            f"RUNS_APP_FORBID_SKIPS=1 but {skipped} test(s) skipped: failing the run.", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,115 @@
+"""Test helpers: table snapshots, statement fault injection, threads with their own connection."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.db import OperationalError, connection, connections
+
+from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState
+
+ALL_MODELS = (Run, RunState, RunOutbox, RunEvent, Project)
+
+
+class InjectedFault(OperationalError):
+    """Raised in place of a statement, like a dropped connection would."""
+
+
+def snapshot() -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the five tables, in primary-key order: equal snapshots mean nothing changed."""
+    return {
+        model.__name__: sorted(
+            (tuple(sorted(row.items())) for row in model.objects.values()), key=repr
+        )
+        for model in ALL_MODELS
+    }
+
+
+class StatementCounter:
+    """``connection.execute_wrapper`` that counts statements and fails the ``fail_at``-th one."""
+
+    def __init__(self, fail_at: int | None = None, *, writes_only: bool = False) -> None:
+        self.fail_at = fail_at
+        self.writes_only = writes_only
+        self.count = 0
+        self.statements: list[str] = []
+
+    @staticmethod
+    def is_write(sql: str) -> bool:
+        head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+        return head in {"INSERT", "UPDATE", "DELETE", "WITH"} or "FOR UPDATE" in sql.upper()
+
+    def __call__(
+        self,
+        execute: Callable[..., Any],
+        sql: str,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        if not self.writes_only or self.is_write(sql):
+            self.count += 1
+            self.statements.append(sql)
+            if self.fail_at is not None and self.count == self.fail_at:
+                raise InjectedFault(f"injected fault at statement {self.count}: {sql[:80]}")
+        return execute(sql, params, many, context)
+
+
+@contextmanager
+def failing_statement(k: int, *, writes_only: bool = False) -> Iterator[StatementCounter]:
+    counter = StatementCounter(k, writes_only=writes_only)
+    with connection.execute_wrapper(counter):
+        yield counter
+
+
+def assert_atomic_under_faults(
+    action: Callable[[], Any], *, writes_only: bool = False, max_statements: int = 500
+) -> int:
+    """Fail the k-th statement of ``action`` for k = 1, 2, ... until it runs to the end.
+
+    After each injected failure, no row of the five tables may have changed. Returns how many
+    faults were injected (the number of statements the action executes), at least one.
+    """
+    for k in range(1, max_statements + 1):
+        before = snapshot()
+        raised = False
+        with failing_statement(k, writes_only=writes_only) as counter:
+            try:
+                action()
+            except InjectedFault:
+                raised = True
+        if not raised:
+            assert counter.count < k, f"statement {k} ran but the fault did not surface"
+            assert k > 1, "the action executed no statement at all"
+            return k - 1
+        assert snapshot() == before, f"partial write after a fault at statement {k}"
+    raise AssertionError(f"action still failing after {max_statements} statements")
+
+
+def run_in_threads(target: Callable[[int], Any], count: int, timeout: float = 60) -> list[Any]:
+    """Run ``target(i)`` in ``count`` threads, each closing its own connection; re-raise errors."""
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def worker(index: int) -> None:
+        try:
+            start.wait(timeout)
+            results[index] = target(index)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a worker thread did not finish in time"
+    if errors:
+        raise errors[0]
+    return results
