@@ -1,0 +1,1076 @@
+#!/usr/bin/env python
+"""Benchmark runs_app against raw psycopg 3 baselines measured in the same run.
+
+    DATABASE_URL=postgres://root@127.0.0.1:5432/postgres python bench/run.py
+    python bench/run.py --only flush_insert,append_1 --rows 50000 --json bench.json
+    python bench/run.py --smoke          # CI: tiny sizes, checks the harness end to end
+
+The server comes from DATABASE_URL (PostgreSQL; default postgres://127.0.0.1:5432/postgres); the
+benchmark (re)creates its own database on it (``--database-name``, default ``bench_runs_app``,
+always ``bench_*``), migrates it and never touches another database.
+
+For each operation, raw psycopg and runs_app run alternately (the order flips every round) on the
+same freshly seeded tables; the table shows the median rate of each side, the ratio
+runs_app / raw (higher is better; for latency and memory raw / runs_app) and the target from
+issue 7. Exit status: 0 when every target is met (``--smoke``: whenever the harness ran end to
+end), 1 when a target is missed or its operation is not available ("n/a"), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Run as a script, Python puts bench/ first on sys.path: replace it by the project root so
+# ``bench.*``, ``runs_app`` and ``example_project`` import as packages.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if p and Path(p).resolve() != HERE]
+
+DEFAULT_URL = "postgres://127.0.0.1:5432/postgres"
+SCOPE = "bench"
+
+BENCHMARKS = (
+    "flush_insert",
+    "flush_update",
+    "confirm",
+    "cleanup",
+    "append_1",
+    "append_100",
+    "drain",
+    "drain_per_run",
+    "latency",
+    "memory",
+)
+
+
+# --- Sizes and command line ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rows: int  # flush (insert and update passes), confirm; cleanup's scope size
+    events: int  # drain over `runs` runs; append_100; append_1 uses a tenth
+    runs: int  # drain: events spread over this many runs
+    memory_rows: int
+    latency_samples: int
+    rounds: int
+
+    @property
+    def stale_rows(self) -> int:
+        return max(1, self.rows // 10)
+
+    @property
+    def append_one_events(self) -> int:
+        return max(1, self.events // 10)
+
+    @property
+    def per_run_runs(self) -> int:
+        return max(1, self.events // 5)
+
+    @property
+    def events_per_run(self) -> int:
+        return max(1, self.events // self.runs)
+
+
+FULL = Sizes(
+    rows=200_000, events=100_000, runs=1_000, memory_rows=1_000_000, latency_samples=200, rounds=3
+)
+SMOKE = Sizes(rows=2_000, events=2_000, runs=20, memory_rows=5_000, latency_samples=5, rounds=1)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def benchmark_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown benchmark {', '.join(unknown) or text!r}; choose from {', '.join(BENCHMARKS)}"
+        )
+    return names
+
+
+def database_name(text: str) -> str:
+    # The benchmark drops and recreates this database: only ever one of its own.
+    if not re.fullmatch(r"bench_[a-z0-9_]{1,50}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: the name must match bench_[a-z0-9_]+")
+    return text
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="runs_app vs raw psycopg, measured in the same run (see the module docstring).",
+    )
+    parser.add_argument("--rows", type=positive_int, help=f"projects (default {FULL.rows:,})")
+    parser.add_argument("--events", type=positive_int, help=f"events (default {FULL.events:,})")
+    parser.add_argument(
+        "--runs", type=positive_int, help=f"runs the drain spreads events over ({FULL.runs:,})"
+    )
+    parser.add_argument(
+        "--memory-rows", type=positive_int, help=f"memory benchmark ({FULL.memory_rows:,})"
+    )
+    parser.add_argument(
+        "--latency-samples", type=positive_int, help=f"latency ({FULL.latency_samples})"
+    )
+    parser.add_argument("--rounds", type=positive_int, help=f"rounds per side ({FULL.rounds})")
+    parser.add_argument(
+        "--only",
+        type=benchmark_names,
+        action="extend",
+        metavar="NAME[,NAME]",
+        help=f"run only these: {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one round; exit 0 whatever the ratios (CI)",
+    )
+    parser.add_argument(
+        "--database-name",
+        type=database_name,
+        help="the database to (re)create (default bench_runs_app, bench_runs_app_smoke)",
+    )
+    # Internal: the memory benchmark measures each side in a fresh process.
+    parser.add_argument("--memory-child", choices=("raw", "app"), help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    base = SMOKE if args.smoke else FULL
+    return Sizes(
+        rows=args.rows or base.rows,
+        events=args.events or base.events,
+        runs=args.runs or base.runs,
+        memory_rows=args.memory_rows or base.memory_rows,
+        latency_samples=args.latency_samples or base.latency_samples,
+        rounds=args.rounds or base.rounds,
+    )
+
+
+# --- Database and Django ---------------------------------------------------------------------
+
+
+def with_database(url: str, name: str) -> str:
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+def recreate_database(server_url: str, name: str) -> str:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(with_database(server_url, "postgres"), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(server_url, name)
+
+
+def configure_django(url: str) -> None:
+    os.environ["DATABASE_URL"] = url
+    os.environ["DJANGO_SETTINGS_MODULE"] = "example_project.settings"
+    os.environ["DEBUG"] = "False"  # DEBUG keeps every query in memory
+    import django
+
+    django.setup()
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+# --- Results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    kind: str  # "ratio_min" (runs_app/raw), "app_min", "app_max", "info"
+    value: float = 0.0
+    unit: str = ""
+
+    def text(self) -> str:
+        if self.kind == "ratio_min":
+            return f">= {self.value:.2f}"
+        if self.kind == "app_min":
+            return f"runs_app >= {self.value:g}{self.unit}"
+        if self.kind == "app_max":
+            return f"runs_app < {self.value:g}{self.unit}"
+        return "-"
+
+
+@dataclass
+class Row:
+    name: str
+    title: str
+    unit: str
+    target: Target
+    raw: float | None = None
+    app: float | None = None
+    higher_is_better: bool = True
+    note: str = ""
+    raw_samples: list[float] = field(default_factory=list)
+    app_samples: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.raw is None or self.app is None or not self.raw or not self.app:
+            return None
+        return self.app / self.raw if self.higher_is_better else self.raw / self.app
+
+    @property
+    def status(self) -> str:
+        if self.target.kind == "info":
+            return "info"
+        if self.app is None:
+            return "n/a"
+        if self.target.kind == "ratio_min":
+            ratio = self.ratio
+            return "n/a" if ratio is None else ("pass" if ratio >= self.target.value else "FAIL")
+        if self.target.kind == "app_min":
+            return "pass" if self.app >= self.target.value else "FAIL"
+        return "pass" if self.app < self.target.value else "FAIL"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(target=self.target.text(), ratio=self.ratio, status=self.status)
+        return data
+
+
+def median_or_none(samples: Sequence[float]) -> float | None:
+    return statistics.median(samples) if samples else None
+
+
+def number(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit in ("ms", "MB", "x"):
+        return f"{value:,.1f}" if unit != "x" else f"{value:.2f}"
+    return f"{value:,.0f}"
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    header = ("operation", "unit", "raw (median)", "runs_app (median)", "ratio", "target", "result")
+    lines = [
+        (
+            row.title,
+            row.unit,
+            number(row.raw, row.unit),
+            number(row.app, row.unit),
+            "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+            row.target.text(),
+            row.status,
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
+    out = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    for line in lines:
+        cells = [
+            cell.ljust(width) if index < 2 or index > 4 else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {row.title}: {row.note}" for row in rows if row.note]
+    return "\n".join(out + (["", *notes] if notes else []))
+
+
+# --- Worker processes ------------------------------------------------------------------------
+
+
+def _worker(prepare: Callable[[], Callable[[], int]], start: Any, queue: Any) -> None:
+    from bench.publishers import monotonic_now
+
+    try:
+        work = prepare()
+        queue.put(("ready", 0, 0.0, ""))
+        if not start.wait(300):
+            raise TimeoutError("never told to start")
+        done = work()
+        queue.put(("done", done, monotonic_now(), ""))
+    except BaseException:
+        queue.put(("error", 0, 0.0, traceback.format_exc()))
+
+
+def run_workers(
+    prepare: Callable[[], Callable[[], int]], processes: int, timeout: float = 600
+) -> tuple[int, float]:
+    """Fork ``processes`` workers that each ``prepare()`` (connect) and then, all at once, run
+    the callable it returned. Returns (sum of their results, seconds from start to last end).
+
+    Forked after closing every connection of this process, so none is shared with a child.
+    """
+    from django.db import connections
+
+    from bench.publishers import monotonic_now
+
+    connections.close_all()
+    context = multiprocessing.get_context("fork")
+    start = context.Event()
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(prepare, start, queue)) for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        reports: list[tuple[str, int, float, str]] = []
+        for phase in ("ready", "done"):
+            if phase == "done":
+                began = monotonic_now()
+                start.set()
+            reports = [queue.get(timeout=timeout) for _ in workers]
+            errors = [report[3] for report in reports if report[0] == "error"]
+            if errors:
+                raise RuntimeError(f"a worker failed:\n{errors[0]}")
+        for worker in workers:
+            worker.join(timeout)
+        return sum(report[1] for report in reports), max(r[2] for r in reports) - began
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(10)
+
+
+class PipeReader:
+    """Reads ``"<message id> <time>"`` lines written by bench.publishers.PipePublisher."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.seen: dict[str, float] = {}
+
+    def wait_for(self, message_id: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while message_id not in self.seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{message_id} not published within {timeout:g} s")
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise EOFError(f"the relay exited before publishing {message_id}")
+            *lines, self.buffer = (self.buffer + chunk).split(b"\n")
+            for line in lines:
+                published_id, at = line.decode().split()
+                self.seen.setdefault(published_id, float(at))
+        return self.seen[message_id]
+
+
+# --- The benchmarks --------------------------------------------------------------------------
+
+
+def project_stream(count: int, version: int) -> Iterator[dict[str, Any]]:
+    """The source both sides flush: keys as bench.raw.project_key, a small JSON object each."""
+    for index in range(count):
+        yield {
+            "key": f"k{index:09d}",
+            "name": f"Project {index}",
+            "data": {"n": index, "v": version},
+        }
+
+
+def event_stream(count: int) -> Iterator[dict[str, Any]]:
+    for index in range(count):
+        yield {"type": "bench.event", "payload": {"n": index, "source": "bench"}}
+
+
+class Bench:
+    def __init__(self, url: str, sizes: Sizes) -> None:
+        from bench import raw
+
+        self.url = url
+        self.sizes = sizes
+        self.raw = raw
+        self._conn: Any = None
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.raw.connect(self.url)
+        return self._conn
+
+    def close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def count(self, sql: str, *params: Any) -> int:
+        result: int = self.raw.count(self.conn, sql, params)
+        return result
+
+    def expect(self, what: str, actual: int, expected: int) -> None:
+        if actual != expected:
+            raise AssertionError(f"{what}: {actual}, expected {expected}")
+
+    def alternate(self, rounds: dict[str, Callable[[], float] | None]) -> dict[str, list[float]]:
+        """Run each side once per round, the order reversed every other round."""
+        samples: dict[str, list[float]] = {side: [] for side in rounds}
+        order = list(rounds)
+        for index in range(self.sizes.rounds):
+            for side in order if index % 2 == 0 else reversed(order):
+                measure = rounds[side]
+                if measure is not None:
+                    rate = measure()
+                    samples[side].append(rate)
+                    log(f"    round {index + 1} {side}: {rate:,.1f}")
+        return samples
+
+    def row(self, row: Row, samples: dict[str, list[float]], raw_key: str, app_key: str) -> Row:
+        row.raw_samples, row.app_samples = samples[raw_key], samples.get(app_key, [])
+        row.raw, row.app = median_or_none(row.raw_samples), median_or_none(row.app_samples)
+        return row
+
+    def fresh_run(self, scope: str, run_id: str) -> Any:
+        from runs_app import services
+
+        return services.create_run(scope, run_id=run_id)
+
+    def mark_flushed(self, run_id: str, rows: int) -> None:
+        """What a successful flush leaves on the ledger, for setups that seed rows directly."""
+        from django.utils import timezone
+
+        from runs_app.models import FlushStatus, RunState
+
+        RunState.objects.filter(run_id=run_id).update(
+            flush_status=FlushStatus.SUCCEEDED,
+            rows_seen=rows,
+            rows_created=rows,
+            flushed_at=timezone.now(),
+        )
+
+    # flush ------------------------------------------------------------------------------------
+
+    def flush(self, update: bool) -> Row:
+        from bench import app
+        from runs_app.conf import runs_settings
+        from runs_app.services import fail_run
+
+        rows = self.sizes.rows
+        batch = int(runs_settings.FLUSH_BATCH_SIZE)
+        flush_projects = app.flush_projects()
+
+        def measure(side: str) -> float:
+            self.raw.reset(self.conn)
+            if update:
+                old = self.fresh_run(SCOPE, "flush-old")
+                # 90% of the keys exist (every index not divisible by 10), seen by an older run.
+                self.raw.seed_projects(self.conn, SCOPE, old.pk, 0, rows, every=10)
+                fail_run(old)
+            run = self.fresh_run(SCOPE, "flush")
+            self.raw.settle(self.conn)
+            projects = project_stream(rows, version=1)
+            began = time.perf_counter()
+            if side == "raw":
+                self.raw.flush(self.conn, run.pk, SCOPE, projects, batch)
+            else:
+                assert flush_projects is not None
+                flush_projects(run, projects)
+            elapsed = time.perf_counter() - began
+            self.expect(
+                "projects stamped with the run",
+                self.count(
+                    "SELECT count(*) FROM runs_app_project WHERE last_seen_run_id = %s", run.pk
+                ),
+                rows,
+            )
+            return rows / elapsed
+
+        samples = self.alternate(
+            {
+                "raw": lambda: measure("raw"),
+                "app": (lambda: measure("app")) if flush_projects else None,
+            }
+        )
+        what = "update pass, 90% existing" if update else "insert pass"
+        row = Row(
+            "flush_update" if update else "flush_insert",
+            f"flush_projects {rows:,} rows, {what}",
+            "rows/s",
+            Target("ratio_min", 0.7),
+            note=(
+                ""
+                if flush_projects
+                else "flush_projects not in this checkout (data-management branch)"
+            ),
+        )
+        return self.row(row, samples, "raw", "app")
+
+    # confirm ----------------------------------------------------------------------------------
+
+    def confirm(self) -> Row:
+        from bench import app
+        from runs_app import services
+
+        rows = self.sizes.rows
+        available = app.confirms_on_complete()
+
+        def measure(side: str) -> float:
+            self.raw.reset(self.conn)
+            run = self.fresh_run(SCOPE, "confirm")
+            self.raw.seed_projects(self.conn, SCOPE, run.pk, 0, rows)
+            self.mark_flushed(run.pk, rows)
+            self.raw.settle(self.conn)
+            began = time.perf_counter()
+            if side == "raw":
+                self.raw.confirm(self.conn, run.pk, SCOPE)
+            else:
+                services.complete_run(run)
+            elapsed = time.perf_counter() - began
+            self.expect(
+                "projects confirmed",
+                self.count(
+                    "SELECT count(*) FROM runs_app_project WHERE last_confirmed_run_id = %s", run.pk
+                ),
+                rows,
+            )
+            return rows / elapsed
+
+        samples = self.alternate(
+            {"raw": lambda: measure("raw"), "app": (lambda: measure("app")) if available else None}
+        )
+        row = Row(
+            "confirm",
+            f"complete_run confirming {rows:,} rows",
+            "rows/s",
+            Target("ratio_min", 0.5),
+            note="" if available else "complete_run does not confirm projects in this checkout",
+        )
+        return self.row(row, samples, "raw", "app")
+
+    # cleanup ----------------------------------------------------------------------------------
+
+    def cleanup(self) -> Row:
+        from bench import app
+        from runs_app import services
+        from runs_app.conf import runs_settings
+
+        rows, stale = self.sizes.rows, self.sizes.stale_rows
+        batch = int(runs_settings.CLEANUP_BATCH_SIZE)
+        safe_cleanup = app.safe_cleanup_old_projects()
+
+        def measure(side: str) -> float:
+            self.raw.reset(self.conn)
+            old = self.fresh_run(SCOPE, "cleanup-old")
+            services.fail_run(old)
+            run = self.fresh_run(SCOPE, "cleanup")
+            self.raw.seed_projects(self.conn, SCOPE, old.pk, 0, stale)
+            self.raw.seed_projects(self.conn, SCOPE, run.pk, stale, rows)
+            self.mark_flushed(run.pk, rows - stale)
+            services.complete_run(run)
+            self.raw.settle(self.conn)
+            began = time.perf_counter()
+            if side == "raw":
+                self.raw.cleanup(self.conn, run.pk, SCOPE, batch)
+            else:
+                assert safe_cleanup is not None
+                safe_cleanup(run)
+            elapsed = time.perf_counter() - began
+            self.expect(
+                "projects left",
+                self.count("SELECT count(*) FROM runs_app_project WHERE scope = %s", SCOPE),
+                rows - stale,
+            )
+            return stale / elapsed
+
+        samples = self.alternate(
+            {
+                "raw": lambda: measure("raw"),
+                "app": (lambda: measure("app")) if safe_cleanup else None,
+            }
+        )
+        row = Row(
+            "cleanup",
+            f"safe_cleanup_old_projects {stale:,} of {rows:,} rows",
+            "rows/s",
+            Target("ratio_min", 0.5),
+            note=(
+                ""
+                if safe_cleanup
+                else "safe_cleanup_old_projects not in this checkout (data-management branch)"
+            ),
+        )
+        return self.row(row, samples, "raw", "app")
+
+    # append -----------------------------------------------------------------------------------
+
+    def append(self, per_call: int) -> Row:
+        from bench import app
+        from runs_app import services
+        from runs_app.conf import runs_settings
+
+        total = self.sizes.append_one_events if per_call == 1 else self.sizes.events
+        notify = ""
+
+        def measure(side: str) -> float:
+            nonlocal notify
+            self.raw.reset(self.conn)
+            run = self.fresh_run(SCOPE, "append")
+            if app.append_notifies(run):
+                notify = str(runs_settings.NOTIFY_CHANNEL)
+            events = list(event_stream(total))
+            calls = [events[i : i + per_call] for i in range(0, total, per_call)]
+            self.raw.settle(self.conn)
+            began = time.perf_counter()
+            if side == "raw" and per_call == 1:
+                for (event,) in calls:
+                    self.raw.append_one(
+                        self.conn, run.pk, event["type"], event["payload"], notify=notify
+                    )
+            elif side == "raw":
+                for call in calls:
+                    self.raw.append_many(self.conn, run.pk, call)
+            else:
+                for call in calls:
+                    services.append_events(run, call)
+            elapsed = time.perf_counter() - began
+            self.expect(
+                "events appended",
+                self.count("SELECT count(*) FROM runs_app_runevent WHERE run_id = %s", run.pk),
+                total + 2,  # run.started and the probe
+            )
+            return total / elapsed
+
+        samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})
+        row = Row(
+            f"append_{per_call}",
+            f"append_events, {per_call} event{'s' if per_call > 1 else ''} per call ({total:,})",
+            "events/s",
+            Target("ratio_min", 0.6),
+            note="raw appender NOTIFYs too, as runs_app does" if notify and per_call == 1 else "",
+        )
+        return self.row(row, samples, "raw", "app")
+
+    # drain ------------------------------------------------------------------------------------
+
+    def drain_worker(self, side: str) -> Callable[[], Callable[[], int]]:
+        """What a drain worker process runs: raw relay passes, or runs_app's drain_outbox_once."""
+        from bench import app
+        from bench.publishers import NoopPublisher
+        from runs_app.conf import runs_settings
+
+        url, raw = self.url, self.raw
+        batch = int(runs_settings.DRAIN_BATCH_SIZE)
+
+        def prepare() -> Callable[[], int]:
+            if side == "raw":
+                conn = raw.connect(url)
+                publisher = NoopPublisher()
+                return lambda: raw.drain(conn, publisher, runs=batch, events=batch)
+            from django.db import connection
+
+            connection.ensure_connection()
+            drain_once = app.drain_outbox_once()
+            assert drain_once is not None
+            return lambda: app.drain_all(drain_once)
+
+        return prepare
+
+    def drain_round(self, side: str, processes: int, runs: int, per_run: int) -> float:
+        self.raw.reset(self.conn)
+        total = self.raw.seed_outbox(self.conn, runs, per_run)
+        self.raw.settle(self.conn)
+        self.close_conn()
+        published, elapsed = run_workers(self.drain_worker(side), processes)
+        self.expect("events published", published, total)
+        self.expect(
+            "events left pending",
+            self.count("SELECT count(*) FROM runs_app_runevent WHERE published_at IS NULL"),
+            0,
+        )
+        return total / elapsed
+
+    def drain(self) -> list[Row]:
+        from bench import app
+
+        runs, per_run = self.sizes.runs, self.sizes.events_per_run
+        total = runs * per_run
+        available = app.drain_outbox_once() is not None
+        rounds: dict[str, Callable[[], float] | None] = {}
+        for side in ("raw", "app"):
+            for processes in (1, 2):
+                rounds[f"{side}{processes}"] = (
+                    partial(self.drain_round, side, processes, runs, per_run)
+                    if side == "raw" or available
+                    else None
+                )
+        samples = self.alternate(rounds)
+        note = "" if available else "drain_outbox_once not in this checkout (relay branch)"
+        what = f"{total:,} events over {runs:,} runs"
+        one = self.row(
+            Row(
+                "drain_1",
+                f"drain_outbox_once, 1 process, {what}",
+                "events/s",
+                Target("ratio_min", 0.4),
+                note=note,
+            ),
+            samples,
+            "raw1",
+            "app1",
+        )
+        two = self.row(
+            Row("drain_2", f"drain_outbox_once, 2 processes, {what}", "events/s", Target("info")),
+            samples,
+            "raw2",
+            "app2",
+        )
+        scaling = Row(
+            "drain_scaling",
+            "drain: 2 processes / 1 process",
+            "x",
+            Target("app_min", 1.5, "x"),
+            raw=(two.raw / one.raw) if two.raw and one.raw else None,
+            app=(two.app / one.app) if two.app and one.app else None,
+        )
+        return [one, two, scaling]
+
+    def drain_per_run(self) -> Row:
+        from bench import app
+
+        runs = self.sizes.per_run_runs
+        available = app.drain_outbox_once() is not None
+        samples = self.alternate(
+            {
+                "raw": lambda: self.drain_round("raw", 1, runs, 1),
+                "app": (lambda: self.drain_round("app", 1, runs, 1)) if available else None,
+            }
+        )
+        row = Row(
+            "drain_per_run",
+            f"drain_outbox_once, 1 process, 1 event per run ({runs:,} runs)",
+            "events/s",
+            Target("info"),
+            note="" if available else "drain_outbox_once not in this checkout (relay branch)",
+        )
+        return self.row(row, samples, "raw", "app")
+
+    # latency ----------------------------------------------------------------------------------
+
+    def latency_samples(self, side: str) -> list[float]:
+        """Milliseconds from the start of an append to its publication by a listening relay."""
+        from bench.publishers import PipePublisher, monotonic_now
+        from runs_app import services
+        from runs_app.conf import runs_settings
+
+        channel = str(runs_settings.NOTIFY_CHANNEL)
+        batch = int(runs_settings.DRAIN_BATCH_SIZE)
+        self.raw.reset(self.conn)
+        run = self.fresh_run(SCOPE, f"latency-{side}")
+        read_fd, write_fd = os.pipe()
+        reader = PipeReader(read_fd)
+        stop_raw: Any = None
+        relay: Any = None
+        try:
+            if side == "raw":
+                from django.db import connections
+
+                connections.close_all()
+                self.close_conn()
+                context = multiprocessing.get_context("fork")
+                stop_raw = context.Event()
+                relay = context.Process(
+                    target=self.raw.listen_and_drain,
+                    args=(self.url, channel, PipePublisher(write_fd)),
+                    kwargs={"runs": batch, "events": batch, "stop": stop_raw},
+                )
+                relay.start()
+            else:
+                relay = subprocess.Popen(
+                    [sys.executable, "manage.py", "drain_outbox", "--settings", "bench.settings"],
+                    cwd=ROOT,
+                    env={**os.environ, "DATABASE_URL": self.url, "BENCH_LATENCY_FD": str(write_fd)},
+                    pass_fds=(write_fd,),
+                )
+            os.close(write_fd)
+            write_fd = -1
+            # Warm-up: the run's first events published means the relay is up and listening.
+            reader.wait_for(f"{run.pk}:{run.last_seq}", timeout=60)
+            samples = []
+            for index in range(self.sizes.latency_samples):
+                payload = {"n": index}
+                began = monotonic_now()
+                if side == "raw":
+                    seq = self.raw.append_one(
+                        self.conn, run.pk, "bench.latency", payload, notify=channel
+                    )
+                else:
+                    appended = services.append_events(
+                        run, [{"type": "bench.latency", "payload": payload}]
+                    )
+                    seq = appended[0].seq
+                published = reader.wait_for(f"{run.pk}:{seq}", timeout=60)
+                samples.append((published - began) * 1000)
+            return samples
+        finally:
+            if write_fd >= 0:
+                os.close(write_fd)
+            if side == "raw" and relay is not None:
+                stop_raw.set()
+                relay.join(30)
+                if relay.is_alive():
+                    relay.terminate()
+            elif relay is not None:
+                relay.send_signal(signal.SIGTERM)
+                try:
+                    relay.wait(60)
+                except subprocess.TimeoutExpired:
+                    relay.kill()
+                    relay.wait()
+            os.close(read_fd)
+
+    def latency(self) -> list[Row]:
+        from bench import app
+
+        available = app.has_drain_command()
+        raw_samples = self.latency_samples("raw")
+        app_samples = self.latency_samples("app") if available else []
+
+        def quantile(samples: list[float], q: int) -> float | None:
+            if len(samples) < 2:
+                return samples[0] if samples else None
+            return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+        note = "" if available else "manage.py drain_outbox not in this checkout (relay branch)"
+        rows = []
+        for q, target in ((50, Target("app_max", 50, " ms")), (99, Target("info"))):
+            rows.append(
+                Row(
+                    f"latency_p{q}",
+                    f"append -> publish latency p{q}, listening relay",
+                    "ms",
+                    target,
+                    raw=quantile(raw_samples, q),
+                    app=quantile(app_samples, q),
+                    higher_is_better=False,
+                    note=note if q == 50 else "",
+                    raw_samples=raw_samples if q == 50 else [],
+                    app_samples=app_samples if q == 50 else [],
+                )
+            )
+        return rows
+
+    # memory -----------------------------------------------------------------------------------
+
+    def memory(self) -> Row:
+        from bench import app
+
+        available = app.flush_projects() is not None
+        results: dict[str, float] = {}
+        notes = []
+        for side in ("raw", "app") if available else ("raw",):
+            self.raw.reset(self.conn)
+            self.raw.settle(self.conn)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--memory-child",
+                    side,
+                    "--memory-rows",
+                    str(self.sizes.memory_rows),
+                    "--database-url",
+                    self.url,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=1800,
+            )
+            if child.returncode:
+                raise RuntimeError(f"memory child {side} failed:\n{child.stderr}")
+            report = json.loads(child.stdout.strip().splitlines()[-1])
+            results[side] = report["peak_mb"]
+            notes.append(
+                f"{side} peak {report['peak_mb']:.1f} MB from {report['baseline_mb']:.1f} MB"
+                f" before the flush ({report['rows_per_s']:,.0f} rows/s)"
+            )
+            log(f"    {notes[-1]}")
+        if not available:
+            notes.append("flush_projects not in this checkout (data-management branch)")
+        rows = self.sizes.memory_rows
+        return Row(
+            "memory",
+            f"peak RSS flushing {rows:,} projects from a generator",
+            "MB",
+            Target("app_max", 200, " MB"),
+            raw=results.get("raw"),
+            app=results.get("app"),
+            higher_is_better=False,
+            note="; ".join(notes),
+        )
+
+
+def memory_child(side: str, url: str, rows: int) -> None:
+    """Flush ``rows`` projects from a generator in this fresh process; print its peak RSS."""
+    configure_django(url)
+    from bench import app, raw
+    from runs_app import services
+    from runs_app.conf import runs_settings
+
+    def status_mb(field_name: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    run = services.create_run(SCOPE, run_id=f"memory-{side}")
+    baseline = status_mb("VmRSS")
+    began = time.perf_counter()
+    if side == "raw":
+        with raw.connect(url) as conn:
+            raw.flush(
+                conn, run.pk, SCOPE, project_stream(rows, 1), int(runs_settings.FLUSH_BATCH_SIZE)
+            )
+    else:
+        flush_projects = app.flush_projects()
+        assert flush_projects is not None
+        flush_projects(run, project_stream(rows, 1))
+    elapsed = time.perf_counter() - began
+    with raw.connect(url) as conn:
+        flushed = raw.count(
+            conn, "SELECT count(*) FROM runs_app_project WHERE last_seen_run_id = %s", (run.pk,)
+        )
+    if flushed != rows:
+        raise AssertionError(f"{flushed} projects flushed, expected {rows}")
+    report = {
+        "peak_mb": status_mb("VmHWM"),
+        "baseline_mb": baseline,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rows_per_s": rows / elapsed,
+    }
+    print(json.dumps(report))
+
+
+# --- Main ------------------------------------------------------------------------------------
+
+
+def environment(url: str) -> dict[str, Any]:
+    import django
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return {
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "psycopg": psycopg.__version__,
+        "postgresql": row[0] if row else "?",
+        "cpus": os.cpu_count(),
+        "machine": platform.platform(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    server_url = args.database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
+    if args.memory_child:
+        memory_child(args.memory_child, server_url, args.memory_rows)
+        return 0
+    if urlsplit(server_url).scheme not in ("postgres", "postgresql", "pgsql"):
+        print(f"DATABASE_URL must be PostgreSQL, not {server_url!r}", file=sys.stderr)
+        return 2
+    sizes = sizes_from(args)
+    name = args.database_name or ("bench_runs_app_smoke" if args.smoke else "bench_runs_app")
+    selected = args.only or list(BENCHMARKS)
+    started = time.perf_counter()
+    load_before = load_average()
+
+    url = recreate_database(server_url, name)
+    configure_django(url)
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    env = environment(url)
+    log(f"database {name}, sizes {sizes}, load average {load_before}")
+
+    bench = Bench(url, sizes)
+    steps: dict[str, Callable[[], Row | list[Row]]] = {
+        "flush_insert": lambda: bench.flush(update=False),
+        "flush_update": lambda: bench.flush(update=True),
+        "confirm": bench.confirm,
+        "cleanup": bench.cleanup,
+        "append_1": lambda: bench.append(1),
+        "append_100": lambda: bench.append(100),
+        "drain": bench.drain,
+        "drain_per_run": bench.drain_per_run,
+        "latency": bench.latency,
+        "memory": bench.memory,
+    }
+    rows: list[Row] = []
+    for step in BENCHMARKS:
+        if step in selected:
+            log(f"{step} ...")
+            result = steps[step]()
+            rows.extend(result if isinstance(result, list) else [result])
+    bench.close_conn()
+
+    table = render_table(rows)
+    load_after = load_average()
+    elapsed = time.perf_counter() - started
+    print(table)
+    print(
+        f"\nPostgreSQL {env['postgresql']}, Python {env['python']}, Django {env['django']},"
+        f" psycopg {env['psycopg']}, {env['cpus']} CPUs; {sizes.rounds} round(s) per side;"
+        f" load average {load_before} -> {load_after}; {elapsed:.0f} s"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "sizes": asdict(sizes),
+                    "smoke": args.smoke,
+                    "load_average": [load_before, load_after],
+                    "seconds": elapsed,
+                    "results": [row.as_dict() for row in rows],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    if args.smoke:
+        return 0
+    return 0 if all(row.status in ("pass", "info") for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
