@@ -3,18 +3,35 @@
 Each function owns its transaction and nests inside the caller's (see each docstring).
 """
 
+from .cleanup import CleanupResult, safe_cleanup_old_projects
 from .events import append_events, list_events
-from .runs import complete_run, create_run, ensure_run, fail_run, get_run, heartbeat
+from .flush import FlushResult, flush_projects
+from .runs import (
+    complete_run,
+    create_run,
+    ensure_run,
+    fail_run,
+    fail_stale_runs,
+    get_run,
+    heartbeat,
+    track_run,
+)
 from .validation import Event
 
 __all__ = [
+    "CleanupResult",
     "Event",
+    "FlushResult",
     "append_events",
     "complete_run",
     "create_run",
     "ensure_run",
     "fail_run",
+    "fail_stale_runs",
+    "flush_projects",
     "get_run",
     "heartbeat",
     "list_events",
+    "safe_cleanup_old_projects",
+    "track_run",
 ]
