@@ -97,15 +97,18 @@ def test_flush_update_pass_costs_what_an_insert_pass_costs() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_append_events_costs_the_same_for_1_or_500_events() -> None:
+def test_append_events_costs_the_same_for_1_or_many_events() -> None:
+    # SQLite caps a statement at 999 variables, so Django splits a bulk insert of events there
+    # every 142 rows (7 columns): up to that size the count is the same on both databases.
+    sizes = (1, 10, 100) + ((1000,) if connection.vendor == "postgresql" else ())
     run = services.create_run("append-budget")
     counts = {}
-    for n in (1, 10, 500):
+    for n in sizes:
         events = [{"type": "budget.event", "payload": {"i": i}} for i in range(n)]
         counts[n], _ = statements(lambda events=events: services.append_events(run, events))
-    assert counts[1] == counts[10] == counts[500], counts
+    assert len(set(counts.values())) == 1, counts
     assert counts[1] <= 4, f"append_events: {counts[1]} statements"
-    assert RunEvent.objects.filter(run=run).count() == 1 + 1 + 10 + 500
+    assert RunEvent.objects.filter(run=run).count() == 1 + sum(sizes)
 
 
 # --- drain_outbox_once -------------------------------------------------------------------------
