@@ -55,9 +55,7 @@ def flush_statements(scope: str, rows: int, batch_size: int, *, start: int = 0) 
     from runs_app.services import flush_projects
 
     run = services.create_run(scope)
-    count, _ = statements(
-        lambda: flush_projects(run, projects(start, rows), batch_size=batch_size)
-    )
+    count, _ = statements(lambda: flush_projects(run, projects(start, rows), batch_size=batch_size))
     assert Project.objects.filter(scope=scope, last_seen_run=run).count() == rows
     return count
 
@@ -130,9 +128,7 @@ def drain_statements(batch_size: int) -> tuple[int, RecordingPublisher]:
     from runs_app.relay import drain_outbox_once
 
     publisher = RecordingPublisher()
-    count, _ = statements(
-        lambda: drain_outbox_once(publisher=publisher, batch_size=batch_size)
-    )
+    count, _ = statements(lambda: drain_outbox_once(publisher=publisher, batch_size=batch_size))
     return count, publisher
 
 
