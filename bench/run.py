@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import re
 import resource
 import select
@@ -786,7 +787,8 @@ class Bench:
     # latency ----------------------------------------------------------------------------------
 
     def latency_samples(self, side: str) -> list[float]:
-        """Milliseconds from the start of an append to its publication by a listening relay."""
+        """Milliseconds from the start of an append (before its transaction) to the moment the
+        relay hands the event to its publisher."""
         from bench.publishers import PipePublisher, monotonic_now
         from runs_app import services
         from runs_app.conf import runs_settings
@@ -825,7 +827,11 @@ class Bench:
             # Warm-up: the run's first events published means the relay is up and listening.
             reader.wait_for(f"{run.pk}:{run.last_seq}", timeout=60)
             samples = []
+            pause = random.Random(7)
             for index in range(self.sizes.latency_samples):
+                # A random pause first, so each append finds the relay idle (waiting on LISTEN or
+                # between polls) at a random phase, not still busy with the previous event.
+                time.sleep(pause.uniform(0.02, 0.1))
                 payload = {"n": index}
                 began = monotonic_now()
                 if side == "raw":
