@@ -14,6 +14,7 @@ from .runs import (
     fail_stale_runs,
     get_run,
     heartbeat,
+    latest_run,
     track_run,
 )
 from .validation import Event
@@ -31,6 +32,7 @@ __all__ = [
     "flush_projects",
     "get_run",
     "heartbeat",
+    "latest_run",
     "list_events",
     "safe_cleanup_old_projects",
     "track_run",

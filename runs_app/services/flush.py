@@ -30,7 +30,7 @@ from ..models import (
     RunState,
     RunStatus,
 )
-from .cleanup import removal_record_size
+from .cleanup import RECORD_OVERHEAD, removal_record_budget, removal_record_size
 from .db import connection_for_write, db_alias, is_postgresql, table
 from .events import insert_events
 from .runs import lock_state
@@ -150,6 +150,7 @@ def _flush_batches(
     run_id: str, scope: str, projects: Iterator[Mapping[str, Any]], size: int
 ) -> FlushResult:
     total = FlushResult()
+    budget = removal_record_budget(scope)
     index = 0  # position in the input, for error messages
     nothing = object()
     ahead: Any = next(projects, nothing)
@@ -157,7 +158,7 @@ def _flush_batches(
         batch: dict[str, ProjectRow] = {}
         read = 0
         while ahead is not nothing and read < size:
-            row = validate_project(ahead, index, scope)
+            row = validate_project(ahead, index, budget)
             batch.pop(row.key, None)  # last one wins
             batch[row.key] = row
             read += 1
@@ -169,8 +170,12 @@ def _flush_batches(
             return total
 
 
-def validate_project(value: Any, index: int, scope: str) -> ProjectRow:
-    """Check one input project; ``InvalidInput`` names ``projects[index].field`` and the limit."""
+def validate_project(value: Any, index: int, budget: int) -> ProjectRow:
+    """Check one input project; ``InvalidInput`` names ``projects[index].field`` and the limit.
+
+    ``budget``: ``removal_record_budget(scope)``. Besides its own limits, a project must fit in a
+    ``projects.removed`` event, so that removing it can always be audited.
+    """
     field = f"projects[{index}]"
     if not isinstance(value, Mapping):
         raise InvalidInput(
@@ -181,23 +186,30 @@ def validate_project(value: Any, index: int, scope: str) -> ProjectRow:
         raise InvalidInput(
             field, f"has unknown field(s) {', '.join(unknown)}; a project has key, name and data"
         )
-    for required in ("key", "name"):
-        if required not in value:
-            raise InvalidInput(f"{field}.{required}", "is missing")
-    key = validate_text(f"{field}.key", value["key"], PROJECT_KEY_MAX_LENGTH)
-    name = validate_text(f"{field}.name", value["name"], PROJECT_NAME_MAX_LENGTH)
+    key = _required_text(value, field, "key", PROJECT_KEY_MAX_LENGTH)
+    name = _required_text(value, field, "name", PROJECT_NAME_MAX_LENGTH)
     data = value.get("data")
     data_text = encode_json_object(f"{field}.data", {} if data is None else data)
-    size = removal_record_size(scope, key, name, data_text)
-    limit = runs_settings.MAX_PAYLOAD_BYTES
-    if size > limit:
-        raise InvalidInput(
-            f"{field}.data",
-            f"with its key and name makes a {size}-byte projects.removed audit record; "
-            f"the limit is {limit} (RUNS_APP['MAX_PAYLOAD_BYTES'])",
-            limit=limit,
-        )
+    # Cheap bound first (a character takes at most 6 bytes escaped in a JSON string, 4 in
+    # UTF-8): the exact size costs two more JSON encodings, worth it only near the limit.
+    bound = RECORD_OVERHEAD + 6 * (len(key) + len(name)) + 4 * len(data_text)
+    if bound > budget:
+        size = removal_record_size(key, name, data_text)
+        if size > budget:
+            limit = runs_settings.MAX_PAYLOAD_BYTES
+            raise InvalidInput(
+                f"{field}.data",
+                f"with its key and name makes a projects.removed audit record of {size} bytes, "
+                f"too big for one event: the limit is {limit} (RUNS_APP['MAX_PAYLOAD_BYTES'])",
+                limit=limit,
+            )
     return ProjectRow(key, name, data_text)
+
+
+def _required_text(value: Mapping[str, Any], field: str, name: str, max_length: int) -> str:
+    if name not in value:
+        raise InvalidInput(f"{field}.{name}", "is missing", limit=max_length)
+    return validate_text(f"{field}.{name}", value[name], max_length)
 
 
 def _write_batch(run_id: str, rows: list[ProjectRow], *, last: bool) -> FlushResult:
