@@ -18,6 +18,7 @@ from .runs import (
     fail_stale_runs,
     get_run,
     heartbeat,
+    latest_run,
     track_run,
 )
 from .validation import Event
@@ -70,6 +71,7 @@ __all__ = [
     "flush_projects",
     "get_run",
     "heartbeat",
+    "latest_run",
     "list_events",
     "prune_outbox",
     "retry_outbox",

@@ -41,7 +41,7 @@ class CleanupResult:
     ``planned``: rows the plan found to delete; ``removed``: rows deleted (0 for a dry run);
     ``sample_keys``: the first keys of the plan, in key order; ``forced``: ``force=True``
     overrode a guard (``empty_run`` or ``too_many_deletions``); ``refusal``: for a dry run, the
-    reason a real cleanup would refuse, else None.
+    reason a real cleanup would refuse, else None; ``refusal_message``: its human message.
     """
 
     dry_run: bool
@@ -50,6 +50,7 @@ class CleanupResult:
     sample_keys: tuple[str, ...]
     forced: bool
     refusal: CleanupRefusalReason | None
+    refusal_message: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,13 @@ def safe_cleanup_old_projects(
         refusal, forced = None, True
     if dry_run:
         return CleanupResult(
-            True, plan.planned, 0, plan.sample_keys, forced, refusal.reason if refusal else None
+            True,
+            plan.planned,
+            0,
+            plan.sample_keys,
+            forced,
+            refusal.reason if refusal else None,
+            refusal.message if refusal else "",
         )
     if refusal is not None:
         _record_refusal(plan, refusal)
@@ -146,14 +153,14 @@ def _guard(state: RunState, run: Run, total: int, planned: int) -> Refusal | Non
     if state.flush_status == FlushStatus.FAILED:
         return Refusal(
             "flush_failed",
-            f"{name}'s flush failed ({state.flush_error or 'no error recorded'}); its view of the "
-            "source is incomplete, so projects it did not see may still exist",
+            f"the flush of {name} failed ({state.flush_error or 'no error recorded'}); its view "
+            "of the source is incomplete, so projects it did not see may still exist",
         )
     if state.flush_status == FlushStatus.IN_PROGRESS:
         return Refusal(
             "flush_failed",
-            f"{name}'s flush never finished (flush_status in_progress); its view of the source "
-            "is incomplete",
+            f"the flush of {name} never finished (flush_status in_progress); its view of the "
+            "source is incomplete",
         )
     if state.status != RunStatus.COMPLETED:
         return Refusal(
@@ -299,12 +306,19 @@ def _envelope_size(scope: str) -> int:
     return json_size({"scope": scope, "rows": []})
 
 
-def removal_record_size(scope: str, key: str, name: str, data_text: str) -> int:
-    """Size of the smallest ``projects.removed`` payload that carries this one project
-    (``data_text``: its compact JSON). flush_projects refuses projects that could not fit, so
-    every stored project can be audited when it is removed."""
-    record = json_size({"key": key, "name": name, "data": {}}) - 2 + len(data_text.encode())
-    return _envelope_size(scope) + record
+def removal_record_budget(scope: str) -> int:
+    """Bytes one removed row's record may take so that a ``projects.removed`` payload of the
+    scope can carry it alone within ``MAX_PAYLOAD_BYTES``."""
+    return runs_settings.MAX_PAYLOAD_BYTES - _envelope_size(scope)
+
+
+#: A record's bytes besides its three values: ``{"key":,"name":,"data":}`` and four quotes.
+RECORD_OVERHEAD = json_size({"key": "", "name": "", "data": {}}) - 2
+
+
+def removal_record_size(key: str, name: str, data_text: str) -> int:
+    """Exact bytes of one removed row's record (``data_text``: the data's compact JSON)."""
+    return RECORD_OVERHEAD - 4 + json_size(key) + json_size(name) + len(data_text.encode())
 
 
 def split_removed(scope: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

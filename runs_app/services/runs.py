@@ -385,6 +385,18 @@ def heartbeat(run: Run | str) -> None:
         ensure_run_accepts_events(run_id, allow_closed=False)
 
 
+def latest_run(scope: str) -> Run | None:
+    """The scope's newest run by creation order, whatever its status; None if it has none."""
+    scope = validate_scope(scope)
+    return (
+        Run.objects.using(db_alias())
+        .select_related("state", "outbox")
+        .filter(scope=scope)
+        .order_by("-ordinal")
+        .first()
+    )
+
+
 def get_run(run_id: str) -> Run:
     """The run with its state and outbox. Raises ``RunNotFound``."""
     run_id = validate_run_id(run_id)
