@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -257,7 +258,7 @@ def assert_at_least_once_in_order(
         runs = grouped[run_id]
         seqs = [delivery.seq for delivery in runs]
         assert seqs[0] == 1, (run_id, seqs)
-        for previous, current in zip(seqs, seqs[1:], strict=False):
+        for previous, current in itertools.pairwise(seqs):
             assert current == previous + 1 or current <= previous, (run_id, seqs)
         assert max(seqs) == last, (run_id, seqs)
         final_index = {delivery.seq: index for index, delivery in enumerate(runs)}
