@@ -821,6 +821,7 @@ class Bench:
                     cwd=ROOT,
                     env={**os.environ, "DATABASE_URL": self.url, "BENCH_LATENCY_FD": str(write_fd)},
                     pass_fds=(write_fd,),
+                    stdout=subprocess.DEVNULL,  # its exit summary; errors still reach stderr
                 )
             os.close(write_fd)
             write_fd = -1
