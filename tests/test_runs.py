@@ -60,7 +60,7 @@ def test_create_run_writes_run_state_outbox_and_events() -> None:
     assert outbox.attempts == 0
     assert outbox.lease_token is None
     assert events_of(run) == [
-        (1, "run.started", {"scope": "sync", "metadata": {"source": "api"}}),
+        (1, "run.started", {"source": "api"}),
         (2, "a", {"n": 1}),
         (3, "b", {}),
         (4, "c", {}),
@@ -82,7 +82,7 @@ def test_create_run_defaults() -> None:
     assert uuid.UUID(run.id).version == 4
     assert run.scope == "default"
     assert run.metadata == {}
-    assert events_of(run) == [(1, "run.started", {"scope": "default", "metadata": {}})]
+    assert events_of(run) == [(1, "run.started", {})]
     other = services.create_run("other")
     assert other.id != run.id
 
@@ -144,7 +144,7 @@ def test_ensure_run_creates_like_create_run() -> None:
     assert (run.id, run.scope, run.metadata, run.last_seq) == ("e1", "s", {"k": "v"}, 1)
     assert state_of(run).status == RunStatus.ACTIVE
     assert RunOutbox.objects.get(run=run).next_seq == 1
-    assert events_of(run) == [(1, "run.started", {"scope": "s", "metadata": {"k": "v"}})]
+    assert events_of(run) == [(1, "run.started", {"k": "v"})]
 
 
 def test_ensure_run_returns_the_existing_run_and_writes_nothing() -> None:

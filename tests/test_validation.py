@@ -182,6 +182,8 @@ def test_payload_exactly_at_the_limit_is_accepted(run: Run) -> None:
     assert event.payload == AT_LIMIT
     created = services.create_run("other", metadata=AT_LIMIT, events=[Event("t", AT_LIMIT)])
     assert created.metadata == AT_LIMIT
+    # run.started carries the metadata as its payload: at the limit too, never over it.
+    assert created.events.get(seq=1).payload == AT_LIMIT
 
 
 @override_settings(RUNS_APP={"MAX_PAYLOAD_BYTES": LIMIT})
