@@ -390,6 +390,10 @@ def claim_runs(
     lease = dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS))
     holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
     candidates = _claimable(run_ids, ignore_backoff=ignore_backoff)
+    if not candidates.exists():
+        # An idle relay polls with this read alone: no write transaction (on SQLite, no write
+        # lock taken from the application) when there is nothing to claim.
+        return Claim(token, [])
     with transaction.atomic(using=alias):
         if is_postgresql():
             rows = list(
