@@ -15,3 +15,4 @@ class RunsAppConfig(AppConfig):
 
         checks.register(runs_checks.check_settings)
         checks.register(runs_checks.check_database)
+        checks.register(runs_checks.check_publisher)

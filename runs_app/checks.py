@@ -155,3 +155,34 @@ def check_database(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             )
         )
     return problems
+
+
+def check_publisher(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """E021: the publisher must import and build. Only builds it (then closes it): publishers
+    connect lazily, in ``publish``, so the check never touches a broker."""
+    configured = user_settings()
+    if not isinstance(configured, dict):
+        return []  # E001 says so already
+    path = configured.get("PUBLISHER", DEFAULTS["PUBLISHER"])
+    options = configured.get("PUBLISHER_OPTIONS", DEFAULTS["PUBLISHER_OPTIONS"])
+    for key, value in (("PUBLISHER", path), ("PUBLISHER_OPTIONS", options)):
+        if not SETTING_RULES[key][1](value):
+            return []  # E009/E010 say so already
+    from .exceptions import PublisherError
+    from .publishers import close_publisher, load_publisher
+
+    try:
+        close_publisher(load_publisher(path, options))
+    except PublisherError as exc:
+        return [
+            checks.Error(
+                str(exc),
+                hint=(
+                    "RUNS_APP['PUBLISHER'] must name an importable class built as "
+                    "Class(**RUNS_APP['PUBLISHER_OPTIONS']), with a publish(messages) method; "
+                    "check the path, the installed packages and the option names."
+                ),
+                id="runs_app.E021",
+            )
+        ]
+    return []

@@ -93,3 +93,22 @@ class CleanupRefused(RunsError):
         self.reason = reason
         self.message = message
         super().__init__(f"{reason}: {message}")
+
+
+class PublisherError(RunsError):
+    """The configured publisher (``RUNS_APP['PUBLISHER']``) cannot be imported or built."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"Publisher {path!r}: {message}")
+
+
+class OutboxNotBlocked(RunsError):
+    """``skip_outbox_event`` was called on a run whose outbox is not blocked."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"The outbox of run {run_id!r} is not blocked; only the head event of a blocked "
+            "outbox can be skipped."
+        )
