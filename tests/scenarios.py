@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
 from runs_app import services
@@ -124,3 +125,12 @@ def story() -> Story:
         scope="gamma", key="p-1", name=SCRIPT, data={"html": SCRIPT}, last_seen_run=failed
     )
     return Story(active, completed, failed, blocked, big)
+
+
+def make_staff(username: str, *codenames: str) -> User:
+    """A staff user holding only these runs_app permissions ("view_run", ...)."""
+    user = User.objects.create_user(username, password="pw", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="runs_app", codename__in=codenames)
+    )
+    return user

@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -21,7 +20,7 @@ from runs_app.admin import TIMELINE_EVENTS
 from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState
 from tests import scenarios
 from tests.helpers import snapshot
-from tests.scenarios import ESCAPED_SCRIPT, SCRIPT, Story
+from tests.scenarios import SCRIPT, Story, make_staff
 
 pytestmark = pytest.mark.django_db
 
@@ -34,14 +33,6 @@ def changelist(model: str) -> str:
 
 def change(model: str, pk: Any) -> str:
     return reverse(f"admin:runs_app_{model}_change", args=[pk])
-
-
-def make_staff(username: str, *codenames: str) -> User:
-    user = User.objects.create_user(username, password="pw", is_staff=True)
-    user.user_permissions.set(
-        Permission.objects.filter(content_type__app_label="runs_app", codename__in=codenames)
-    )
-    return user
 
 
 @pytest.fixture
