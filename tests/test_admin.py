@@ -188,6 +188,7 @@ def test_run_list_filters_search_and_order(viewer: Client, story: Story) -> None
         "state__started_at__lt": str(today + timedelta(days=1)),
     }
     assert len(ids("?" + urlencode(window))) == 5
+    assert ids("?cleanup_refused=yes&_facets=True") == ["run-failed-flush"]  # "show counts"
     assert ids("?q=run-comp") == ["run-completed"]
     assert ids("?q=epsilon") == ["run-big"]
     assert ids("?o=1") == sorted(ids(""), key=lambda pk: Run.objects.get(pk=pk).scope)
