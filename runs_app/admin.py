@@ -316,25 +316,23 @@ class DeliveryActions(ReadOnlyAdmin):
         """Asks for confirmation first (like Django's "delete selected"): skipping an event
         means it is never delivered."""
         selected = _selected_run_ids(queryset)
-        blocked = sorted(
+        blocked = set(
             RunOutbox.objects.filter(run_id__in=selected, blocked_at__isnull=False).values_list(
                 "run_id", flat=True
             )
         )
         not_blocked = [run_id for run_id in selected if run_id not in blocked]
+        if blocked and request.POST.get("post") != "yes":
+            return self._skip_confirmation(request, sorted(blocked), not_blocked)
         if not_blocked:
             self.message_user(
                 request,
                 f"Not blocked, nothing skipped: {', '.join(not_blocked)}.",
                 messages.WARNING,
             )
-        if not blocked:
-            return None
-        if request.POST.get("post") != "yes":
-            return self._skip_confirmation(request, blocked)
         done: list[str] = []
         errors: list[tuple[str, str]] = []
-        for run_id in blocked:
+        for run_id in sorted(blocked):
             try:
                 services.skip_outbox_event(run_id)
             except RunsError as exc:
@@ -344,7 +342,9 @@ class DeliveryActions(ReadOnlyAdmin):
         self._report(request, done, "Skipped the blocked event", errors)
         return None
 
-    def _skip_confirmation(self, request: HttpRequest, run_ids: list[str]) -> TemplateResponse:
+    def _skip_confirmation(
+        self, request: HttpRequest, run_ids: list[str], not_blocked: list[str]
+    ) -> TemplateResponse:
         # The head event of each blocked run: the one at its outbox cursor.
         heads = (
             RunEvent.objects.filter(run_id__in=run_ids, seq=F("run__outbox__next_seq"))
@@ -356,6 +356,7 @@ class DeliveryActions(ReadOnlyAdmin):
             "title": "Skip the blocked events?",
             "opts": self.model._meta,
             "run_ids": run_ids,
+            "not_blocked": not_blocked,
             "heads": [
                 {
                     "event": event,

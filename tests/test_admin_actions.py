@@ -180,3 +180,18 @@ def test_actions_need_the_change_permission(client: Client) -> None:
         assert response.context["action_form"] is None  # no action offered
         assert texts(response) == []  # and the forged one ignored
     assert RunOutbox.objects.get(pk=run.pk).blocked_at is not None
+
+
+def test_skip_of_a_mixed_selection_confirms_only_the_blocked_runs(admin_client: Client) -> None:
+    blocked = blocked_run()
+    fine = scenarios.active_run("alpha", "run-fine")
+
+    response = run_action(admin_client, RUNS, "skip_blocked_event", blocked.pk, fine.pk)
+    html = response.content.decode()
+    assert "Not blocked, left alone: run-fine." in html
+    assert 'value="run-fine"' not in html  # not carried to the confirmation's post
+    assert texts(response) == []
+
+    response = run_action(admin_client, RUNS, "skip_blocked_event", blocked.pk, confirm=True)
+    assert texts(response) == [("success", "Skipped the blocked event for 1 run(s): run-blocked.")]
+    assert RunOutbox.objects.get(pk=fine.pk).next_seq == 1

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connections
+from django.db import connection, connections
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from runs_app import inspection
@@ -279,3 +280,18 @@ def test_a_real_process_exits_2_on_a_bad_argument() -> None:
     )
     assert result.returncode == 2
     assert "--max-blocked: 'many' is not an integer" in result.stderr
+
+
+def test_health_costs_the_same_queries_for_3_or_30_runs() -> None:
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            facts = inspection.health()
+        assert facts.scopes
+        return len(captured)
+
+    for index in range(3):
+        scenarios.block_outbox(scenarios.active_run(f"s{index}", f"r{index}"))
+    few = queries()
+    for index in range(3, 30):
+        scenarios.completed_run(f"s{index % 5 + 3}", f"r{index}")
+    assert queries() == few == 5
