@@ -173,18 +173,20 @@ def retry_outbox(run: Run | str) -> None:
     Raises ``RunNotFound``.
     """
     run_id = run_id_of(run)
-    updated = (
-        RunOutbox.objects.using(db_alias())
-        .filter(run_id=run_id)
-        .update(
-            blocked_at=None,
-            attempts=0,
-            next_attempt_at=None,
-            lease_token=None,
-            lease_until=None,
-            leased_by="",
+    alias = db_alias()
+    with transaction.atomic(using=alias):
+        updated = (
+            RunOutbox.objects.using(alias)
+            .filter(run_id=run_id)
+            .update(
+                blocked_at=None,
+                attempts=0,
+                next_attempt_at=None,
+                lease_token=None,
+                lease_until=None,
+                leased_by="",
+            )
         )
-    )
     if not updated:
         raise RunNotFound(run_id)
 
@@ -236,7 +238,7 @@ def skip_outbox_event(run: Run | str) -> RunEvent:
             ],
             allow_closed=True,
         )
-    head.refresh_from_db(using=alias)
+        head.refresh_from_db(using=alias)  # inside: a failure here rolls the skip back too
     return head
 
 
@@ -268,9 +270,10 @@ def prune_outbox(older_than: float | dt.timedelta, *, batch_size: int | None = N
         ids = list(prunable.order_by().values_list("pk", flat=True)[:size])
         if not ids:
             return deleted
-        # Autocommit: each DELETE is its own transaction. The conditions are repeated so a row
-        # that changed since the SELECT (it cannot, for published rows, but cheaply) is kept.
-        count, _ = prunable.filter(pk__in=ids).delete()
+        # One DELETE per transaction. The conditions are repeated, so a row that changed since
+        # the SELECT would be kept.
+        with transaction.atomic(using=alias):
+            count, _ = prunable.filter(pk__in=ids).delete()
         deleted += count
         if len(ids) < size:
             return deleted
@@ -409,13 +412,16 @@ def claim_runs(
 
 
 def _claimable(run_ids: Sequence[str] | None, *, ignore_backoff: bool) -> QuerySet[RunOutbox]:
-    # Driven by the small partial index of pending events, not by a scan of every outbox.
+    # Driven by the small partial index of pending events, not by a scan of every outbox: the
+    # DISTINCT lets PostgreSQL walk that index in run order (an index-only scan) and look each
+    # run's outbox up by key, stopping at the LIMIT; without it the planner prefers a merge join
+    # that reads the whole outbox table.
     pending = RunEvent.objects.filter(published_at__isnull=True, skipped_at__isnull=True)
     if run_ids is not None:
         pending = pending.filter(run_id__in=run_ids)
     queryset = RunOutbox.objects.using(db_alias()).filter(
         Q(lease_until__isnull=True) | Q(lease_until__lte=Now()),
-        run_id__in=pending.values("run_id"),
+        run_id__in=pending.order_by().values("run_id").distinct(),
         blocked_at__isnull=True,
     )
     if not ignore_backoff:
@@ -581,15 +587,17 @@ def record_failure(claim: Claim, run: ClaimedRun, error: BaseException) -> bool:
     attempts = run.attempts + 1
     blocked = attempts >= runs_settings.MAX_ATTEMPTS
     delay = dt.timedelta(seconds=backoff_seconds(attempts))
-    RunOutbox.objects.using(db_alias()).filter(run_id=run.run_id, lease_token=claim.token).update(
-        attempts=attempts,
-        last_error=error_text(f"{type(error).__name__}: {error}"),
-        next_attempt_at=None if blocked else _db_now_plus(delay),
-        blocked_at=Now() if blocked else None,
-        lease_token=None,
-        lease_until=None,
-        leased_by="",
-    )
+    alias = db_alias()
+    with transaction.atomic(using=alias):
+        RunOutbox.objects.using(alias).filter(run_id=run.run_id, lease_token=claim.token).update(
+            attempts=attempts,
+            last_error=error_text(f"{type(error).__name__}: {error}"),
+            next_attempt_at=None if blocked else _db_now_plus(delay),
+            blocked_at=Now() if blocked else None,
+            lease_token=None,
+            lease_until=None,
+            leased_by="",
+        )
     if blocked:
         logger.error(
             "outbox of run %s blocked after %d failed attempts: %s", run.run_id, attempts, error
@@ -619,9 +627,10 @@ def renew_leases(token: uuid.UUID, run_ids: Sequence[str]) -> set[str]:
     """Extend the leases still held under ``token``; return the run ids still ours."""
     alias = db_alias()
     held = RunOutbox.objects.using(alias).filter(run_id__in=run_ids, lease_token=token)
-    renewed = held.update(
-        lease_until=_db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))
-    )
+    with transaction.atomic(using=alias):
+        renewed = held.update(
+            lease_until=_db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))
+        )
     if renewed == len(run_ids):
         return set(run_ids)
     return set(held.values_list("run_id", flat=True))
@@ -629,11 +638,13 @@ def renew_leases(token: uuid.UUID, run_ids: Sequence[str]) -> set[str]:
 
 def release_leases(claim: Claim, run_ids: Sequence[str]) -> int:
     """Give back leases we did not use (fenced: never someone else's)."""
-    return (
-        RunOutbox.objects.using(db_alias())
-        .filter(run_id__in=run_ids, lease_token=claim.token)
-        .update(lease_token=None, lease_until=None, leased_by="")
-    )
+    alias = db_alias()
+    with transaction.atomic(using=alias):
+        return (
+            RunOutbox.objects.using(alias)
+            .filter(run_id__in=run_ids, lease_token=claim.token)
+            .update(lease_token=None, lease_until=None, leased_by="")
+        )
 
 
 # ---------------------------------------------------------------------------------------------

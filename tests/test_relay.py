@@ -1,0 +1,571 @@
+"""The relay, deterministically, in one process: what is claimed, published, acknowledged."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from runs_app import relay, services
+from runs_app.exceptions import InvalidInput, OutboxNotBlocked, RunNotFound
+from runs_app.models import Run, RunEvent, RunOutbox
+from runs_app.publishers import Message
+from runs_app.testing import MemoryPublisher
+from tests.helpers import snapshot
+from tests.relay_helpers import ROOT, assert_cursor_invariant
+
+pytestmark = pytest.mark.django_db
+
+
+def make_run(name: str, events: int = 0) -> Run:
+    return services.create_run(
+        name, run_id=name, events=[{"type": "step", "payload": {"n": n}} for n in range(events)]
+    )
+
+
+class RecordingCalls(MemoryPublisher):
+    """Keeps each publish() call separately, and can fail for chosen runs."""
+
+    def __init__(self, fail_runs: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.calls: list[list[Message]] = []
+        self.fail_runs = set(fail_runs)
+
+    def publish(self, messages: Sequence[Message]) -> None:
+        self.calls.append(list(messages))
+        if messages[0].run_id in self.fail_runs:
+            raise RuntimeError(f"broker down for {messages[0].run_id}")
+        super().publish(messages)
+
+
+def delivered(publisher: MemoryPublisher) -> dict[str, list[int]]:
+    seqs: dict[str, list[int]] = {}
+    for message in publisher.messages:
+        seqs.setdefault(message.run_id, []).append(message.seq)
+    return seqs
+
+
+def outbox(run_id: str) -> RunOutbox:
+    return RunOutbox.objects.get(run_id=run_id)
+
+
+def no_lease_held() -> bool:
+    return not RunOutbox.objects.filter(lease_token__isnull=False).exists()
+
+
+def test_drain_once_publishes_exactly_the_pending_events_per_run_in_order() -> None:
+    make_run("a", 3)
+    make_run("b", 0)
+    make_run("c", 5)
+    publisher = RecordingCalls()
+
+    result = services.drain_outbox_once(publisher=publisher)
+
+    assert result == services.DrainResult(published=11, failed_runs=(), runs_touched=3)
+    assert delivered(publisher) == {"a": [1, 2, 3, 4], "b": [1], "c": [1, 2, 3, 4, 5, 6]}
+    # One publish() call per run: a failure belongs to that run alone.
+    assert [{m.run_id for m in call} for call in publisher.calls] == [{"a"}, {"b"}, {"c"}]
+    assert [outbox(run).next_seq for run in "abc"] == [5, 2, 7]
+    assert not RunEvent.objects.filter(published_at__isnull=True).exists()
+    assert no_lease_held()
+    assert_cursor_invariant()
+
+    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
+    assert len(publisher.messages) == 11
+
+
+def test_message_carries_the_event() -> None:
+    run = services.create_run("billing", run_id="r1", events=[{"type": "x.y", "payload": {"k": 1}}])
+    publisher = MemoryPublisher()
+    services.drain_outbox_once(publisher=publisher)
+
+    event = RunEvent.objects.get(run=run, seq=2)
+    message = publisher.messages[1]
+    assert message == Message(
+        id="r1:2",
+        run_id="r1",
+        scope="billing",
+        seq=2,
+        type="x.y",
+        payload={"k": 1},
+        occurred_at=event.created_at,
+    )
+
+
+def test_only_new_events_after_a_drain() -> None:
+    run = make_run("a", 1)
+    publisher = MemoryPublisher()
+    services.drain_outbox_once(publisher=publisher)
+    services.append_events(run, [{"type": "late"}])
+    services.complete_run(run)
+
+    services.drain_outbox_once(publisher=publisher)
+
+    assert [(m.seq, m.type) for m in publisher.messages[2:]] == [(3, "late"), (4, "run.completed")]
+
+
+def test_nothing_drains_unless_asked() -> None:
+    threads_before = set(threading.enumerate())
+    make_run("a", 2)
+    assert set(threading.enumerate()) == threads_before
+    assert RunEvent.objects.filter(published_at__isnull=True).count() == 3
+    assert outbox("a").next_seq == 1
+
+
+def test_batch_size_bounds_events_per_publish_and_runs_per_claim() -> None:
+    for name in ("a", "b", "c"):
+        make_run(name, 4)  # seqs 1..5
+    publisher = RecordingCalls()
+
+    first = services.drain_outbox_once(publisher=publisher, batch_size=2)
+
+    assert first == services.DrainResult(published=4, failed_runs=(), runs_touched=2)
+    assert delivered(publisher) == {"a": [1, 2], "b": [1, 2]}
+    while services.drain_outbox_once(publisher=publisher, batch_size=2).runs_touched:
+        pass
+    assert delivered(publisher) == {run: [1, 2, 3, 4, 5] for run in "abc"}
+    assert max(len(call) for call in publisher.calls) == 2
+    assert_cursor_invariant()
+
+
+def test_run_filter_and_max_messages() -> None:
+    make_run("a", 3)
+    make_run("b", 3)
+    publisher = MemoryPublisher()
+
+    assert services.drain_outbox_once(publisher=publisher, run_id="b").published == 4
+    assert set(delivered(publisher)) == {"b"}
+
+    make_run("c", 3)
+    result = services.drain_outbox_once(publisher=publisher, max_messages=3)
+    assert result.published == 3
+    assert delivered(publisher)["a"] == [1, 2, 3]
+    assert outbox("a").next_seq == 4
+    assert outbox("c").next_seq == 1
+    assert no_lease_held()  # the unused lease of "c" was given back
+    assert_cursor_invariant()
+
+
+def test_should_stop_finishes_the_batch_in_hand_and_releases_the_rest() -> None:
+    for name in ("a", "b", "c"):
+        make_run(name, 2)
+    publisher = MemoryPublisher()
+    stop = threading.Event()
+
+    class StopAfterFirst(MemoryPublisher):
+        def publish(self, messages: Sequence[Message]) -> None:
+            publisher.publish(messages)
+            stop.set()  # as a SIGTERM handler would, while this batch is in hand
+
+    result = services.drain_outbox_once(publisher=StopAfterFirst(), should_stop=stop.is_set)
+
+    assert result.published == 3
+    assert delivered(publisher) == {"a": [1, 2, 3]}
+    assert outbox("a").next_seq == 4
+    assert no_lease_held()
+    assert_cursor_invariant()
+
+
+def test_invalid_arguments_write_nothing() -> None:
+    make_run("a", 1)
+    before = snapshot()
+    publisher = MemoryPublisher()
+    for kwargs, field in (
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"max_messages": -1}, "max_messages"),
+        ({"run_id": "has space"}, "run_id"),
+    ):
+        with pytest.raises(InvalidInput) as raised:
+            services.drain_outbox_once(publisher=publisher, **kwargs)
+        assert raised.value.field == field
+    assert snapshot() == before
+    assert publisher.messages == []
+    with pytest.raises(RunNotFound):
+        services.drain_outbox_for_run("missing", publisher=publisher)
+
+
+@override_settings(
+    RUNS_APP={"MAX_ATTEMPTS": 3, "RETRY_BASE_SECONDS": 5.0, "RETRY_MAX_SECONDS": 50.0}
+)
+def test_failing_run_backs_off_then_blocks_while_others_drain() -> None:
+    make_run("bad", 1)
+    make_run("good", 1)
+    publisher = RecordingCalls(fail_runs=["bad"])
+
+    before = timezone.now()
+    result = services.drain_outbox_once(publisher=publisher)
+    after = timezone.now()
+
+    assert result == services.DrainResult(published=2, failed_runs=("bad",), runs_touched=2)
+    assert delivered(publisher) == {"good": [1, 2]}
+    bad = outbox("bad")
+    assert (bad.attempts, bad.next_seq, bad.blocked_at) == (1, 1, None)
+    assert bad.last_error == "RuntimeError: broker down for bad"
+    assert bad.lease_token is None and bad.lease_until is None and bad.leased_by == ""
+    assert bad.next_attempt_at is not None
+    # Database clock; first retry after RETRY_BASE_SECONDS (SQLite keeps milliseconds).
+    tolerance = dt.timedelta(seconds=1)
+    assert before + dt.timedelta(seconds=5) - tolerance <= bad.next_attempt_at
+    assert bad.next_attempt_at <= after + dt.timedelta(seconds=5) + tolerance
+    assert not RunEvent.objects.filter(run_id="bad", published_at__isnull=False).exists()
+
+    # Backing off: not claimable until next_attempt_at has come.
+    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
+    for attempts in (2, 3):
+        RunOutbox.objects.filter(run_id="bad").update(
+            next_attempt_at=timezone.now() - dt.timedelta(seconds=1)
+        )
+        assert services.drain_outbox_once(publisher=publisher).failed_runs == ("bad",)
+        assert outbox("bad").attempts == attempts
+
+    bad = outbox("bad")
+    assert bad.blocked_at is not None and bad.next_attempt_at is None
+    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
+    assert services.drain_outbox_for_run("bad", publisher=publisher) == services.DrainResult()
+    assert_cursor_invariant()
+
+    publisher.fail_runs.clear()
+    services.retry_outbox("bad")
+    bad = outbox("bad")
+    assert (bad.blocked_at, bad.attempts, bad.next_attempt_at) == (None, 0, None)
+    assert services.drain_outbox_once(publisher=publisher).published == 2
+    assert delivered(publisher)["bad"] == [1, 2]
+    assert outbox("bad").last_error == ""
+    assert_cursor_invariant()
+
+
+@override_settings(RUNS_APP={"MAX_ATTEMPTS": 1})
+def test_skip_outbox_event_skips_the_head_of_a_blocked_run() -> None:
+    run = make_run("a", 3)  # seqs 1..4
+    RunOutbox.objects.filter(run=run).update(next_seq=2)
+    RunEvent.objects.filter(run=run, seq=1).update(published_at=timezone.now())
+
+    class PoisonSeq2(MemoryPublisher):
+        def publish(self, messages: Sequence[Message]) -> None:
+            if any(m.seq == 2 for m in messages):
+                raise ValueError("cannot encode seq 2")
+            super().publish(messages)
+
+    publisher = PoisonSeq2()
+    assert services.drain_outbox_once(publisher=publisher).failed_runs == ("a",)
+    assert outbox("a").blocked_at is not None
+    with pytest.raises(OutboxNotBlocked):
+        services.skip_outbox_event(make_run("other"))
+
+    skipped = services.skip_outbox_event(run)
+
+    assert (skipped.seq, skipped.type) == (2, "step")
+    assert skipped.skipped_at is not None and skipped.published_at is None
+    box = outbox("a")
+    assert (box.next_seq, box.blocked_at, box.attempts, box.next_attempt_at) == (3, None, 0, None)
+    record = RunEvent.objects.get(run=run, type="outbox.skipped")
+    assert record.seq == 5
+    assert record.payload == {
+        "seq": 2,
+        "type": "step",
+        "attempts": 1,
+        "last_error": "ValueError: cannot encode seq 2",
+    }
+    assert_cursor_invariant()
+
+    services.drain_outbox_once(publisher=publisher)
+    assert [(m.seq, m.type) for m in publisher.messages if m.run_id == "a"] == [
+        (3, "step"),
+        (4, "step"),
+        (5, "outbox.skipped"),
+    ]
+    assert RunEvent.objects.get(run=run, seq=2).published_at is None
+    assert_cursor_invariant()
+    with pytest.raises(OutboxNotBlocked):
+        services.skip_outbox_event(run)  # not blocked (and nothing pending)
+    with pytest.raises(RunNotFound):
+        services.skip_outbox_event("missing")
+    with pytest.raises(RunNotFound):
+        services.retry_outbox("missing")
+
+
+def test_skip_works_on_a_closed_run() -> None:
+    run = make_run("a", 1)
+    services.complete_run(run)
+    RunOutbox.objects.filter(run=run).update(blocked_at=timezone.now(), attempts=10)
+    services.skip_outbox_event(run)
+    assert RunEvent.objects.filter(run=run).order_by("-seq").first().type == "outbox.skipped"  # type: ignore[union-attr]
+
+
+@override_settings(RUNS_APP={"RETRY_BASE_SECONDS": 2.0, "RETRY_MAX_SECONDS": 60.0})
+def test_backoff_is_exponential_with_jitter_within_bounds() -> None:
+    for attempts in range(1, 40):
+        delays = [relay.backoff_seconds(attempts) for _ in range(50)]
+        top = min(60.0, 2.0 * 2 ** (attempts - 1))
+        assert all(max(2.0, top / 2) <= delay <= top for delay in delays), attempts
+        assert all(2.0 <= delay <= 60.0 for delay in delays)
+    assert len({relay.backoff_seconds(5) for _ in range(20)}) > 1  # jitter
+
+
+def test_a_live_lease_is_respected_and_an_expired_one_taken_over() -> None:
+    make_run("a", 1)
+    other = uuid.uuid4()
+    RunOutbox.objects.filter(run_id="a").update(
+        lease_token=other,
+        leased_by="elsewhere:1",
+        lease_until=timezone.now() + dt.timedelta(minutes=5),
+    )
+    publisher = MemoryPublisher()
+    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
+    assert services.drain_outbox_for_run("a", publisher=publisher) == services.DrainResult()
+
+    RunOutbox.objects.filter(run_id="a").update(
+        lease_until=timezone.now() - dt.timedelta(seconds=1)
+    )
+    assert services.drain_outbox_once(publisher=publisher).published == 2
+    assert no_lease_held()
+
+
+def test_claim_sets_lease_from_the_database_clock() -> None:
+    make_run("a", 1)
+    with override_settings(RUNS_APP={"LEASE_SECONDS": 30}):
+        before = timezone.now()
+        claim = relay.claim_runs(10)
+        after = timezone.now()
+    box = outbox("a")
+    assert [run.run_id for run in claim.runs] == ["a"]
+    assert box.lease_token == claim.token
+    assert box.leased_by.endswith(f":{os.getpid()}")
+    assert box.lease_until is not None
+    tolerance = dt.timedelta(seconds=1)
+    assert before + dt.timedelta(seconds=30) - tolerance <= box.lease_until
+    assert box.lease_until <= after + dt.timedelta(seconds=30) + tolerance
+    assert relay.claim_runs(10).runs == []  # leased: not claimable twice
+
+
+def test_stale_acknowledgement_changes_nothing() -> None:
+    make_run("a", 2)
+    stale = relay.claim_runs(10)
+    stale_messages = relay.read_pending("a", 1, 100)
+    # Relay A stalls past its lease; relay B takes the run over.
+    RunOutbox.objects.filter(run_id="a").update(
+        lease_until=timezone.now() - dt.timedelta(seconds=1)
+    )
+    fresh = relay.claim_runs(10)
+    assert fresh.token != stale.token and [r.run_id for r in fresh.runs] == ["a"]
+
+    before = snapshot()
+    assert relay.acknowledge(stale.token, "a", stale_messages) is False
+    assert snapshot() == before  # 0 rows changed
+
+    assert relay.acknowledge(fresh.token, "a", stale_messages) is True
+    after_b = snapshot()
+    # Late again, after B acknowledged: still nothing.
+    assert relay.acknowledge(stale.token, "a", stale_messages) is False
+    assert snapshot() == after_b
+    assert outbox("a").next_seq == 4
+    assert_cursor_invariant()
+
+
+def test_stale_failure_and_release_change_nothing() -> None:
+    make_run("a", 1)
+    stale = relay.claim_runs(10)
+    RunOutbox.objects.filter(run_id="a").update(
+        lease_until=timezone.now() - dt.timedelta(seconds=1)
+    )
+    relay.claim_runs(10)
+    before = snapshot()
+    relay.record_failure(stale, stale.runs[0], RuntimeError("late"))
+    relay.release_leases(stale, ["a"])
+    assert relay.renew_leases(stale.token, ["a"]) == set()
+    assert snapshot() == before
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@override_settings(RUNS_APP={"LEASE_SECONDS": 60})
+def test_leases_are_renewed_during_a_long_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a", "b", "c"):
+        make_run(name, 1)
+    clock = FakeClock()
+    monkeypatch.setattr(relay, "monotonic", clock)
+    leases: dict[str, Any] = {}
+
+    class SlowBroker(MemoryPublisher):
+        def publish(self, messages: Sequence[Message]) -> None:
+            box = outbox(messages[0].run_id)
+            leases[messages[0].run_id] = (box.lease_token, box.lease_until)
+            clock.now += 40  # each publish takes 40 s: past half the lease
+            super().publish(messages)
+
+    with CaptureQueriesContext(connection) as queries:
+        result = services.drain_outbox_once(publisher=SlowBroker())
+
+    assert result.published == 6
+    renewals = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].startswith(f'UPDATE "{RunOutbox._meta.db_table}" SET "lease_until"')
+    ]
+    assert len(renewals) == 2  # before "b" and before "c"
+    assert leases["a"][1] <= leases["b"][1] <= leases["c"][1]
+    assert len({token for token, _ in leases.values()}) == 1
+    assert no_lease_held()
+
+
+def test_a_run_whose_lease_was_lost_is_not_published(monkeypatch: pytest.MonkeyPatch) -> None:
+    make_run("a", 0)
+    make_run("b", 0)
+    clock = FakeClock()
+    monkeypatch.setattr(relay, "monotonic", clock)
+    thief = uuid.uuid4()
+
+    class StallingBroker(MemoryPublisher):
+        def publish(self, messages: Sequence[Message]) -> None:
+            # While "a" is published, our lease on "b" expires and another relay takes it.
+            clock.now += 3600
+            RunOutbox.objects.filter(run_id="b").update(
+                lease_token=thief, lease_until=timezone.now() + dt.timedelta(minutes=1)
+            )
+            super().publish(messages)
+
+    publisher = StallingBroker()
+    result = services.drain_outbox_once(publisher=publisher)
+
+    assert result == services.DrainResult(published=1, failed_runs=(), runs_touched=2)
+    assert delivered(publisher) == {"a": [1]}
+    assert outbox("b").lease_token == thief  # untouched: not ours to release
+
+
+def test_drain_outbox_for_run_loops_under_one_renewed_lease() -> None:
+    run = make_run("a", 6)  # seqs 1..7
+    make_run("other", 1)
+    RunOutbox.objects.filter(run=run).update(
+        next_attempt_at=timezone.now() + dt.timedelta(hours=1), attempts=2
+    )
+    seen: list[tuple[Any, Any, int]] = []
+
+    class Observing(MemoryPublisher):
+        def publish(self, messages: Sequence[Message]) -> None:
+            box = outbox("a")
+            seen.append((box.lease_token, box.lease_until, len(messages)))
+            super().publish(messages)
+
+    publisher = Observing()
+    result = services.drain_outbox_for_run(run, publisher=publisher, batch_size=3)
+
+    assert result == services.DrainResult(published=7, failed_runs=(), runs_touched=1)
+    assert [size for _, _, size in seen] == [3, 3, 1]
+    assert [m.seq for m in publisher.messages] == [1, 2, 3, 4, 5, 6, 7]
+    assert len({token for token, _, _ in seen}) == 1 and seen[0][0] is not None
+    assert all(until is not None for _, until, _ in seen)
+    assert no_lease_held()
+    assert outbox("other").next_seq == 1  # only that run
+    assert_cursor_invariant()
+
+
+def test_drain_outbox_for_run_stops_at_a_failure() -> None:
+    make_run("a", 4)
+    publisher = RecordingCalls(fail_runs=["a"])
+    result = services.drain_outbox_for_run("a", publisher=publisher, batch_size=2)
+    assert result == services.DrainResult(published=0, failed_runs=("a",), runs_touched=1)
+    assert len(publisher.calls) == 1
+    assert outbox("a").attempts == 1
+
+
+def test_works_inside_a_callers_transaction() -> None:
+    from django.db import transaction
+
+    make_run("a", 1)
+    publisher = MemoryPublisher()
+    with transaction.atomic():
+        assert services.drain_outbox_once(publisher=publisher).published == 2
+    assert outbox("a").next_seq == 3
+
+
+def test_configured_publisher_is_built_and_closed(caplog: pytest.LogCaptureFixture) -> None:
+    make_run("a", 1)
+    with caplog.at_level("INFO", logger="runs_app.publishers"):
+        assert services.drain_outbox_once().published == 2
+    assert [r.getMessage().split()[1] for r in caplog.records] == ["a:1", "a:2"]
+
+
+def test_query_count_is_constant_per_run_not_per_event() -> None:
+    def queries_for(runs: int, events: int, tag: str) -> int:
+        for index in range(runs):
+            make_run(f"{tag}{index}", events)
+        with CaptureQueriesContext(connection) as captured:
+            assert services.drain_outbox_once(publisher=MemoryPublisher()).runs_touched == runs
+        return len(captured)
+
+    small = queries_for(2, 1, "s")
+    bigger = queries_for(4, 1, "m")
+    many_events = queries_for(4, 50, "l")
+    per_run = (bigger - small) / 2
+    assert per_run <= 6  # read, ack (update outbox, update events) and its savepoints
+    assert many_events == bigger
+
+
+# --- retention ----------------------------------------------------------------------------
+
+
+def test_prune_outbox_deletes_only_old_published_events_in_batches() -> None:
+    old = timezone.now() - dt.timedelta(hours=2)
+    run = make_run("a", 6)  # seqs 1..7
+    RunOutbox.objects.filter(run=run).update(next_seq=6)
+    RunEvent.objects.filter(run=run, seq__lte=5).update(published_at=old)
+    RunEvent.objects.filter(run=run, seq=5).update(published_at=timezone.now())  # recent
+    RunEvent.objects.filter(run=run, seq=4).update(published_at=None, skipped_at=old)
+    # Inconsistent on purpose: published but at next_seq. Never pruned.
+    RunEvent.objects.filter(run=run, seq=6).update(published_at=old)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert services.prune_outbox(3600, batch_size=2) == 3
+    deletes = [q for q in queries.captured_queries if q["sql"].startswith("DELETE")]
+    assert len(deletes) == 2
+
+    assert list(RunEvent.objects.filter(run=run).values_list("seq", flat=True)) == [4, 5, 6, 7]
+    assert services.prune_outbox(dt.timedelta(hours=1)) == 0
+    assert services.prune_outbox(0) == 1  # seq 5, published just now
+    assert list(RunEvent.objects.filter(run=run).values_list("seq", flat=True)) == [4, 6, 7]
+
+
+def test_prune_outbox_refuses_bad_input() -> None:
+    for value in (-1, "10", None, True):
+        with pytest.raises(InvalidInput) as raised:
+            services.prune_outbox(value)  # type: ignore[arg-type]
+        assert raised.value.field == "older_than"
+    with pytest.raises(InvalidInput):
+        services.prune_outbox(10, batch_size=0)
+
+
+def test_relay_imports_on_its_own_and_is_re_exported() -> None:
+    assert services.drain_outbox_once is relay.drain_outbox_once
+    assert services.DrainResult is relay.DrainResult
+    code = (
+        "import django; django.setup(); import runs_app.relay; "
+        "from runs_app.services import prune_outbox, skip_outbox_event, retry_outbox"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "example_project.settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
