@@ -56,7 +56,7 @@ from django.db import (
     connections,
     transaction,
 )
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q, QuerySet
+from django.db.models import DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet
 from django.db.models.functions import Now
 
 from .conf import runs_settings
@@ -307,11 +307,11 @@ def drain_until_idle(
             max_messages=None if max_messages is None else max_messages - total.published,
             should_stop=should_stop,
         )
-        if not result.runs_touched:
-            break
         total += result
-        if on_pass is not None:
+        if on_pass is not None and result.runs_touched:
             on_pass(result)
+        if not result.published and not result.failed_runs:
+            break  # nothing claimable (or nothing left to do for what was claimed)
     return total
 
 
@@ -390,6 +390,10 @@ def claim_runs(
     lease = dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS))
     holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
     candidates = _claimable(run_ids, ignore_backoff=ignore_backoff)
+    if not candidates.exists():
+        # An idle relay polls with this read alone: no write transaction (on SQLite, no write
+        # lock taken from the application) when there is nothing to claim.
+        return Claim(token, [])
     with transaction.atomic(using=alias):
         if is_postgresql():
             rows = list(
@@ -419,8 +423,13 @@ def _claimable(run_ids: Sequence[str] | None, *, ignore_backoff: bool) -> QueryS
     pending = RunEvent.objects.filter(published_at__isnull=True, skipped_at__isnull=True)
     if run_ids is not None:
         pending = pending.filter(run_id__in=run_ids)
+    # The EXISTS (one probe of the (run, seq) unique index) keeps the claim exact: a run is
+    # claimed only when an event at or above its cursor exists, so a pass that claims a run
+    # always has something to publish.
+    at_cursor = RunEvent.objects.filter(run_id=OuterRef("run_id"), seq__gte=OuterRef("next_seq"))
     queryset = RunOutbox.objects.using(db_alias()).filter(
         Q(lease_until__isnull=True) | Q(lease_until__lte=Now()),
+        Exists(at_cursor),
         run_id__in=pending.order_by().values("run_id").distinct(),
         blocked_at__isnull=True,
     )

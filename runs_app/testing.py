@@ -28,18 +28,15 @@ import pytest
 
 from .publishers import Message
 
-MEMORY_PUBLISHER = "runs_app.testing.MemoryPublisher"
+INSTALLED_PUBLISHER = "runs_app.testing.installed_publisher"
 
 
 class MemoryPublisher:
-    """Keeps every published message in ``messages``, in publish order.
+    """Keeps every published message in ``messages``, in publish order. Set ``fail_with`` to an
+    exception to make ``publish`` raise it (to test retries and blocked runs)."""
 
-    ``messages=`` shares a list (several instances built from settings then fill one list);
-    set ``fail_with`` to an exception to make ``publish`` raise it (to test retries).
-    """
-
-    def __init__(self, messages: list[Message] | None = None) -> None:
-        self.messages: list[Message] = [] if messages is None else messages
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
         self.fail_with: BaseException | None = None
 
     def publish(self, messages: Sequence[Message]) -> None:
@@ -49,6 +46,12 @@ class MemoryPublisher:
 
     def clear(self) -> None:
         self.messages.clear()
+
+
+def installed_publisher(instance: MemoryPublisher) -> MemoryPublisher:
+    """A "publisher class" for ``RUNS_APP['PUBLISHER']`` that returns the instance given in
+    ``PUBLISHER_OPTIONS``: code that builds the configured publisher gets the fixture's own."""
+    return instance
 
 
 class RunsOutbox:
@@ -76,14 +79,18 @@ class RunsOutbox:
 def runs_outbox() -> Iterator[RunsOutbox]:
     """A ``RunsOutbox`` whose ``MemoryPublisher`` is also the configured ``PUBLISHER`` for the
     test, so ``drain_outbox_once()`` or ``call_command("drain_outbox", "--once")`` publish to it
-    too."""
+    too (and fail with it, when ``runs_outbox.publisher.fail_with`` is set)."""
     from django.test import override_settings
 
     from .conf import user_settings
 
-    shared: list[Message] = []
+    publisher = MemoryPublisher()
     configured: Any = user_settings()
     base = dict(configured) if isinstance(configured, dict) else {}
-    runs_app = {**base, "PUBLISHER": MEMORY_PUBLISHER, "PUBLISHER_OPTIONS": {"messages": shared}}
+    runs_app = {
+        **base,
+        "PUBLISHER": INSTALLED_PUBLISHER,
+        "PUBLISHER_OPTIONS": {"instance": publisher},
+    }
     with override_settings(RUNS_APP=runs_app):
-        yield RunsOutbox(MemoryPublisher(shared))
+        yield RunsOutbox(publisher)

@@ -6,7 +6,9 @@ import os
 from example_project.settings import *  # noqa: F403
 
 RUNS_APP = {
-    "PUBLISHER": "tests.recording_publisher.RecordingPublisher",
+    "PUBLISHER": os.environ.get(
+        "RELAY_TEST_PUBLISHER", "tests.recording_publisher.RecordingPublisher"
+    ),
     "PUBLISHER_OPTIONS": {
         "directory": os.environ.get("RELAY_TEST_DIR", "."),
         "delay": float(os.environ.get("RELAY_TEST_DELAY", "0")),

@@ -369,7 +369,9 @@ def test_statements_do_not_grow_with_the_batch_size() -> None:
     assert len(big.captured_queries) == len(small.captured_queries)
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_200k_generator_flushes_in_bounded_memory() -> None:
+    # transaction=True: each batch commits, as in production, instead of one 20 s transaction.
     run = services.create_run("big")
     total = 200_000
 
@@ -400,3 +402,29 @@ def test_faults_injected_as_an_exception_type_are_recognised() -> None:
             raise FlushFailed("r", "m") from fault
     except FlushFailed as wrapped:
         assert caused_by_fault(wrapped)
+
+
+def test_a_batch_over_sqlites_variable_limit_is_chunked_in_one_transaction() -> None:
+    """On SQLite the upsert binds 3 variables per row: a batch over the connection's limit is
+    split into several statements of the same transaction. (PostgreSQL sends the batch as one
+    parameter; there the test just flushes one big batch.)"""
+    synced_run("s", keys(0, 100), "v0")
+    run = services.create_run("s")
+    connection.ensure_connection()
+    raw: Any = connection.connection
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        previous = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            result = services.flush_projects(run, project_rows(keys(50, 300), "v1"))
+    finally:
+        if connection.vendor == "sqlite":
+            raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, previous)
+
+    assert result == services.FlushResult(250, 200, 50)
+    assert Project.objects.filter(scope="s", last_seen_run=run).count() == 250
+    if connection.vendor == "sqlite":
+        inserts = [q for q in queries.captured_queries if q["sql"].startswith("INSERT INTO")]
+        assert len([q for q in inserts if "ON CONFLICT" in q["sql"]]) == 8  # 250 rows / 32

@@ -569,3 +569,12 @@ def test_relay_imports_on_its_own_and_is_re_exported() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_run_with_nothing_at_its_cursor_is_never_claimed() -> None:
+    # A broken invariant (an unpublished event below next_seq, e.g. edited by hand) must not
+    # make a relay claim the run pass after pass with nothing to publish.
+    make_run("a", 1)
+    RunOutbox.objects.filter(run_id="a").update(next_seq=3)
+    assert relay.claim_runs(10).runs == []
+    assert relay.drain_until_idle(publisher=MemoryPublisher()) == services.DrainResult()

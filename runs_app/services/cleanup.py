@@ -276,15 +276,15 @@ def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
     batch) and on the DELETE itself, so the predicate is checked again on the row version the
     DELETE finally sees (PostgreSQL re-evaluates a DELETE's own WHERE on a row updated
     concurrently). On PostgreSQL the subquery also locks the batch in key order (FOR UPDATE),
-    the order flush_projects writes in, so a cleanup and a flush never deadlock; SQLite
-    serialises writers anyway.
+    the order flush_projects writes in (code point order: COLLATE "C", not the database's
+    collation), so a cleanup and a flush never deadlock; SQLite serialises writers anyway.
     """
     project, run = table(Project), table(Run)
     older = f"last_seen_run_id IN (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s)"
-    lock = " FOR UPDATE" if is_postgresql() else ""
+    order, lock = ('key COLLATE "C"', " FOR UPDATE") if is_postgresql() else ("key", "")
     sql = (
         f"DELETE FROM {project} WHERE id IN (SELECT id FROM {project} "
-        f"WHERE scope = %s AND {older} ORDER BY key LIMIT %s{lock}) "
+        f"WHERE scope = %s AND {older} ORDER BY {order} LIMIT %s{lock}) "
         f"AND scope = %s AND {older} RETURNING key, name, data"
     )
     batch = runs_settings.CLEANUP_BATCH_SIZE

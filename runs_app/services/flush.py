@@ -160,12 +160,12 @@ def _flush_batches(
         read = 0
         while ahead is not nothing and read < size:
             row = validate_project(ahead, index, budget)
-            batch.pop(row.key, None)  # last one wins
-            batch[row.key] = row
+            batch[row.key] = row  # a key repeated in the batch: the last one wins
             read += 1
             index += 1
             ahead = next(projects, nothing)
         last = ahead is nothing
+        # Sorted by code point, the order cleanup locks rows in too (see cleanup._delete_statement).
         total += _write_batch(run_id, sorted(batch.values(), key=lambda r: r.key), last=last)
         if last:
             return total
@@ -248,11 +248,11 @@ def _upsert(scope: str, run_id: str, rows: list[ProjectRow], now: datetime) -> t
     return _upsert_sqlite(scope, run_id, rows, now)
 
 
-# The columns set on conflict: what the source says, and who saw it last. created_at and
-# last_confirmed_run are left alone (confirmation is complete_run's business).
 # The C encoder behind json.dumps(..., ensure_ascii=False) for one string, without its overhead.
 _json_string = json.encoder.encode_basestring
 
+# The columns set on conflict: what the source says, and who saw it last. created_at and
+# last_confirmed_run are left alone (confirmation is complete_run's business).
 _ON_CONFLICT = (
     "ON CONFLICT (scope, key) DO UPDATE SET name = excluded.name, data = excluded.data, "
     "last_seen_run_id = excluded.last_seen_run_id, updated_at = excluded.updated_at"

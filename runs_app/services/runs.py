@@ -59,7 +59,7 @@ def create_run(
     """
     scope = validate_scope(scope)
     run_id = new_run_id() if run_id is None else validate_run_id(run_id)
-    metadata_dict = validate_json_object("metadata", {} if metadata is None else metadata)
+    metadata_dict = validate_metadata(metadata)
     prepared = prepare_events(events)
     return _create(run_id, scope, metadata_dict, prepared)
 
@@ -74,7 +74,7 @@ def ensure_run(
     """
     run_id = validate_run_id(run_id)
     scope = validate_scope(scope)
-    metadata_dict = validate_json_object("metadata", {} if metadata is None else metadata)
+    metadata_dict = validate_metadata(metadata)
     existing = _existing_in_scope(run_id, scope)
     if existing is not None:
         return existing, False
@@ -86,6 +86,10 @@ def ensure_run(
         if existing is None:
             raise
         return existing, False
+
+
+def validate_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    return validate_json_object("metadata", {} if metadata is None else metadata)
 
 
 def _existing_in_scope(run_id: str, scope: str) -> Run | None:
@@ -121,7 +125,9 @@ def _insert_run(
     _raise_if_taken(run_id, scope)
     ordinal = (Run.objects.using(alias).aggregate(top=Max("ordinal"))["top"] or 0) + 1
     now = timezone.now()
-    all_events = [PreparedEvent("run.started", {"scope": scope, "metadata": metadata}), *events]
+    # run.started carries the metadata as its payload (the scope travels in every message's
+    # envelope), so it fits MAX_PAYLOAD_BYTES exactly when the metadata does.
+    all_events = [PreparedEvent("run.started", metadata), *events]
     run = Run.objects.using(alias).create(
         id=run_id,
         scope=scope,

@@ -116,7 +116,9 @@ def error_text(value: Any) -> str:
     return value.replace("\x00", "")[:ERROR_MAX_LENGTH]
 
 
-def _check_json_value(field_name: str, value: Any, depth: int, error: type[InvalidInput]) -> None:
+def _plain_json_value(field_name: str, value: Any, depth: int, error: type[InvalidInput]) -> Any:
+    """Check a JSON value and return it as plain JSON types (any Mapping becomes a dict, a tuple a
+    list), so that both ``json.dumps`` and the JSONField can encode it."""
     if depth > JSON_MAX_DEPTH:
         raise error(
             field_name, f"is nested deeper than {JSON_MAX_DEPTH} levels", limit=JSON_MAX_DEPTH
@@ -125,20 +127,22 @@ def _check_json_value(field_name: str, value: Any, depth: int, error: type[Inval
         if "\x00" in value:
             raise error(field_name, "contains a NUL character (\\u0000)", limit="no NUL")
     elif isinstance(value, Mapping):
+        plain: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise error(field_name, f"has a non-string key {key!r}; JSON keys are strings")
             if "\x00" in key:
                 raise error(field_name, "has a key with a NUL character (\\u0000)", limit="no NUL")
-            _check_json_value(field_name, item, depth + 1, error)
+            plain[key] = _plain_json_value(field_name, item, depth + 1, error)
+        return plain
     elif isinstance(value, list | tuple):
-        for item in value:
-            _check_json_value(field_name, item, depth + 1, error)
+        return [_plain_json_value(field_name, item, depth + 1, error) for item in value]
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise error(field_name, f"contains {value!r}, which JSON cannot represent")
     elif value is not None and not isinstance(value, bool | int):
         raise error(field_name, f"contains a {type(value).__name__}, which is not JSON")
+    return value
 
 
 def encode_json_object(
@@ -150,10 +154,26 @@ def encode_json_object(
     sets, objects...), NUL characters (PostgreSQL cannot store them), and more than
     ``MAX_PAYLOAD_BYTES`` bytes of UTF-8.
     """
+    return _plain_json_object(field_name, value, error)[1]
+
+
+def validate_json_object(
+    field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
+) -> dict[str, Any]:
+    """Validate a JSON object (as ``encode_json_object``) and return it as a plain dict."""
+    return _plain_json_object(field_name, value, error)[0]
+
+
+def _plain_json_object(
+    field_name: str, value: Any, error: type[InvalidInput]
+) -> tuple[dict[str, Any], str]:
     if not isinstance(value, Mapping):
         raise error(field_name, f"must be a JSON object (a dict), not {type(value).__name__}")
-    _check_json_value(field_name, value, 1, error)
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    plain: dict[str, Any] = _plain_json_value(field_name, value, 1, error)
+    try:
+        text = json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
+    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
+        raise error(field_name, f"cannot be written as JSON ({exc})") from exc
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -165,14 +185,7 @@ def encode_json_object(
             f"is {size} bytes of JSON; the limit is {limit} (RUNS_APP['MAX_PAYLOAD_BYTES'])",
             limit=limit,
         )
-    return text
-
-
-def validate_json_object(
-    field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
-) -> dict[str, Any]:
-    encode_json_object(field_name, value, error=error)
-    return dict(value)
+    return plain, text
 
 
 def prepare_event(value: Any, field_name: str = "event") -> PreparedEvent:

@@ -103,9 +103,8 @@ class Command(BaseCommand):
         failures = len(total.failed_runs)
         if verbosity >= 1:
             self.stdout.write(
-                f"drain_outbox: {total.published} message(s) published from "
-                f"{total.runs_touched} run claim(s) in {passes} pass(es); "
-                f"{failures} failed publish(es)."
+                f"drain_outbox: {total.published} message(s) published in {passes} pass(es) "
+                f"({total.runs_touched} run batch(es)); {failures} failed publish(es)."
             )
         if failures and options["once"]:
             runs = ", ".join(sorted(set(total.failed_runs)))

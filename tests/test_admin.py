@@ -1,0 +1,304 @@
+"""The read-only admin: pages, escaping, filters, permissions and the query count of the lists.
+
+The actions are in test_admin_actions.py.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from runs_app.admin import TIMELINE_EVENTS
+from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState
+from tests import scenarios
+from tests.helpers import snapshot
+from tests.scenarios import SCRIPT, Story, make_staff
+
+pytestmark = pytest.mark.django_db
+
+MODELS = ["run", "runstate", "runoutbox", "runevent", "project"]
+
+
+def changelist(model: str) -> str:
+    return reverse(f"admin:runs_app_{model}_changelist")
+
+
+def change(model: str, pk: Any) -> str:
+    return reverse(f"admin:runs_app_{model}_change", args=[pk])
+
+
+@pytest.fixture
+def story() -> Story:
+    return scenarios.story()
+
+
+@pytest.fixture
+def viewer(client: Client) -> Client:
+    """Staff with the view permission of every runs_app model, and nothing else."""
+    client.force_login(make_staff("viewer", *(f"view_{model}" for model in MODELS)))
+    return client
+
+
+def pks(story: Story) -> dict[str, list[Any]]:
+    runs = [story.active, story.completed, story.failed_flush, story.blocked, story.big]
+    return {
+        "run": [run.pk for run in runs],
+        "runstate": [run.pk for run in runs],
+        "runoutbox": [run.pk for run in runs],
+        "runevent": list(
+            RunEvent.objects.filter(run__in=runs, seq__lte=3).values_list("pk", flat=True)
+        ),
+        "project": list(Project.objects.values_list("pk", flat=True)),
+    }
+
+
+def test_every_list_and_page_renders_for_a_viewer(viewer: Client, story: Story) -> None:
+    for model, keys in pks(story).items():
+        response = viewer.get(changelist(model))
+        assert response.status_code == 200, model
+        assert keys, model
+        for pk in keys:
+            page = viewer.get(change(model, pk))
+            assert page.status_code == 200, (model, pk)
+            # View-only: the form has no editable field and no save button.
+            assert page.context["adminform"].form.fields == {}
+            assert b'name="_save"' not in page.content
+
+
+def test_run_list_shows_the_facts_of_every_run(viewer: Client, story: Story) -> None:
+    response = viewer.get(changelist("run"))
+    rows = {row.pk: row for row in response.context["cl"].result_list}
+    assert list(rows) == [
+        "run-big",
+        "run-blocked",
+        "run-failed-flush",
+        "run-completed",
+        "run-active",
+    ]
+    big = rows["run-big"]
+    assert (big.delivered_up_to, big.pending_events, big.last_seq) == (0, 1000, 1000)
+    assert big.oldest_pending_at is not None
+    blocked = rows["run-blocked"]
+    assert (blocked.delivered_up_to, blocked.pending_events) == (0, 2)
+    html = response.content.decode()
+    assert "refused: flush_failed" in html
+    assert "done" in html
+    assert "120 / 3" in html  # rows seen / removed of the completed run
+    assert "runs-badge" in html and "#c62828" in html  # the red badge of the failed run
+    assert 'alt="True"' in html  # the blocked icon
+
+
+def test_run_list_counts_delivery_after_progress(viewer: Client, story: Story) -> None:
+    # The relay delivered 400 of big's 1000 events: delivered up to 400, 600 pending.
+    RunEvent.objects.filter(run=story.big, seq__lte=400).update(published_at=story.big.created_at)
+    RunOutbox.objects.filter(run=story.big).update(next_seq=401)
+    RunEvent.objects.filter(run=story.big, seq=401).update(created_at=story.big.created_at)
+    response = viewer.get(changelist("run") + "?q=run-big")
+    (big,) = response.context["cl"].result_list
+    assert (big.delivered_up_to, big.pending_events) == (400, 600)
+    assert big.oldest_pending_at == story.big.created_at
+
+
+def test_run_page_tells_the_whole_story(viewer: Client, story: Story) -> None:
+    html = viewer.get(change("run", story.failed_flush.pk)).content.decode()
+    for text in [
+        "Flush ledger",
+        "Cleanup ledger",
+        "Delivery (outbox)",
+        "flush_failed",
+        "The run&#x27;s flush failed: deleting unseen projects could lose data.",
+        "flush_failed: source timed out",  # the run's error, from the fail-safe completion
+        "run.failed",  # in the timeline
+        "run.started",
+    ]:
+        assert text in html, text
+
+    html = viewer.get(change("run", story.blocked.pk)).content.decode()
+    assert "Blocked since" in html
+    assert "broker down" in html
+    assert "Next attempt" in html
+
+    html = viewer.get(change("run", story.big.pk)).content.decode()
+    assert "held by relay-host:4242 until" in html
+
+
+def test_script_in_a_payload_or_an_error_shows_as_text(viewer: Client, story: Story) -> None:
+    pages = [
+        change("run", story.failed_flush.pk),  # error, flush error
+        change("run", story.blocked.pk),  # payload in the timeline, delivery error
+        changelist("runoutbox"),  # delivery error in the list
+        change("runoutbox", story.blocked.pk),
+        change("runstate", story.failed_flush.pk),
+        changelist("runevent") + "?q=run-blocked",
+        change("runevent", RunEvent.objects.get(run=story.blocked, seq=2).pk),
+        changelist("project"),
+        change("project", Project.objects.get().pk),
+    ]
+    for url in pages:
+        html = viewer.get(url).content.decode()
+        assert SCRIPT not in html, url
+        assert "alert(&#x27;x&#x27;)" in html, url
+    timeline = viewer.get(change("run", story.blocked.pk)).content.decode()
+    assert "&quot;name&quot;: &quot;&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;" in (
+        timeline
+    )
+
+
+def test_run_page_shows_the_newest_200_events_and_links_to_all(
+    viewer: Client, story: Story
+) -> None:
+    response = viewer.get(change("run", story.big.pk))
+    seqs = [item["event"].seq for item in response.context["timeline"]]
+    assert seqs == list(range(1000, 1000 - TIMELINE_EVENTS, -1))
+    events_url = changelist("runevent") + "?run__exact=run-big"
+    assert events_url in response.content.decode()
+
+    listed = viewer.get(events_url)
+    assert listed.status_code == 200
+    cl = listed.context["cl"]
+    assert cl.result_count == 1000
+    assert {event.run_id for event in cl.result_list} == {"run-big"}
+
+
+def test_run_list_filters_search_and_order(viewer: Client, story: Story) -> None:
+    def ids(query: str) -> list[str]:
+        response = viewer.get(changelist("run") + query)
+        assert response.status_code == 200, query
+        return [run.pk for run in response.context["cl"].result_list]
+
+    assert ids("?state__status__exact=failed") == ["run-failed-flush"]
+    assert ids("?state__status__exact=active") == ["run-blocked", "run-active"]
+    assert ids("?state__flush_status__exact=failed") == ["run-failed-flush"]
+    assert ids("?cleanup_refused=yes") == ["run-failed-flush"]
+    assert "run-failed-flush" not in ids("?cleanup_refused=no")
+    assert ids("?outbox_blocked=yes") == ["run-blocked"]
+    assert len(ids("?outbox_blocked=no")) == 4
+    assert ids("?scope=gamma") == ["run-failed-flush"]
+    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    window = {
+        "state__started_at__gte": str(today),
+        "state__started_at__lt": str(today + timedelta(days=1)),
+    }
+    assert len(ids("?" + urlencode(window))) == 5
+    assert ids("?cleanup_refused=yes&_facets=True") == ["run-failed-flush"]  # "show counts"
+    assert ids("?q=run-comp") == ["run-completed"]
+    assert ids("?q=epsilon") == ["run-big"]
+    assert ids("?o=1") == sorted(ids(""), key=lambda pk: Run.objects.get(pk=pk).scope)
+
+
+def test_outbox_and_event_filters(viewer: Client, story: Story) -> None:
+    response = viewer.get(changelist("runoutbox") + "?outbox_blocked=yes")
+    assert [outbox.pk for outbox in response.context["cl"].result_list] == ["run-blocked"]
+    response = viewer.get(changelist("runevent") + "?delivery=pending&q=run-blocked")
+    assert sorted(event.seq for event in response.context["cl"].result_list) == [1, 2]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_list_query_count_does_not_grow_with_the_number_of_runs(
+    admin_client: Client, model: str
+) -> None:
+    def make_runs(first: int, last: int) -> None:
+        for index in range(first, last):
+            kind = index % 4
+            if kind == 0:
+                run = scenarios.active_run(f"s{index}", f"r{index}")
+            elif kind == 1:
+                run = scenarios.completed_run(f"s{index}", f"r{index}", removed=index)
+            elif kind == 2:
+                run = scenarios.failed_flush_run(f"s{index}", f"r{index}")
+            else:
+                run = scenarios.active_run(f"s{index}", f"r{index}")
+                scenarios.block_outbox(run)
+                scenarios.hold_lease(run)
+            Project.objects.create(scope=f"s{index}", key="k", name="n", last_seen_run=run)
+
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            response = admin_client.get(changelist(model))
+        assert response.status_code == 200
+        return len(captured)
+
+    make_runs(0, 3)
+    few = queries()
+    make_runs(3, 30)
+    many = queries()
+    assert len(admin_client.get(changelist(model)).context["cl"].result_list) >= 30
+    assert many == few, (few, many)
+
+
+def test_anonymous_users_are_sent_to_login(client: Client, story: Story) -> None:
+    for model in MODELS:
+        response = client.get(changelist(model))
+        assert response.status_code == 302
+        assert response["Location"].startswith(reverse("admin:login"))
+    response = client.get(change("run", story.active.pk))
+    assert response.status_code == 302 and "/login/" in response["Location"]
+    before = RunState.objects.get(pk=story.active.pk).status
+    response = client.post(reverse("admin:runs_app_run_mark_failed", args=[story.active.pk]))
+    assert response.status_code == 302 and "/login/" in response["Location"]
+    assert RunState.objects.get(pk=story.active.pk).status == before
+
+
+def test_staff_without_view_permission_see_nothing_of_the_app(client: Client, story: Story) -> None:
+    client.force_login(make_staff("intern"))
+    index = client.get(reverse("admin:index"))
+    assert index.status_code == 200
+    assert "runs_app" not in index.content.decode().lower()
+    assert client.get(reverse("admin:app_list", args=["runs_app"])).status_code == 404
+    for model in MODELS:
+        assert client.get(changelist(model)).status_code == 403, model
+    assert client.get(change("run", story.active.pk)).status_code == 403
+    response = client.post(reverse("admin:runs_app_run_mark_failed", args=[story.active.pk]))
+    assert response.status_code == 403
+    assert RunState.objects.get(pk=story.active.pk).status == "active"
+
+
+def test_viewers_see_the_app_in_the_index(viewer: Client) -> None:
+    html = viewer.get(reverse("admin:index")).content.decode()
+    for model in MODELS:
+        assert changelist(model) in html
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_add_change_and_delete_are_refused_even_to_a_superuser(
+    admin_client: Client, story: Story, model: str
+) -> None:
+    pk = pks(story)[model][0]
+    before = snapshot()
+    assert admin_client.get(reverse(f"admin:runs_app_{model}_add")).status_code == 403
+    assert admin_client.post(reverse(f"admin:runs_app_{model}_add"), {}).status_code == 403
+    assert admin_client.post(change(model, pk), {"scope": "hacked"}).status_code == 403
+    delete = reverse(f"admin:runs_app_{model}_delete", args=[pk])
+    assert admin_client.get(delete).status_code == 403
+    assert admin_client.post(delete, {"post": "yes"}).status_code == 403
+    response = admin_client.post(
+        changelist(model), {"action": "delete_selected", "_selected_action": [pk], "post": "yes"}
+    )
+    assert response.status_code in (200, 302)
+    actions = admin_client.get(changelist(model)).context["cl"].model_admin.get_actions
+    assert "delete_selected" not in actions(response.wsgi_request)
+    assert snapshot() == before
+
+
+def test_view_only_staff_get_no_action(viewer: Client, story: Story) -> None:
+    response = viewer.get(changelist("run"))
+    assert response.context["action_form"] is None
+    html = viewer.get(change("run", story.active.pk)).content.decode()
+    assert "runs-mark-failed" not in html
+    assert "runs-retry-delivery" not in html
+    # Forging the POST does nothing either.
+    response = viewer.post(
+        changelist("run"), {"action": "mark_failed", "_selected_action": [story.active.pk]}
+    )
+    assert RunState.objects.get(pk=story.active.pk).status == "active"
+    response = viewer.post(reverse("admin:runs_app_run_mark_failed", args=[story.active.pk]))
+    assert response.status_code == 403
+    assert RunState.objects.get(pk=story.active.pk).status == "active"
