@@ -13,7 +13,8 @@ For each operation, raw psycopg and runs_app run alternately (the order flips ev
 same freshly seeded tables; the table shows the median rate of each side, the ratio
 runs_app / raw (higher is better; for latency and memory raw / runs_app) and the target from
 issue 7. Exit status: 0 when every target is met (``--smoke``: whenever the harness ran end to
-end), 1 when a target is missed or its operation is not available ("n/a"), 2 for bad usage.
+end), 1 when a target is missed, its operation is not available ("n/a") or a step raised (the
+other steps still run), 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -1043,11 +1044,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": bench.memory,
     }
     rows: list[Row] = []
+    failed: list[str] = []
     for step in BENCHMARKS:
         if step in selected:
             log(f"{step} ...")
-            result = steps[step]()
-            rows.extend(result if isinstance(result, list) else [result])
+            try:
+                result = steps[step]()
+            except Exception:
+                # One broken step (or a server restarted by someone else on a shared machine)
+                # must not cost the figures of the others; it still fails the run, smoke included.
+                log(traceback.format_exc())
+                failed.append(step)
+                bench.close_conn()
+                continue
+            for row in result if isinstance(result, list) else [result]:
+                rows.append(row)
+                log(f"  {render_table([row]).splitlines()[2]}")
     bench.close_conn()
 
     table = render_table(rows)
@@ -1075,11 +1087,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "load_average": [load_before, load_after],
                     "seconds": elapsed,
                     "results": [row.as_dict() for row in rows],
+                    "errors": failed,
                 },
                 indent=2,
             )
             + "\n"
         )
+    if failed:
+        print(f"\nError in: {', '.join(failed)} (traceback on stderr)")
+        return 1
     if args.smoke:
         return 0
     return 0 if all(row.status in ("pass", "info") for row in rows) else 1
