@@ -1071,10 +1071,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" psycopg {env['psycopg']}, {env['cpus']} CPUs; {sizes.rounds} round(s) per side;"
         f" load average {load_before} -> {load_after}; {elapsed:.0f} s"
     )
-    busiest = max(float(value) for value in (load_before + " " + load_after).split())
+    busiest = max(float(load.split()[0]) for load in (load_before, load_after))
     if busiest > 0.5 * (os.cpu_count() or 1):
         print(
-            "Warning: the machine was busy (load average above half its CPUs): the figures,"
+            "Warning: the machine was busy (1-minute load above half its CPUs): the figures,"
             " commit-bound ones above all, are unreliable; measure again on a quiet machine."
         )
     if args.json:
