@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
 from ..models import FlushStatus, Run, RunEvent, RunOutbox, RunState, RunStatus
+from ..notify import notify_outbox
 from .db import connection_for_write, db_alias, is_postgresql
 from .events import ensure_run_accepts_events, insert_events
 from .validation import (
@@ -133,6 +134,7 @@ def _insert_run(
         RunEvent(run=run, seq=seq, type=event.type, payload=event.payload, created_at=now)
         for seq, event in enumerate(all_events, start=1)
     )
+    notify_outbox()  # wakes the listening relays at commit (runs_app.notify)
     return run
 
 
