@@ -128,8 +128,8 @@ class KombuPublisher:
             payload alone; the envelope fields travel in the headers either way).
         connect_timeout: seconds to wait for a connection (default 5).
         publish_timeout: seconds to wait for the broker's confirm of one message (default 30).
-        connection_name: shown by the broker (RabbitMQ's connection name, Redis's client name);
-            default ``runs_app relay <host pid>``.
+        connection_name: shown by the broker (RabbitMQ's connection name, Redis's client name;
+            no spaces); default ``runs_app-relay-<host>-<pid>-<n>``.
         transport_options: extra kombu ``transport_options``, merged over ours.
 
     Each message is persistent (``delivery_mode`` 2, durable exchange) with ``message_id`` =
@@ -196,8 +196,15 @@ class KombuPublisher:
         self.body = body
         self.connect_timeout = float(connect_timeout)
         self.publish_timeout = float(publish_timeout)
+        if connection_name is not None and (
+            not isinstance(connection_name, str)
+            or not connection_name
+            or any(char.isspace() for char in connection_name)
+        ):
+            # Redis refuses client names with spaces.
+            raise ValueError(f"connection_name must be a word without spaces: {connection_name!r}")
         self.connection_name = connection_name or (
-            f"runs_app relay {os.uname().nodename} {os.getpid()}-{next(self._names)}"
+            f"runs_app-relay-{os.uname().nodename}-{os.getpid()}-{next(self._names)}"
         )
         self.exchange = kombu.Exchange(exchange, type=exchange_type, durable=True)
         self.transport_options = self._transport_options(dict(transport_options or {}))
