@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -113,3 +114,89 @@ def run_in_threads(target: Callable[[int], Any], count: int, timeout: float = 60
     if errors:
         raise errors[0]
     return results
+
+
+def reset_tables() -> None:
+    """Delete every row of the five tables (children first)."""
+    for model in (Project, RunEvent, RunOutbox, RunState, Run):
+        model.objects.all().delete()
+
+
+def caused_by_fault(exc: BaseException | None) -> bool:
+    """True if ``exc`` is an injected fault or chained (cause or context) to one."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InjectedFault):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def check_under_faults(
+    setup: Callable[[], Any],
+    action: Callable[[Any], Any],
+    check: Callable[[Any, bool], None],
+    *,
+    max_statements: int = 500,
+) -> int:
+    """``assert_atomic_under_faults`` for actions made of several transactions (a flush of
+    several batches, a cleanup of several batches), where earlier transactions may legitimately
+    have committed when a later one fails.
+
+    For k = 1, 2, ...: reset the tables, ``context = setup()``, run ``action(context)`` with its
+    k-th statement failing, then ``check(context, faulted)`` proves the invariants (e.g. no
+    partial batch). An exception from the action must be the fault or chained to it. Returns how
+    many statements the action executes. Needs ``django_db(transaction=True)``.
+    """
+    for k in range(1, max_statements + 1):
+        reset_tables()
+        context = setup()
+        faulted = False
+        with failing_statement(k) as counter:
+            try:
+                action(context)
+            except Exception as exc:
+                if not caused_by_fault(exc):
+                    raise
+                faulted = True
+        check(context, faulted)
+        if not faulted:
+            assert counter.count < k, f"statement {k} ran but the fault did not surface"
+            assert k > 1, "the action executed no statement at all"
+            return k - 1
+    raise AssertionError(f"action still failing after {max_statements} statements")
+
+
+def project_rows(keys: Iterable[str], version: str = "v1") -> list[dict[str, Any]]:
+    """Input rows for flush_projects: ``{"key": k, "name": "Name k", "data": {"v": version}}``."""
+    return [{"key": key, "name": f"Name {key}", "data": {"v": version}} for key in keys]
+
+
+def keys(start: int, stop: int) -> list[str]:
+    return [f"p{index:03d}" for index in range(start, stop)]
+
+
+def synced_run(scope: str, project_keys: Iterable[str], version: str = "v1") -> Run:
+    """A completed run of ``scope`` that flushed ``project_keys``."""
+    from runs_app import services
+
+    run = services.create_run(scope)
+    services.flush_projects(run, project_rows(project_keys, version))
+    return services.complete_run(run)
+
+
+def stored(scope: str) -> dict[str, tuple[str, Any, str | None]]:
+    """The scope's projects: key -> (name, data, last_seen_run_id)."""
+    return {
+        project.key: (project.name, project.data, project.last_seen_run_id)
+        for project in Project.objects.filter(scope=scope)
+    }
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)

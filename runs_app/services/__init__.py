@@ -7,8 +7,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .cleanup import CleanupResult, safe_cleanup_old_projects
 from .events import append_events, list_events
-from .runs import complete_run, create_run, ensure_run, fail_run, get_run, heartbeat
+from .flush import FlushResult, flush_projects
+from .runs import (
+    complete_run,
+    create_run,
+    ensure_run,
+    fail_run,
+    fail_stale_runs,
+    get_run,
+    heartbeat,
+    latest_run,
+    track_run,
+)
 from .validation import Event
 
 if TYPE_CHECKING:
@@ -44,8 +56,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CleanupResult",
     "DrainResult",
     "Event",
+    "FlushResult",
     "append_events",
     "complete_run",
     "create_run",
@@ -53,10 +67,15 @@ __all__ = [
     "drain_outbox_once",
     "ensure_run",
     "fail_run",
+    "fail_stale_runs",
+    "flush_projects",
     "get_run",
     "heartbeat",
+    "latest_run",
     "list_events",
     "prune_outbox",
     "retry_outbox",
+    "safe_cleanup_old_projects",
     "skip_outbox_event",
+    "track_run",
 ]

@@ -1,22 +1,28 @@
-"""The run lifecycle: create, ensure, complete, fail, heartbeat, read.
+"""The run lifecycle: create, ensure, complete, fail, heartbeat, reap stale runs, read.
 
 Every function here is one ``transaction.atomic`` block that nests inside the caller's
 transaction: a caller can write its own rows and create a run (or append events) in one
 ``atomic()``, and everything commits or rolls back together. The transactions are short: a few
-single-row statements and one bulk insert, no I/O outside the database.
+single-row statements, one set-based UPDATE and one bulk insert, no I/O outside the database.
+(``fail_stale_runs`` is one such transaction per stale run; ``track_run`` composes the others.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
-from ..models import FlushStatus, Run, RunEvent, RunOutbox, RunState, RunStatus
+from ..conf import runs_settings
+from ..exceptions import InvalidInput, RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
+from ..models import FlushStatus, Project, Run, RunEvent, RunOutbox, RunState, RunStatus
 from ..notify import notify_outbox
 from .db import connection_for_write, db_alias, is_postgresql
 from .events import ensure_run_accepts_events, insert_events
@@ -35,6 +41,8 @@ from .validation import (
 # "id free? scope free? next ordinal?" checks and the inserts happen as one step. Run creation is
 # rare (once per job execution), so one lock for all scopes costs nothing measurable.
 RUN_CREATION_LOCK_KEY = 0x72756E73  # "runs"
+
+logger = logging.getLogger(__name__)
 
 
 def create_run(
@@ -112,6 +120,9 @@ def _insert_run(
     if is_postgresql():
         with connection_for_write().cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [RUN_CREATION_LOCK_KEY])
+    # Reap first, inside this transaction and under the creation lock: a crashed process must not
+    # block its scope forever, and no other creator can slip in between the reap and the insert.
+    _reap_stale_in_scope(scope)
     _raise_if_taken(run_id, scope)
     ordinal = (Run.objects.using(alias).aggregate(top=Max("ordinal"))["top"] or 0) + 1
     now = timezone.now()
@@ -175,23 +186,40 @@ def lock_active_state(run_id: str) -> RunState:
 
 
 def close_run(
-    state: RunState, status: RunStatus, event_type: str, payload: dict[str, Any], error: str = ""
+    state: RunState,
+    status: RunStatus,
+    event_type: str,
+    payload: dict[str, Any],
+    error: str = "",
+    *,
+    extra_fields: Sequence[str] = (),
 ) -> Run:
-    """Write the final status and its event. Call inside a transaction with the state locked."""
+    """Write the final status and its event. Call inside a transaction with the state locked.
+
+    ``extra_fields``: other fields of ``state`` the caller changed, saved in the same UPDATE.
+    """
     now = timezone.now()
     state.status = status
     state.error = error
     state.finished_at = now
     state.heartbeat_at = now
-    state.save(using=db_alias(), update_fields=["status", "error", "finished_at", "heartbeat_at"])
+    state.save(
+        using=db_alias(),
+        update_fields=["status", "error", "finished_at", "heartbeat_at", *extra_fields],
+    )
     insert_events(state.run_id, [PreparedEvent(event_type, payload)], allow_closed=True)
     return state.run
 
 
 def complete_run(run: Run | str) -> Run:
     """Close an active run, fail-safe: a run whose flush failed or never finished is marked
-    ``failed`` (event ``run.failed``), never ``completed``. Otherwise ``completed`` (event
-    ``run.completed`` with the ledger counts). One transaction with the state row locked.
+    ``failed`` (event ``run.failed``), never ``completed``, and confirms nothing. Otherwise
+    ``completed``: ``last_confirmed_run`` becomes this run for every project whose
+    ``last_seen_run`` is this run, the ledger records that count (``rows_confirmed``) and the
+    ``run.completed`` event carries the ledger counts.
+
+    One transaction with the state row locked: the status, the confirmation and the event commit
+    together or not at all. Short: one set-based UPDATE over the run's projects, no other I/O.
 
     Raises ``RunNotFound``, ``RunClosed`` (already completed or failed).
     """
@@ -203,10 +231,29 @@ def complete_run(run: Run | str) -> Run:
                 "flush_failed" if state.flush_status == FlushStatus.FAILED else "flush_unfinished"
             )
             error = f"{reason}: {state.flush_error}" if state.flush_error else reason
-            return close_run(
-                state, RunStatus.FAILED, "run.failed", {"reason": reason, "error": error}, error
-            )
-        return close_run(state, RunStatus.COMPLETED, "run.completed", ledger_counts(state))
+            return fail_locked(state, error, reason)
+        state.rows_confirmed = _confirm_projects(state)
+        return close_run(
+            state,
+            RunStatus.COMPLETED,
+            "run.completed",
+            ledger_counts(state),
+            extra_fields=["rows_confirmed"],
+        )
+
+
+def _confirm_projects(state: RunState) -> int:
+    """Stamp ``last_confirmed_run`` on the projects this run saw; return how many.
+
+    Part of completing a run (the confirmation means "seen by a run that completed with a
+    successful flush"), so it lives here rather than in the flush module. ``scope`` is redundant
+    with ``last_seen_run`` but lets the (scope, last_seen_run) index serve the UPDATE.
+    """
+    return (
+        Project.objects.using(db_alias())
+        .filter(scope=state.scope, last_seen_run_id=state.run_id)
+        .update(last_confirmed_run_id=state.run_id)
+    )
 
 
 def ledger_counts(state: RunState) -> dict[str, Any]:
@@ -227,10 +274,108 @@ def fail_run(run: Run | str, error: str = "", *, reason: str = "error") -> Run:
     run_id = run_id_of(run)
     error = error_text(error)
     with transaction.atomic(using=db_alias()):
-        state = lock_active_state(run_id)
-        return close_run(
-            state, RunStatus.FAILED, "run.failed", {"reason": reason, "error": error}, error
+        return fail_locked(lock_active_state(run_id), error, reason)
+
+
+def fail_locked(state: RunState, error: str, reason: str) -> Run:
+    """The one way a run becomes failed (``fail_run``, fail-safe completion, stale reaping).
+    Call inside a transaction with the state locked."""
+    return close_run(
+        state, RunStatus.FAILED, "run.failed", {"reason": reason, "error": error}, error
+    )
+
+
+@contextmanager
+def track_run(
+    scope: str = "default",
+    *,
+    run_id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Iterator[Run]:
+    """Run a job inside a run: ``with track_run("crm") as run: flush_projects(run, ...)``.
+
+    Creates the run (as ``create_run``), yields it, and on a normal exit completes it with
+    ``complete_run`` (so a failed or unfinished flush still ends as ``failed``: catching
+    ``FlushFailed`` inside the block does not make the run complete). On an exception it marks
+    the run failed with the exception's text and re-raises the exception. If the block closed the
+    run itself (or it was reaped as stale meanwhile), the exit leaves it as it is. Each step is
+    its own transaction; the block runs between them, outside any transaction of this function.
+    """
+    run = create_run(scope, run_id=run_id, metadata=metadata)
+    try:
+        yield run
+    except BaseException as exc:
+        try:
+            fail_run(run, error_text(f"{type(exc).__name__}: {exc}"))
+        except RunClosed:
+            pass  # the block closed it, or it was reaped: leave it as it is
+        except Exception:
+            # The job's own exception matters more; the run stays active until it is reaped.
+            logger.exception("track_run: could not mark run %s failed", run.pk)
+        raise
+    with suppress(RunClosed):
+        complete_run(run)
+
+
+def stale_cutoff(older_than: float | timedelta | None = None) -> datetime:
+    """The heartbeat time before which an active run counts as stale."""
+    if older_than is None:
+        older_than = runs_settings.RUN_STALE_AFTER
+    if isinstance(older_than, timedelta):
+        seconds = older_than.total_seconds()
+    elif isinstance(older_than, int | float) and not isinstance(older_than, bool):
+        seconds = float(older_than)
+    else:
+        raise InvalidInput(
+            "older_than", f"must be seconds or a timedelta, not {type(older_than).__name__}"
         )
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidInput("older_than", f"must be positive, not {seconds!r}", limit="> 0")
+    return timezone.now() - timedelta(seconds=seconds)
+
+
+def fail_stale_runs(older_than: float | timedelta | None = None) -> int:
+    """Mark failed every active run whose heartbeat is older than ``older_than`` (seconds or a
+    timedelta; default ``RUN_STALE_AFTER``), with a ``run.failed`` event of reason ``stale``.
+    Returns how many runs it failed.
+
+    One short transaction per stale run, with its state row locked and the staleness checked
+    again under the lock: a run that sent a heartbeat meanwhile is left alone, and a flush batch
+    of the run in flight finishes (or not) before the run is failed, never half-way.
+    """
+    cutoff = stale_cutoff(older_than)
+    candidates = list(
+        RunState.objects.using(db_alias())
+        .filter(status=RunStatus.ACTIVE, heartbeat_at__lt=cutoff)
+        .order_by("heartbeat_at")
+        .values_list("run_id", flat=True)
+    )
+    failed = 0
+    for run_id in candidates:
+        with transaction.atomic(using=db_alias()):
+            failed += _fail_if_stale(lock_state(run_id), cutoff)
+    return failed
+
+
+def _reap_stale_in_scope(scope: str) -> None:
+    """Fail the scope's active run if it is stale. Call inside a transaction."""
+    cutoff = stale_cutoff()
+    stale = (
+        RunState.objects.using(db_alias())
+        .filter(scope=scope, status=RunStatus.ACTIVE, heartbeat_at__lt=cutoff)
+        .values_list("run_id", flat=True)
+        .first()
+    )
+    if stale is not None:
+        _fail_if_stale(lock_state(stale), cutoff)
+
+
+def _fail_if_stale(state: RunState, cutoff: datetime) -> int:
+    if state.status != RunStatus.ACTIVE or state.heartbeat_at >= cutoff:
+        return 0
+    error = f"stale: no heartbeat since {state.heartbeat_at.isoformat()}"
+    fail_locked(state, error, "stale")
+    return 1
 
 
 def heartbeat(run: Run | str) -> None:
@@ -246,6 +391,18 @@ def heartbeat(run: Run | str) -> None:
     )
     if not updated:
         ensure_run_accepts_events(run_id, allow_closed=False)
+
+
+def latest_run(scope: str) -> Run | None:
+    """The scope's newest run by creation order, whatever its status; None if it has none."""
+    scope = validate_scope(scope)
+    return (
+        Run.objects.using(db_alias())
+        .select_related("state", "outbox")
+        .filter(scope=scope)
+        .order_by("-ordinal")
+        .first()
+    )
 
 
 def get_run(run_id: str) -> Run:

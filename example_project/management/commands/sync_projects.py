@@ -1,0 +1,186 @@
+"""``manage.py sync_projects``: the example project's main job, one whole sync cycle.
+
+A run (``track_run``), the source flushed page by page (one ``flush_projects`` call per page),
+completion, safe cleanup of the projects the source no longer lists, and a summary. The source
+is the bundled sample ``example_project/data/projects.json`` (500 projects); options simulate the
+failures the guards exist for. Exit 0 when the cycle finished cleanly, 1 when the flush failed,
+the run did not complete or cleanup refused (the summary says which, and what was kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from runs_app import services
+from runs_app.exceptions import CleanupRefused, FlushFailed, RunInProgress
+from runs_app.models import Project, RunStatus
+
+SAMPLE_SOURCE = Path(__file__).resolve().parents[2] / "data" / "projects.json"
+
+
+class SourceFailed(Exception):
+    """The simulated source failure of ``--fail-after``, e.g. an API dropping the connection."""
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
+    return value
+
+
+def sample_source(
+    path: Path, *, empty: bool = False, remove: int = 0, fail_after: int | None = None
+) -> Iterator[Mapping[str, Any]]:
+    """The sample source, as a scan would deliver it: one project at a time.
+
+    ``empty``: the source returns nothing. ``remove``: it no longer lists its last ``remove``
+    projects. ``fail_after``: it raises ``SourceFailed`` after delivering that many projects.
+    """
+    if empty:
+        return
+    projects = json.loads(path.read_text(encoding="utf-8"))
+    if remove:
+        projects = projects[: max(len(projects) - remove, 0)]
+    for index, project in enumerate(projects):
+        if fail_after is not None and index >= fail_after:
+            raise SourceFailed(f"source connection lost after {fail_after} projects")
+        yield project
+
+
+class Pages:
+    """Cuts a source into lazy pages. A page is read inside the ``flush_projects`` call it is
+    given to, so a source failing mid-page fails that flush (as in production, the scan is the
+    flush's input) instead of escaping between two successful flush calls."""
+
+    def __init__(self, source: Iterator[Mapping[str, Any]], size: int) -> None:
+        self._source = source
+        self._size = size
+        self._ahead: list[Mapping[str, Any]] = []
+        self.done = False
+
+    def page(self) -> Iterator[Mapping[str, Any]]:
+        for _ in range(self._size):
+            item = self._take()
+            if item is None:
+                self.done = True
+                return
+            yield item
+        # Peek one ahead so the job knows whether another page follows (no empty last page).
+        item = self._take()
+        if item is None:
+            self.done = True
+        else:
+            self._ahead.append(item)
+
+    def _take(self) -> Mapping[str, Any] | None:
+        if self._ahead:
+            return self._ahead.pop()
+        return next(self._source, None)
+
+
+class Command(BaseCommand):
+    help = (
+        "Sync the sample source into a scope: run, flush page by page, complete, safe "
+        "cleanup, summary. Exit 1 if the flush failed or cleanup refused."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--scope", default="example", help="the scope to sync (example)")
+        parser.add_argument(
+            "--page-size", type=positive_int, default=100, help="projects per page (100)"
+        )
+        parser.add_argument(
+            "--source", type=Path, default=SAMPLE_SOURCE, help="a JSON list of projects"
+        )
+        parser.add_argument(
+            "--fail-after",
+            type=non_negative_int,
+            metavar="N",
+            help="simulate the source failing after N projects, mid-scan",
+        )
+        parser.add_argument("--empty", action="store_true", help="the source returns nothing")
+        parser.add_argument(
+            "--remove",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="the source omits its last N projects (cleanup removes them)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        scope: str = options["scope"]
+        source = sample_source(
+            options["source"],
+            empty=options["empty"],
+            remove=options["remove"],
+            fail_after=options["fail_after"],
+        )
+        problems: list[str] = []
+        try:
+            # Leaving the block completes the run. complete_run is fail-safe: after a failed
+            # flush the run ends as failed, never completed, although the job carried on.
+            with services.track_run(scope, metadata={"job": "sync_projects"}) as run:
+                self.stdout.write(f"Run {run.pk} started (scope {scope!r}).")
+                self._flush(run.pk, Pages(source, options["page_size"]), problems)
+        except RunInProgress as exc:
+            raise CommandError(str(exc), returncode=1) from exc
+
+        state = services.get_run(run.pk).state
+        if state.status == RunStatus.COMPLETED:
+            self.stdout.write(
+                f"Run {run.pk}: completed; flush {state.flush_status}, {state.rows_seen} seen "
+                f"({state.rows_created} created, {state.rows_updated} updated), "
+                f"{state.rows_confirmed} confirmed."
+            )
+        else:
+            self.stdout.write(f"Run {run.pk}: {state.status} ({state.error}).")
+            problems.append(f"run {state.status}")
+
+        try:
+            cleanup = services.safe_cleanup_old_projects(run.pk)
+            self.stdout.write(
+                f"Cleanup: removed {cleanup.removed} project(s) no longer in the source."
+            )
+        except CleanupRefused as exc:
+            self.stdout.write(f"Cleanup refused: {exc.reason}: {exc.message}")
+            problems.append(f"cleanup refused ({exc.reason})")
+
+        count = Project.objects.filter(scope=scope).count()
+        kept = " Nothing was deleted." if problems else ""
+        self.stdout.write(f"Scope {scope!r} holds {count} project(s).{kept}")
+        if problems:
+            raise CommandError(f"sync incomplete: {'; '.join(problems)}", returncode=1)
+
+    def _flush(self, run_id: str, pages: Pages, problems: list[str]) -> None:
+        total = services.FlushResult()
+        number = 0
+        while not pages.done:
+            number += 1
+            try:
+                result = services.flush_projects(run_id, pages.page())
+            except FlushFailed as exc:
+                self.stdout.write(f"  page {number}: FLUSH FAILED: {exc}")
+                problems.append("flush failed")
+                return
+            total += result
+            self.stdout.write(
+                f"  page {number}: {result.seen} project(s) flushed ({result.created} created, "
+                f"{result.updated} updated), {total.seen} so far"
+            )

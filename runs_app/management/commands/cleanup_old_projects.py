@@ -1,0 +1,75 @@
+"""``manage.py cleanup_old_projects``: a thin shell over ``services.safe_cleanup_old_projects``.
+
+Exit codes: 0 done (or a dry run that would proceed), 1 refused (or a dry run that would
+refuse), 2 usage error or unknown run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from runs_app import services
+from runs_app.exceptions import CleanupRefused, InvalidInput, RunNotFound
+from runs_app.models import Run
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+
+class Command(BaseCommand):
+    help = (
+        "Delete the projects of a scope that its run did not see, behind the safety guards. "
+        "Exit 0: done; 1: refused (reason on stderr); 2: usage error or unknown run."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--run", dest="run_id", metavar="RUN_ID", help="the run to clean up")
+        parser.add_argument(
+            "--scope", help="clean up with the scope's latest run, whatever its status"
+        )
+        parser.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="override the empty_run and too_many_deletions guards (recorded)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        run = self._run(options["run_id"], options["scope"])
+        try:
+            result = services.safe_cleanup_old_projects(
+                run, dry_run=options["dry_run"], force=options["force"]
+            )
+        except CleanupRefused as exc:
+            raise CommandError(
+                f"cleanup refused: {exc.reason}: {exc.message}", returncode=EXIT_REFUSED
+            ) from exc
+        where = f"run {run.pk} (scope {run.scope!r})"
+        sample = f" (first keys: {', '.join(result.sample_keys)})" if result.sample_keys else ""
+        forced = " Forced: a guard was overridden." if result.forced else ""
+        if result.dry_run:
+            self.stdout.write(
+                f"Dry run for {where}: {result.planned} project(s) to remove{sample}.{forced}"
+            )
+            if result.refusal is not None:
+                raise CommandError(
+                    f"a cleanup would be refused: {result.refusal}: {result.refusal_message}",
+                    returncode=EXIT_REFUSED,
+                )
+            return
+        self.stdout.write(f"Cleanup of {where}: removed {result.removed} project(s).{forced}")
+
+    def _run(self, run_id: str | None, scope: str | None) -> Run:
+        if (run_id is None) == (scope is None):
+            raise CommandError("give exactly one of --run RUN_ID or --scope SCOPE", returncode=2)
+        try:
+            if run_id is not None:
+                return services.get_run(run_id)
+            run = services.latest_run(scope or "")
+        except (RunNotFound, InvalidInput) as exc:
+            raise CommandError(str(exc), returncode=EXIT_USAGE) from exc
+        if run is None:
+            raise CommandError(f"scope {scope!r} has no run", returncode=EXIT_USAGE)
+        return run

@@ -1,0 +1,41 @@
+"""``manage.py fail_stale_runs``: a thin shell over ``services.fail_stale_runs``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from runs_app import services
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return value
+
+
+class Command(BaseCommand):
+    help = (
+        "Mark failed every active run without a heartbeat for RUN_STALE_AFTER seconds "
+        "(or --older-than), with a run.failed event of reason 'stale'."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--older-than",
+            type=positive_seconds,
+            metavar="SECONDS",
+            help="staleness threshold in seconds (default: RUNS_APP['RUN_STALE_AFTER'])",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        count = services.fail_stale_runs(options["older_than"])
+        self.stdout.write(f"Marked {count} stale run(s) failed.")

@@ -1,0 +1,351 @@
+"""Safe cleanup: deleting the projects a completed run did not see, behind guards, with an audit.
+
+A run's view of its source is only trusted when the ledger says so: the run completed and its
+flush succeeded. Cleanup reads that ledger (it never re-derives it), refuses when a guard says
+the view may be incomplete or the deletion suspicious, and otherwise deletes in batches whose
+``projects.removed`` events carry every removed row, so the outbox holds a restorable audit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from ..conf import runs_settings
+from ..exceptions import CleanupRefusalReason, CleanupRefused, RunNotFound
+from ..models import CleanupStatus, FlushStatus, Project, Run, RunState, RunStatus
+from .db import connection_for_write, db_alias, is_postgresql, table
+from .events import insert_events
+from .validation import PreparedEvent, run_id_of
+
+logger = logging.getLogger(__name__)
+
+#: How many keys of the rows to delete a plan shows.
+SAMPLE_SIZE = 10
+
+#: The guards ``force=True`` overrides; the others protect against an incomplete view.
+FORCEABLE: frozenset[CleanupRefusalReason] = frozenset({"empty_run", "too_many_deletions"})
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """What a cleanup did (or, for a dry run, would do).
+
+    ``planned``: rows the plan found to delete; ``removed``: rows deleted (0 for a dry run);
+    ``sample_keys``: the first keys of the plan, in key order; ``forced``: ``force=True``
+    overrode a guard (``empty_run`` or ``too_many_deletions``); ``refusal``: for a dry run, the
+    reason a real cleanup would refuse, else None; ``refusal_message``: its human message.
+    """
+
+    dry_run: bool
+    planned: int
+    removed: int
+    sample_keys: tuple[str, ...]
+    forced: bool
+    refusal: CleanupRefusalReason | None
+    refusal_message: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: CleanupRefusalReason
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_id: str
+    scope: str
+    ordinal: int
+    total: int  # the scope's projects
+    planned: int  # of which last seen by an older run of the scope
+    sample_keys: tuple[str, ...]
+    refusal: Refusal | None  # the first guard that applies, in precedence order
+
+
+def safe_cleanup_old_projects(
+    run: Run | str, *, dry_run: bool = False, force: bool = False
+) -> CleanupResult:
+    """Delete the projects of the run's scope that this run did not see: rows whose
+    ``last_seen_run`` is an older run of the scope (by ``Run.ordinal``, never by clock).
+
+    Refuses with ``CleanupRefused(reason, message)`` and deletes nothing when, in this order:
+    ``flush_failed`` (the flush failed or never finished), ``run_not_completed`` (active or
+    failed), ``not_flushed`` (completed without ever calling ``flush_projects``), ``superseded``
+    (a newer active or completed run of the scope exists), ``empty_run`` (the run flushed 0 rows
+    while the scope has some), ``too_many_deletions`` (more than ``CLEANUP_MAX_DELETE_FRACTION``
+    of the scope or more than ``CLEANUP_MAX_DELETE_COUNT`` rows). ``force=True`` overrides the
+    last two only, and the ledger records that it did (``cleanup_forced``). A refusal is
+    recorded on the ledger (``cleanup_status = refused``, reason, message, time) with a
+    ``cleanup.refused`` event, in one short transaction; nothing else is written.
+
+    ``dry_run=True`` writes nothing and never raises ``CleanupRefused``: it returns the plan with
+    ``refusal`` set to what a real cleanup would refuse with.
+
+    Deletion: batches of ``CLEANUP_BATCH_SIZE`` rows, each one short transaction holding the
+    DELETE and the ``projects.removed`` events carrying the deleted rows (key, name, data; split
+    so each payload stays within ``MAX_PAYLOAD_BYTES``) and the ``rows_removed`` count: a row is
+    never gone without its audit. The DELETE itself re-states the predicate as an allow-list of
+    the scope's older runs (never "not this run"), so a row that a newer run re-stamped after the
+    plan was made is never deleted. A final transaction (the DELETE that finds nothing left)
+    records ``cleanup_status = done``. Run twice, the second cleanup removes nothing.
+
+    Projects whose ``last_seen_run`` is NULL (their run row was deleted, so nobody can tell
+    when they were last seen) are never deleted; they count in the scope's total.
+
+    Called inside the caller's ``atomic()``, these transactions are savepoints of it.
+    Raises ``RunNotFound``, ``CleanupRefused``.
+    """
+    plan = make_plan(run_id_of(run))
+    refusal = plan.refusal
+    forced = False
+    if refusal is not None and force and refusal.reason in FORCEABLE:
+        refusal, forced = None, True
+    if dry_run:
+        return CleanupResult(
+            True,
+            plan.planned,
+            0,
+            plan.sample_keys,
+            forced,
+            refusal.reason if refusal else None,
+            refusal.message if refusal else "",
+        )
+    if refusal is not None:
+        _record_refusal(plan, refusal)
+        raise CleanupRefused(refusal.reason, refusal.message)
+    removed = _delete_in_batches(plan, forced)
+    return CleanupResult(False, plan.planned, removed, plan.sample_keys, forced, None)
+
+
+def make_plan(run_id: str) -> Plan:
+    """Read the ledger and count; writes nothing. The guards' verdict is advisory for races: the
+    DELETE's own predicate is what keeps newer rows safe."""
+    alias = db_alias()
+    try:
+        state = RunState.objects.using(alias).select_related("run").get(run_id=run_id)
+    except RunState.DoesNotExist:
+        raise RunNotFound(run_id) from None
+    run = state.run
+    deletable = _deletable(run.scope, run.ordinal)
+    total = Project.objects.using(alias).filter(scope=run.scope).count()
+    planned = deletable.count()
+    sample = tuple(deletable.order_by("key").values_list("key", flat=True)[:SAMPLE_SIZE])
+    refusal = _guard(state, run, total, planned)
+    return Plan(run_id, run.scope, run.ordinal, total, planned, sample, refusal)
+
+
+def _deletable(scope: str, ordinal: int) -> Any:
+    older = Run.objects.using(db_alias()).filter(scope=scope, ordinal__lt=ordinal).values("id")
+    return Project.objects.using(db_alias()).filter(scope=scope, last_seen_run__in=older)
+
+
+def _guard(state: RunState, run: Run, total: int, planned: int) -> Refusal | None:
+    """The first guard that refuses, in the precedence of ``CLEANUP_REFUSAL_REASONS``."""
+    name = f"run {run.pk!r}"
+    if state.flush_status == FlushStatus.FAILED:
+        return Refusal(
+            "flush_failed",
+            f"the flush of {name} failed ({state.flush_error or 'no error recorded'}); its view "
+            "of the source is incomplete, so projects it did not see may still exist",
+        )
+    if state.flush_status == FlushStatus.IN_PROGRESS:
+        return Refusal(
+            "flush_failed",
+            f"the flush of {name} never finished (flush_status in_progress); its view of the "
+            "source is incomplete",
+        )
+    if state.status != RunStatus.COMPLETED:
+        return Refusal(
+            "run_not_completed", f"{name} is {state.status}; only a completed run may clean up"
+        )
+    if state.flush_status == FlushStatus.NOT_STARTED:
+        return Refusal(
+            "not_flushed",
+            f"{name} completed without flushing (flush_status not_started); it saw nothing, "
+            "so it cannot tell what is gone",
+        )
+    newer = (
+        Run.objects.using(db_alias())
+        .filter(
+            scope=run.scope,
+            ordinal__gt=run.ordinal,
+            state__status__in=[RunStatus.ACTIVE, RunStatus.COMPLETED],
+        )
+        .order_by("-ordinal")
+        .values_list("id", "state__status")
+        .first()
+    )
+    if newer is not None:
+        return Refusal(
+            "superseded",
+            f"a newer run of scope {run.scope!r} exists ({newer[0]!r}, {newer[1]}); "
+            "clean up with the newest run",
+        )
+    if state.rows_seen == 0 and total > 0:
+        return Refusal(
+            "empty_run",
+            f"{name} flushed 0 projects but scope {run.scope!r} has {total}; an empty source "
+            "looks like a broken source (force=True / --force deletes anyway)",
+        )
+    fraction = runs_settings.CLEANUP_MAX_DELETE_FRACTION
+    max_count = runs_settings.CLEANUP_MAX_DELETE_COUNT
+    if planned > fraction * total:
+        return Refusal(
+            "too_many_deletions",
+            f"would delete {planned} of {total} projects of scope {run.scope!r} "
+            f"({planned / total:.0%}), more than CLEANUP_MAX_DELETE_FRACTION ({fraction:g}) "
+            "(force=True / --force deletes anyway)",
+        )
+    if max_count is not None and planned > max_count:
+        return Refusal(
+            "too_many_deletions",
+            f"would delete {planned} projects of scope {run.scope!r}, more than "
+            f"CLEANUP_MAX_DELETE_COUNT ({max_count}) (force=True / --force deletes anyway)",
+        )
+    return None
+
+
+def _record_refusal(plan: Plan, refusal: Refusal) -> None:
+    """One short transaction: the ledger's refusal and its ``cleanup.refused`` event."""
+    with transaction.atomic(using=db_alias()):
+        RunState.objects.using(db_alias()).filter(run_id=plan.run_id).update(
+            cleanup_status=CleanupStatus.REFUSED,
+            cleanup_reason=refusal.reason,
+            cleanup_message=refusal.message,
+            cleanup_at=timezone.now(),
+        )
+        payload = {
+            "reason": refusal.reason,
+            "message": refusal.message,
+            "planned": plan.planned,
+            "total": plan.total,
+        }
+        insert_events(plan.run_id, [PreparedEvent("cleanup.refused", payload)], allow_closed=True)
+
+
+def _delete_in_batches(plan: Plan, forced: bool) -> int:
+    removed = 0
+    while True:
+        count = _delete_batch(plan, forced)
+        if not count:
+            return removed
+        removed += count
+
+
+def _delete_batch(plan: Plan, forced: bool) -> int:
+    """One short transaction: delete up to ``CLEANUP_BATCH_SIZE`` rows, append their audit
+    events and count them on the ledger; when nothing is left, mark the cleanup done instead."""
+    rows = []
+    with transaction.atomic(using=db_alias()):
+        with connection_for_write().cursor() as cursor:
+            cursor.execute(*_delete_statement(plan))
+            for key, name, data in cursor.fetchall():
+                rows.append({"key": key, "name": name, "data": _json_value(data)})
+        ledger = RunState.objects.using(db_alias()).filter(run_id=plan.run_id)
+        if not rows:
+            ledger.update(
+                cleanup_status=CleanupStatus.DONE,
+                cleanup_reason="",
+                cleanup_message="",
+                cleanup_forced=forced,
+                cleanup_at=timezone.now(),
+            )
+            return 0
+        rows.sort(key=lambda row: row["key"])
+        events = [
+            PreparedEvent("projects.removed", payload)
+            for payload in split_removed(plan.scope, rows)
+        ]
+        insert_events(plan.run_id, events, allow_closed=True)
+        ledger.update(rows_removed=F("rows_removed") + len(rows))
+    return len(rows)
+
+
+def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
+    """The batch DELETE. Raw SQL: the ORM's delete() cannot return the deleted rows.
+
+    The allow-list of older runs appears twice: inside the LIMIT subquery (which picks the
+    batch) and on the DELETE itself, so the predicate is checked again on the row version the
+    DELETE finally sees (PostgreSQL re-evaluates a DELETE's own WHERE on a row updated
+    concurrently). On PostgreSQL the subquery also locks the batch in key order (FOR UPDATE),
+    the order flush_projects writes in (code point order: COLLATE "C", not the database's
+    collation), so a cleanup and a flush never deadlock; SQLite serialises writers anyway.
+    """
+    project, run = table(Project), table(Run)
+    older = f"last_seen_run_id IN (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s)"
+    order, lock = ('key COLLATE "C"', " FOR UPDATE") if is_postgresql() else ("key", "")
+    sql = (
+        f"DELETE FROM {project} WHERE id IN (SELECT id FROM {project} "
+        f"WHERE scope = %s AND {older} ORDER BY {order} LIMIT %s{lock}) "
+        f"AND scope = %s AND {older} RETURNING key, name, data"
+    )
+    batch = runs_settings.CLEANUP_BATCH_SIZE
+    scope, ordinal = plan.scope, plan.ordinal
+    return sql, [scope, scope, ordinal, batch, scope, scope, ordinal]
+
+
+def _json_value(data: Any) -> Any:
+    # Both backends hand raw JSON text to a raw cursor (Django loads JSONField in from_db_value).
+    return json.loads(data) if isinstance(data, str | bytes) else data
+
+
+def json_size(value: Any) -> int:
+    """Bytes of compact UTF-8 JSON: the rule ``MAX_PAYLOAD_BYTES`` is measured by."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def _envelope_size(scope: str) -> int:
+    return json_size({"scope": scope, "rows": []})
+
+
+def removal_record_budget(scope: str) -> int:
+    """Bytes one removed row's record may take so that a ``projects.removed`` payload of the
+    scope can carry it alone within ``MAX_PAYLOAD_BYTES``."""
+    return runs_settings.MAX_PAYLOAD_BYTES - _envelope_size(scope)
+
+
+#: A record's bytes besides its three values: ``{"key":,"name":,"data":}`` and four quotes.
+RECORD_OVERHEAD = json_size({"key": "", "name": "", "data": {}}) - 2
+
+
+def removal_record_size(key: str, name: str, data_text: str) -> int:
+    """Exact bytes of one removed row's record (``data_text``: the data's compact JSON)."""
+    return RECORD_OVERHEAD - 4 + json_size(key) + json_size(name) + len(data_text.encode())
+
+
+def split_removed(scope: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pack removed rows, in order, into as few ``{"scope", "rows"}`` payloads as fit within
+    ``MAX_PAYLOAD_BYTES`` each. A row too big to fit even alone (possible only if the limit was
+    lowered after it was stored) still gets an event of its own: the audit is never dropped."""
+    limit = runs_settings.MAX_PAYLOAD_BYTES
+    base = _envelope_size(scope)
+    payloads: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
+    size = base
+    for row in rows:
+        row_size = json_size(row)
+        added = row_size + (1 if current else 0)  # the comma between rows
+        if current and size + added > limit:
+            payloads.append({"scope": scope, "rows": current})
+            current, size, added = [], base, row_size
+        if base + row_size > limit:
+            logger.warning(
+                "projects.removed record of %s/%s is %d bytes, over MAX_PAYLOAD_BYTES (%d)",
+                scope,
+                row["key"],
+                base + row_size,
+                limit,
+            )
+        current.append(row)
+        size += added
+    if current:
+        payloads.append({"scope": scope, "rows": current})
+    return payloads
