@@ -25,7 +25,8 @@ class Command(BaseCommand):
     help = (
         "Deliver pending outbox events, per run in seq order, through RUNS_APP['PUBLISHER']. "
         "--once: drain until nothing is claimable, then exit (1 if a publish failed). "
-        "Otherwise loop until SIGTERM/SIGINT. Several relays may run at once on PostgreSQL."
+        "Otherwise loop until SIGTERM/SIGINT; on PostgreSQL (RUNS_APP NOTIFY) a committed event "
+        "wakes the loop at once (LISTEN). Several relays may run at once on PostgreSQL."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -46,7 +47,8 @@ class Command(BaseCommand):
             "--interval",
             type=positive_float,
             metavar="SECONDS",
-            help="Idle wait between polls in loop mode (default RUNS_APP POLL_INTERVAL).",
+            help="Idle wait between polls in loop mode (default RUNS_APP POLL_INTERVAL); on "
+            "PostgreSQL with NOTIFY on, a committed event ends the wait at once.",
         )
         parser.add_argument(
             "--max-messages",
