@@ -268,7 +268,6 @@ class ReadOnlyAdmin(ModelAdminBase):
         return [*own, *(name for name in self.readonly_fields if name not in own)]
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Actions shared by the run and outbox pages: they act on run ids (an outbox's pk is its run id).
 
