@@ -18,7 +18,7 @@ from ...models import RunOutbox
 from ...publishers import close_publisher, load_publisher
 from ...services.db import db_alias
 from ...services.validation import validate_run_id
-from ..argtypes import positive_float, positive_int
+from ..argtypes import positive_int, positive_seconds
 
 
 class Command(BaseCommand):
@@ -45,7 +45,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--interval",
-            type=positive_float,
+            type=positive_seconds,
             metavar="SECONDS",
             help="Idle wait between polls in loop mode (default RUNS_APP POLL_INTERVAL); on "
             "PostgreSQL with NOTIFY on, a committed event ends the wait at once.",
