@@ -267,13 +267,6 @@ class ReadOnlyAdmin(ModelAdminBase):
         own = [field.name for field in self.model._meta.concrete_fields]
         return [*own, *(name for name in self.readonly_fields if name not in own)]
 
-    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        actions = super().get_actions(request)
-        # Already filtered out by has_delete_permission; removed by name too, so that a
-        # subclass granting delete permission still cannot bulk-delete runs.
-        actions.pop("delete_selected", None)
-        return actions
-
 
 # ---------------------------------------------------------------------------------------------
 # Actions shared by the run and outbox pages: they act on run ids (an outbox's pk is its run id).

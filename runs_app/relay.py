@@ -62,6 +62,7 @@ from django.db.models.functions import Now
 from .conf import runs_settings
 from .exceptions import InvalidInput, OutboxNotBlocked, RunNotFound
 from .models import Run, RunEvent, RunOutbox
+from .notify import OutboxListener, notify_outbox
 from .publishers import Message, Publisher, close_publisher, load_publisher
 from .services.db import connection_for_write, db_alias, is_postgresql, table
 from .services.events import insert_events
@@ -167,8 +168,9 @@ def drain_outbox_for_run(
 
 def retry_outbox(run: Run | str) -> None:
     """Make a run claimable now: clear ``blocked_at``, ``attempts``, the backoff and any lease
-    (``last_error`` stays, as history). One statement. A relay still publishing that run finds
-    its acknowledgement fenced off, so at most its batch is delivered again.
+    (``last_error`` stays, as history), and wake the listening relays. One transaction. A relay
+    still publishing that run finds its acknowledgement fenced off, so at most its batch is
+    delivered again.
 
     Raises ``RunNotFound``.
     """
@@ -187,6 +189,8 @@ def retry_outbox(run: Run | str) -> None:
                 leased_by="",
             )
         )
+        if updated:
+            notify_outbox()  # the relays may pick it up now, not at their next poll
     if not updated:
         raise RunNotFound(run_id)
 
@@ -332,44 +336,59 @@ def run_relay(
     leases are released, and the loop returns. A database error (PostgreSQL restarting, a
     dropped connection) closes the connections and retries after a growing wait (0.5 s .. 30 s);
     the leases of the interrupted pass expire and another pass takes them over.
+
+    On PostgreSQL with ``NOTIFY`` on, the wait listens on ``NOTIFY_CHANNEL`` over a connection
+    of its own (see :mod:`runs_app.notify`), closed when the loop returns: a committed event
+    wakes the loop at once, and the interval is the polling fallback.
     """
     wait = runs_settings.POLL_INTERVAL if interval is None else interval
     total = DrainResult()
     reconnect_delay = RECONNECT_MIN_SECONDS
-    while not stop.is_set():
-        # Drops connections that the database closed or that outlived CONN_MAX_AGE.
-        close_old_connections()
-        remaining = None if max_messages is None else max_messages - total.published
-        try:
-            result = drain_until_idle(
-                publisher=publisher,
-                batch_size=batch_size,
-                run_id=run_id,
-                max_messages=remaining,
-                should_stop=stop.is_set,
-                on_pass=on_pass,
-            )
-        except (OperationalError, InterfaceError) as exc:
-            logger.warning("database unavailable (%s); retrying in %.1f s", exc, reconnect_delay)
-            _close_connections()
-            stop.wait(reconnect_delay)
-            reconnect_delay = min(reconnect_delay * 2, RECONNECT_MAX_SECONDS)
-            continue
-        reconnect_delay = RECONNECT_MIN_SECONDS
-        total += result
-        if max_messages is not None and total.published >= max_messages:
-            break
-        if not stop.is_set():
-            wait_for_work(stop, wait)
+    # LISTENing before the first pass: what commits after its claim wakes the next wait.
+    listener = OutboxListener.for_relay()
+    try:
+        while not stop.is_set():
+            # Drops connections that the database closed or that outlived CONN_MAX_AGE.
+            close_old_connections()
+            remaining = None if max_messages is None else max_messages - total.published
+            try:
+                result = drain_until_idle(
+                    publisher=publisher,
+                    batch_size=batch_size,
+                    run_id=run_id,
+                    max_messages=remaining,
+                    should_stop=stop.is_set,
+                    on_pass=on_pass,
+                )
+            except (OperationalError, InterfaceError) as exc:
+                logger.warning(
+                    "database unavailable (%s); retrying in %.1f s", exc, reconnect_delay
+                )
+                _close_connections()
+                stop.wait(reconnect_delay)
+                reconnect_delay = min(reconnect_delay * 2, RECONNECT_MAX_SECONDS)
+                continue
+            reconnect_delay = RECONNECT_MIN_SECONDS
+            total += result
+            if max_messages is not None and total.published >= max_messages:
+                break
+            if not stop.is_set():
+                wait_for_work(stop, wait, listener)
+    finally:
+        if listener is not None:
+            listener.close()
     return total
 
 
-def wait_for_work(stop: threading.Event, timeout: float) -> None:
-    """The relay's idle wait: return after ``timeout`` seconds, or as soon as ``stop`` is set.
-
-    The one place to replace with a wake-up on new events (LISTEN/NOTIFY on PostgreSQL).
-    """
-    stop.wait(timeout)
+def wait_for_work(
+    stop: threading.Event, timeout: float, listener: OutboxListener | None = None
+) -> None:
+    """The relay's idle wait: return after ``timeout`` seconds, as soon as ``stop`` is set, or,
+    with a ``listener`` (PostgreSQL, ``NOTIFY`` on), as soon as new events are committed."""
+    if listener is None:
+        stop.wait(timeout)
+    else:
+        listener.wait(stop, timeout)
 
 
 # ---------------------------------------------------------------------------------------------

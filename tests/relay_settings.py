@@ -20,4 +20,5 @@ RUNS_APP = {
     "RETRY_BASE_SECONDS": 0.01,
     "RETRY_MAX_SECONDS": 0.02,
     "MAX_ATTEMPTS": 3,
+    "NOTIFY": os.environ.get("RELAY_TEST_NOTIFY", "1") == "1",
 }

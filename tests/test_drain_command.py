@@ -133,7 +133,9 @@ def test_prune_outbox_command() -> None:
 # --- real processes -------------------------------------------------------------------------
 
 
-@pytest.mark.django_db
+# transaction=True: a test transaction would hold SQLite's write lock, and Django 6 runs the
+# JSONField database check (a write transaction in IMMEDIATE mode) when a command starts.
+@pytest.mark.django_db(transaction=True)
 def test_exit_status_2_for_bad_arguments_on_the_command_line() -> None:
     for args, message in (
         (["drain_outbox", "--batch-size", "0"], "--batch-size: '0' must be a positive integer"),

@@ -23,6 +23,7 @@ from django.utils import timezone
 from ..conf import runs_settings
 from ..exceptions import InvalidInput, RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
 from ..models import FlushStatus, Project, Run, RunEvent, RunOutbox, RunState, RunStatus
+from ..notify import notify_outbox
 from .db import connection_for_write, db_alias, is_postgresql
 from .events import ensure_run_accepts_events, insert_events
 from .validation import (
@@ -144,6 +145,7 @@ def _insert_run(
         RunEvent(run=run, seq=seq, type=event.type, payload=event.payload, created_at=now)
         for seq, event in enumerate(all_events, start=1)
     )
+    notify_outbox()  # wakes the listening relays at commit (runs_app.notify)
     return run
 
 

@@ -9,7 +9,6 @@ the run did not complete or cleanup refused (the summary says which, and what wa
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, FlushFailed, RunInProgress
+from runs_app.management.argtypes import non_negative_int, positive_int
 from runs_app.models import Project, RunStatus
 
 SAMPLE_SOURCE = Path(__file__).resolve().parents[2] / "data" / "projects.json"
@@ -26,23 +26,6 @@ SAMPLE_SOURCE = Path(__file__).resolve().parents[2] / "data" / "projects.json"
 
 class SourceFailed(Exception):
     """The simulated source failure of ``--fail-after``, e.g. an API dropping the connection."""
-
-
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
-    return value
 
 
 def sample_source(

@@ -18,14 +18,15 @@ from ...models import RunOutbox
 from ...publishers import close_publisher, load_publisher
 from ...services.db import db_alias
 from ...services.validation import validate_run_id
-from ..argtypes import positive_float, positive_int
+from ..argtypes import positive_int, positive_seconds
 
 
 class Command(BaseCommand):
     help = (
         "Deliver pending outbox events, per run in seq order, through RUNS_APP['PUBLISHER']. "
         "--once: drain until nothing is claimable, then exit (1 if a publish failed). "
-        "Otherwise loop until SIGTERM/SIGINT. Several relays may run at once on PostgreSQL."
+        "Otherwise loop until SIGTERM/SIGINT; on PostgreSQL (RUNS_APP NOTIFY) a committed event "
+        "wakes the loop at once (LISTEN). Several relays may run at once on PostgreSQL."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -44,9 +45,10 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--interval",
-            type=positive_float,
+            type=positive_seconds,
             metavar="SECONDS",
-            help="Idle wait between polls in loop mode (default RUNS_APP POLL_INTERVAL).",
+            help="Idle wait between polls in loop mode (default RUNS_APP POLL_INTERVAL); on "
+            "PostgreSQL with NOTIFY on, a committed event ends the wait at once.",
         )
         parser.add_argument(
             "--max-messages",

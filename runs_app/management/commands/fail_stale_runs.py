@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
 from runs_app import services
 
-
-def positive_seconds(text: str) -> float:
-    """argparse type: a positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
-    return value
+from ..argtypes import positive_seconds
 
 
 class Command(BaseCommand):

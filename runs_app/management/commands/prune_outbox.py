@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from ...relay import prune_outbox
-from ..argtypes import positive_float
+from ..argtypes import positive_seconds
 
 
 class Command(BaseCommand):
@@ -19,7 +19,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--older-than",
-            type=positive_float,
+            type=positive_seconds,
             required=True,
             metavar="SECONDS",
             help="Delete events published more than this many seconds ago.",

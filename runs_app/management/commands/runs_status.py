@@ -7,7 +7,6 @@ its limit), 2 usage error (bad argument, unknown scope). The facts come from
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -17,29 +16,10 @@ from django.utils import timezone
 from ... import inspection
 from ...exceptions import InvalidInput
 from ...services.validation import validate_scope
+from ..argtypes import non_negative_int, non_negative_seconds
 
 USAGE_ERROR = 2
 THRESHOLD_EXCEEDED = 1
-
-
-def non_negative_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
 
 
 def _text(value: Any) -> str:
@@ -67,7 +47,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--max-lag",
-            type=non_negative_number,
+            type=non_negative_seconds,
             metavar="SECONDS",
             help="Exceeded when the oldest pending event is older than SECONDS.",
         )
