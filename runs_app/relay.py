@@ -5,9 +5,9 @@ How a pass works (``drain_outbox_once``):
 1. **Claim** (one short transaction): pick runs that have pending events (found through the
    partial index ``runs_app_event_pending``), are not blocked, whose backoff is over and whose
    lease is free or expired; give them a fresh lease token, ``leased_by`` and ``lease_until``
-   computed with the database's clock. PostgreSQL locks only the outbox rows, with
-   ``FOR UPDATE SKIP LOCKED`` (appenders lock the run row and never wait for a relay; relays
-   skip each other's rows); SQLite claims with one ``UPDATE ... RETURNING`` statement.
+   computed with the database's clock, in one ``UPDATE ... RETURNING`` statement. PostgreSQL
+   locks only the outbox rows, with ``FOR UPDATE SKIP LOCKED`` (appenders lock the run row and
+   never wait for a relay; relays skip each other's rows).
 2. **Read** the pending events (``seq >= next_seq``) of all claimed runs in one query, up to the
    batch size per run, in seq order. No transaction: events below ``Run.last_seq`` never change.
 3. **Publish** one run's messages per ``publish()`` call, outside any transaction; a failure
@@ -422,32 +422,26 @@ def claim_runs(
 ) -> Claim:
     """Lease up to ``limit`` claimable runs (see the module docstring), in run id order.
 
-    One short transaction: PostgreSQL ``SELECT ... FOR UPDATE OF outbox SKIP LOCKED`` then one
-    ``UPDATE``; SQLite one ``UPDATE ... WHERE run_id IN (SELECT ... LIMIT n) RETURNING`` (the only
-    writer while it runs). Nothing else happens inside it.
+    One short transaction holding one ``UPDATE ... WHERE run_id IN (SELECT ... LIMIT n)
+    RETURNING`` statement; on PostgreSQL the subquery locks the outbox rows it picks with
+    ``FOR UPDATE OF outbox SKIP LOCKED`` (relays skip each other's rows), on SQLite the statement
+    is the only writer while it runs. Nothing else happens inside it.
     """
     alias = db_alias()
     token = uuid.uuid4()
     lease = dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS))
     holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
     candidates = _claimable(run_ids, ignore_backoff=ignore_backoff)
-    if not candidates.exists():
-        # An idle relay polls with this read alone: no write transaction (on SQLite, no write
-        # lock taken from the application) when there is nothing to claim.
+    if is_postgresql():
+        # An idle PostgreSQL relay polls with the claim itself: with nothing to claim it locks
+        # and writes nothing, so a separate "anything to do?" read would only add a query.
+        candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+    elif not candidates.exists():
+        # An idle SQLite relay polls with this read alone: no write lock taken from the
+        # application when there is nothing to claim.
         return Claim(token, [])
     with transaction.atomic(using=alias):
-        if is_postgresql():
-            rows = list(
-                candidates.select_for_update(skip_locked=True, of=("self",)).values_list(
-                    "run_id", "next_seq", "attempts"
-                )[:limit]
-            )
-            if rows:
-                RunOutbox.objects.using(alias).filter(run_id__in=[row[0] for row in rows]).update(
-                    lease_token=token, leased_by=holder, lease_until=_db_now_plus(lease)
-                )
-        else:
-            rows = _claim_returning(candidates[:limit], token, holder, lease)
+        rows = _claim_returning(candidates[:limit], token, holder, lease)
     claimed_at = monotonic()
     runs = sorted(
         (ClaimedRun(str(rid), int(seq), int(att), claimed_at) for rid, seq, att in rows),
@@ -482,8 +476,9 @@ def _claimable(run_ids: Sequence[str] | None, *, ignore_backoff: bool) -> QueryS
 def _claim_returning(
     candidates: QuerySet[RunOutbox], token: uuid.UUID, holder: str, lease: dt.timedelta
 ) -> list[tuple[Any, ...]]:
-    """SQLite: one statement, so two relays can never claim the same run. Raw SQL because the
-    ORM has no ``UPDATE ... RETURNING``; the candidate subquery is the ORM's own SQL."""
+    """One statement, so two relays can never claim the same run. Raw SQL because the ORM has
+    no ``UPDATE ... RETURNING``; the candidate subquery (with its row locks on PostgreSQL) is the
+    ORM's own SQL."""
     connection = connection_for_write()
     subquery, params = candidates.values("run_id").query.sql_with_params()
     lease_sql, lease_params = _compile(_db_now_plus(lease))
