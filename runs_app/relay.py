@@ -5,24 +5,32 @@ How a pass works (``drain_outbox_once``):
 1. **Claim** (one short transaction): pick runs that have pending events (found through the
    partial index ``runs_app_event_pending``), are not blocked, whose backoff is over and whose
    lease is free or expired; give them a fresh lease token, ``leased_by`` and ``lease_until``
-   computed with the database's clock. PostgreSQL locks only the outbox rows, with
-   ``FOR UPDATE SKIP LOCKED`` (appenders lock the run row and never wait for a relay; relays
-   skip each other's rows); SQLite claims with one ``UPDATE ... RETURNING`` statement.
-2. **Read** each claimed run's pending events (``seq >= next_seq``), in seq order, up to the batch
-   size. No transaction: events below ``Run.last_seq`` never change.
-3. **Publish** one run's messages per ``publish()`` call, outside any transaction.
-4. **Acknowledge** (one short transaction, fenced by the lease token): advance ``next_seq``, set
-   ``published_at`` on exactly those events, reset attempts and backoff, clear the lease. A relay
-   whose lease expired and was taken over changes nothing (0 rows).
+   computed with the database's clock, in one ``UPDATE ... RETURNING`` statement. PostgreSQL
+   locks only the outbox rows, with ``FOR UPDATE SKIP LOCKED`` (appenders lock the run row and
+   never wait for a relay; relays skip each other's rows).
+2. **Read** the pending events (``seq >= next_seq``) of all claimed runs in one query, up to the
+   batch size per run, in seq order. No transaction: events below ``Run.last_seq`` never change.
+3. **Publish** one run's messages per ``publish()`` call, outside any transaction; a failure
+   belongs to that run alone.
+4. **Acknowledge** all runs that published in one short transaction of two set-based statements,
+   fenced per run by the lease token and the cursor: advance ``next_seq``, set ``published_at``
+   on exactly those events, reset attempts and backoff, clear the lease. A relay whose lease
+   expired and was taken over changes nothing for that run (0 rows); the other runs of its claim
+   are acknowledged. A pass costs a constant number of statements and two commits (claim, ack)
+   whatever the number of runs and events it handles.
 
 A failed publish keeps the events pending and sets a backoff (``attempts`` + 1, ``last_error``,
 ``next_attempt_at``); at ``MAX_ATTEMPTS`` the run is blocked until ``retry_outbox`` or
 ``skip_outbox_event``. Other runs keep draining.
 
-At least once: a relay killed between publish and ack leaves its lease to expire
-(``LEASE_SECONDS``); another relay then republishes from ``next_seq``, so at most that batch is
-delivered twice, in order. ``LEASE_SECONDS`` must exceed the slowest publish of one batch; a relay
-renews the leases it holds between batches, so under normal operation nothing is published twice.
+At least once: a relay killed between publish and ack leaves its leases to expire
+(``LEASE_SECONDS``); another relay then republishes from ``next_seq``, so at most the claim in
+hand (up to ``DRAIN_BATCH_SIZE`` runs of up to ``DRAIN_BATCH_SIZE`` events each) is delivered
+twice, each run in order: the unit of possible duplication is one claim. ``LEASE_SECONDS`` must
+exceed the slowest publish of one run's batch: when a pass is half-way to its leases' expiry, it
+acknowledges the batches in hand and renews the leases of the runs still to do, so under normal
+operation nothing is published twice. A stop request (SIGTERM) finishes and acknowledges the
+batches in hand and gives back the leases not used.
 
 Invariant kept by every write here: events with ``seq < next_seq`` have ``published_at`` (or
 ``skipped_at``) set, written in the transaction that advanced ``next_seq``; events with
@@ -44,7 +52,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,8 +64,21 @@ from django.db import (
     connections,
     transaction,
 )
-from django.db.models import DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet
-from django.db.models.functions import Now
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    DateTimeField,
+    Exists,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    Q,
+    QuerySet,
+    Value,
+    When,
+    Window,
+)
+from django.db.models.functions import Now, RowNumber
 
 from .conf import runs_settings
 from .exceptions import InvalidInput, OutboxNotBlocked, RunNotFound
@@ -124,7 +145,8 @@ def drain_outbox_once(
     should_stop: Callable[[], bool] | None = None,
 ) -> DrainResult:
     """One pass: claim up to ``batch_size`` runs, publish up to ``batch_size`` pending events of
-    each (one ``publish()`` call per run, seq order), acknowledge each run that succeeded.
+    each (one ``publish()`` call per run, seq order), acknowledge the runs that succeeded (one
+    transaction for all of them).
 
     Args:
         publisher: the publisher instance; None builds the configured ``PUBLISHER`` (closed again
@@ -132,8 +154,8 @@ def drain_outbox_once(
         batch_size: events per run and runs per claim (default ``DRAIN_BATCH_SIZE``).
         run_id: only this run.
         max_messages: publish at most this many messages in this pass.
-        should_stop: checked before each run; when it returns True the pass stops after the
-            batch in hand (acknowledged) and releases the leases it has not used.
+        should_stop: checked before each run; when it returns True the pass stops, acknowledges
+            the batches in hand and releases the leases it has not used.
 
     Returns:
         ``DrainResult``; ``runs_touched == 0`` means nothing was claimable right now.
@@ -400,32 +422,26 @@ def claim_runs(
 ) -> Claim:
     """Lease up to ``limit`` claimable runs (see the module docstring), in run id order.
 
-    One short transaction: PostgreSQL ``SELECT ... FOR UPDATE OF outbox SKIP LOCKED`` then one
-    ``UPDATE``; SQLite one ``UPDATE ... WHERE run_id IN (SELECT ... LIMIT n) RETURNING`` (the only
-    writer while it runs). Nothing else happens inside it.
+    One short transaction holding one ``UPDATE ... WHERE run_id IN (SELECT ... LIMIT n)
+    RETURNING`` statement; on PostgreSQL the subquery locks the outbox rows it picks with
+    ``FOR UPDATE OF outbox SKIP LOCKED`` (relays skip each other's rows), on SQLite the statement
+    is the only writer while it runs. Nothing else happens inside it.
     """
     alias = db_alias()
     token = uuid.uuid4()
     lease = dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS))
     holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
     candidates = _claimable(run_ids, ignore_backoff=ignore_backoff)
-    if not candidates.exists():
-        # An idle relay polls with this read alone: no write transaction (on SQLite, no write
-        # lock taken from the application) when there is nothing to claim.
+    if is_postgresql():
+        # An idle PostgreSQL relay polls with the claim itself: with nothing to claim it locks
+        # and writes nothing, so a separate "anything to do?" read would only add a query.
+        candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+    elif not candidates.exists():
+        # An idle SQLite relay polls with this read alone: no write lock taken from the
+        # application when there is nothing to claim.
         return Claim(token, [])
     with transaction.atomic(using=alias):
-        if is_postgresql():
-            rows = list(
-                candidates.select_for_update(skip_locked=True, of=("self",)).values_list(
-                    "run_id", "next_seq", "attempts"
-                )[:limit]
-            )
-            if rows:
-                RunOutbox.objects.using(alias).filter(run_id__in=[row[0] for row in rows]).update(
-                    lease_token=token, leased_by=holder, lease_until=_db_now_plus(lease)
-                )
-        else:
-            rows = _claim_returning(candidates[:limit], token, holder, lease)
+        rows = _claim_returning(candidates[:limit], token, holder, lease)
     claimed_at = monotonic()
     runs = sorted(
         (ClaimedRun(str(rid), int(seq), int(att), claimed_at) for rid, seq, att in rows),
@@ -460,8 +476,9 @@ def _claimable(run_ids: Sequence[str] | None, *, ignore_backoff: bool) -> QueryS
 def _claim_returning(
     candidates: QuerySet[RunOutbox], token: uuid.UUID, holder: str, lease: dt.timedelta
 ) -> list[tuple[Any, ...]]:
-    """SQLite: one statement, so two relays can never claim the same run. Raw SQL because the
-    ORM has no ``UPDATE ... RETURNING``; the candidate subquery is the ORM's own SQL."""
+    """One statement, so two relays can never claim the same run. Raw SQL because the ORM has
+    no ``UPDATE ... RETURNING``; the candidate subquery (with its row locks on PostgreSQL) is the
+    ORM's own SQL."""
     connection = connection_for_write()
     subquery, params = candidates.values("run_id").query.sql_with_params()
     lease_sql, lease_params = _compile(_db_now_plus(lease))
@@ -485,127 +502,263 @@ def _drain_claim(
     *,
     loop: bool,
 ) -> DrainResult:
+    """Publish and acknowledge what ``claim`` leased: per pass one read of every run's pending
+    events, one ``publish()`` per run, then one acknowledgement for all runs that published.
+    ``loop`` (one run, ``drain_outbox_for_run``): passes again while a run fills its batch."""
+
+    def stopping() -> bool:
+        return budget == 0 or (should_stop is not None and should_stop())
+
     published = 0
     failed: list[str] = []
-    done: set[str] = set()
-    for run in claim.runs:
-        if (should_stop is not None and should_stop()) or budget == 0:
-            break
-        done.add(run.run_id)
-        while True:
-            if not _hold_lease(claim, run):
+    release: list[str] = []  # leased, nothing to publish or never reached: given back at the end
+    runs = list(claim.runs)
+    while runs:
+        limit = size if budget is None else min(size, budget)
+        batches = read_claimed([(run.run_id, run.next_seq) for run in runs], limit)
+        in_hand: list[tuple[ClaimedRun, list[Message]]] = []  # published, not acknowledged yet
+        again: list[ClaimedRun] = []
+        for index, run in enumerate(runs):
+            if stopping():
+                release.extend(other.run_id for other in runs[index:])
                 break
-            limit = size if budget is None else min(size, budget)
-            messages = read_pending(run.run_id, run.next_seq, limit)
+            if monotonic() - run.renewed_at >= float(runs_settings.LEASE_SECONDS) / 2:
+                # Half-way to expiry: acknowledge what is in hand (clearing those leases), then
+                # renew the leases of the runs still to do, so a long pass never outlives them.
+                published += _acknowledge_in_hand(claim, in_hand, again, limit, loop, stopping)
+                in_hand = []
+                if run.run_id not in _renew_rest(claim, runs[index:]):
+                    continue  # taken over by another relay: not ours to publish or release
+            messages = batches.get(run.run_id, [])
+            if budget is not None:
+                messages = messages[:budget]
             if not messages:
-                release_leases(claim, [run.run_id])
-                break
+                release.append(run.run_id)
+                continue
             try:
                 publisher.publish(messages)
             except Exception as exc:
                 record_failure(claim, run, exc)
                 failed.append(run.run_id)
-                break
+                continue
             if budget is not None:
                 budget -= len(messages)
-            more = (
-                loop
-                and len(messages) == limit
-                and budget != 0
-                and not (should_stop is not None and should_stop())
-            )
-            if not acknowledge(claim.token, run.run_id, messages, keep_lease=more):
-                logger.warning(
-                    "lease of run %s lost before its acknowledgement: %d message(s) will be "
-                    "published again (LEASE_SECONDS=%s is shorter than the publish took)",
-                    run.run_id,
-                    len(messages),
-                    runs_settings.LEASE_SECONDS,
-                )
-                break
-            published += len(messages)
-            run.next_seq = messages[-1].seq + 1
-            run.attempts = 0
-            run.renewed_at = monotonic()
-            if not more:
-                break
-    unused = [run.run_id for run in claim.runs if run.run_id not in done]
-    if unused:
-        release_leases(claim, unused)
+            in_hand.append((run, messages))
+        published += _acknowledge_in_hand(claim, in_hand, again, limit, loop, stopping)
+        runs = again
+    if release:
+        release_leases(claim, release)
     return DrainResult(published, tuple(failed), len(claim.runs))
 
 
-def _hold_lease(claim: Claim, run: ClaimedRun) -> bool:
-    """True while the run's lease is ours. Renews the leases of the claim's runs still to do
-    when this one is half-way to expiry (so a long pass never outlives its leases)."""
-    lease = float(runs_settings.LEASE_SECONDS)
-    if monotonic() - run.renewed_at < lease / 2:
-        return True
-    pending = [other for other in claim.runs if other.run_id >= run.run_id]
-    held = renew_leases(claim.token, [other.run_id for other in pending])
+def _acknowledge_in_hand(
+    claim: Claim,
+    in_hand: Sequence[tuple[ClaimedRun, list[Message]]],
+    again: list[ClaimedRun],
+    limit: int,
+    loop: bool,
+    stopping: Callable[[], bool],
+) -> int:
+    """Acknowledge the published batches in hand (one transaction); return how many messages
+    that recorded. In ``loop`` mode a run that filled its batch keeps its lease (renewed) and is
+    appended to ``again`` for the next pass."""
+    if not in_hand:
+        return 0
+    stop = stopping()
+    keep = {run.run_id for run, messages in in_hand if loop and not stop and len(messages) == limit}
+    acked = acknowledge_batches(
+        claim.token,
+        [(run.run_id, messages[0].seq, messages[-1].seq) for run, messages in in_hand],
+        keep_lease=keep,
+    )
     now = monotonic()
-    for other in pending:
-        if other.run_id in held:
-            other.renewed_at = now
-    return run.run_id in held
+    count = 0
+    for run, messages in in_hand:
+        if run.run_id not in acked:
+            logger.warning(
+                "lease of run %s lost before its acknowledgement: %d message(s) will be "
+                "published again (LEASE_SECONDS=%s is shorter than the publish took)",
+                run.run_id,
+                len(messages),
+                runs_settings.LEASE_SECONDS,
+            )
+            continue
+        count += len(messages)
+        run.next_seq = messages[-1].seq + 1
+        run.attempts = 0
+        run.renewed_at = now
+        if run.run_id in keep:
+            again.append(run)
+    return count
+
+
+def _renew_rest(claim: Claim, rest: Sequence[ClaimedRun]) -> set[str]:
+    """Renew the leases of ``rest`` (the runs of the pass still to do); return those still ours."""
+    held = renew_leases(claim.token, [run.run_id for run in rest])
+    now = monotonic()
+    for run in rest:
+        if run.run_id in held:
+            run.renewed_at = now
+    return held
+
+
+# PostgreSQL reads each run's batch with a LATERAL subquery: one index range scan of (run, seq)
+# per run, stopping at the batch size whatever the run's backlog. The ORM cannot say LATERAL.
+_READ_POSTGRESQL = """
+SELECT c.run_id, r.scope, e.seq, e.type, e.payload, e.created_at
+FROM unnest(%s::text[], %s::bigint[]) AS c(run_id, next_seq)
+JOIN {run} r ON r.id = c.run_id
+CROSS JOIN LATERAL (
+    SELECT seq, type, payload, created_at FROM {event}
+    WHERE run_id = c.run_id AND seq >= c.next_seq
+    ORDER BY seq LIMIT %s
+) e
+ORDER BY c.run_id, e.seq
+"""
+
+
+def read_claimed(runs: Sequence[tuple[str, int]], limit: int) -> dict[str, list[Message]]:
+    """Up to ``limit`` events with ``seq >= next_seq`` of each ``(run_id, next_seq)``, in seq
+    order, as messages keyed by run id (runs with nothing pending are absent). One query for all
+    runs, outside any transaction: committed events below ``Run.last_seq`` never change.
+
+    PostgreSQL: a LATERAL join (raw SQL, see ``_READ_POSTGRESQL``). SQLite (no LATERAL): the ORM
+    with ``row_number() OVER (PARTITION BY run ORDER BY seq) <= limit`` over the runs' events at
+    or above their cursor (one ``CASE run_id`` gives each run its own ``next_seq``); it ranks every
+    pending event of those runs, which is fine at SQLite's scale.
+    """
+    if not runs:
+        return {}
+    alias = db_alias()
+    rows: list[tuple[Any, ...]]
+    if is_postgresql():
+        connection = connection_for_write()
+        payload = RunEvent._meta.get_field("payload")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _READ_POSTGRESQL.format(run=table(Run), event=table(RunEvent)),
+                [[run_id for run_id, _ in runs], [seq for _, seq in runs], limit],
+            )
+            rows = [
+                (
+                    run_id,
+                    scope,
+                    seq,
+                    kind,
+                    payload.from_db_value(data, payload.cached_col, connection),
+                    created,
+                )
+                for run_id, scope, seq, kind, data, created in cursor.fetchall()
+            ]
+    else:
+        rank = Window(RowNumber(), partition_by=[F("run_id")], order_by=F("seq").asc())
+        rows = list(
+            RunEvent.objects.using(alias)
+            .filter(
+                run_id__in=[run_id for run_id, _ in runs],
+                seq__gte=Case(
+                    *(When(run_id=run_id, then=Value(seq)) for run_id, seq in runs),
+                    output_field=BigIntegerField(),
+                ),
+            )
+            .annotate(rank=rank)
+            .filter(rank__lte=limit)
+            .order_by("run_id", "seq")
+            .values_list("run_id", "run__scope", "seq", "type", "payload", "created_at")
+        )
+    batches: dict[str, list[Message]] = {}
+    for run_id, scope, seq, event_type, data, created_at in rows:
+        batches.setdefault(run_id, []).append(
+            Message(
+                id=f"{run_id}:{seq}",
+                run_id=run_id,
+                scope=scope,
+                seq=seq,
+                type=event_type,
+                payload=data,
+                occurred_at=created_at,
+            )
+        )
+    return batches
 
 
 def read_pending(run_id: str, next_seq: int, limit: int) -> list[Message]:
-    """Up to ``limit`` events with ``seq >= next_seq``, in seq order, as messages. One query,
-    outside any transaction: committed events below ``Run.last_seq`` never change."""
-    rows = (
-        RunEvent.objects.using(db_alias())
-        .filter(run_id=run_id, seq__gte=next_seq)
-        .order_by("seq")
-        .values_list("seq", "type", "payload", "created_at", "run__scope")[:limit]
+    """``read_claimed`` for one run."""
+    return read_claimed([(run_id, next_seq)], limit).get(run_id, [])
+
+
+def acknowledge_batches(
+    token: uuid.UUID,
+    batches: Sequence[tuple[str, int, int]],
+    *,
+    keep_lease: Collection[str] = (),
+) -> set[str]:
+    """Record published batches ``(run_id, first_seq, last_seq)`` (each contiguous from the run's
+    ``next_seq``) as delivered; return the run ids acknowledged.
+
+    One short transaction, two set-based statements whatever the number of runs:
+
+    1. ``UPDATE outbox ... FROM (VALUES ...)``, fenced per run by the lease token and the cursor
+       (``next_seq = first_seq``): advance ``next_seq``, reset attempts and backoff, clear the
+       lease, or renew it for the runs in ``keep_lease``. ``RETURNING`` says which runs it
+       changed: a run whose lease was taken over (or whose cursor moved) changes nothing.
+    2. ``UPDATE event SET published_at ... FROM (VALUES ...)`` for exactly the (run, seq range)
+       pairs of the runs statement 1 returned; the outbox rows it updated stay locked until
+       commit, so no other relay can claim them in between.
+
+    Raw SQL: the ORM has neither ``UPDATE ... FROM`` nor ``RETURNING`` on an update (a ``Case``
+    per run would need a third statement to learn which runs matched). PostgreSQL and SQLite
+    (3.35+) both speak this SQL and name ``VALUES`` columns ``column1``, ``column2``...
+    """
+    if not batches:
+        return set()
+    alias = db_alias()
+    connection = connection_for_write()
+    outbox, event = table(RunOutbox), table(RunEvent)
+    now_sql, now_params = _compile(Now())
+    lease_sql, lease_params = _compile(
+        _db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))
     )
-    return [
-        Message(
-            id=f"{run_id}:{seq}",
-            run_id=run_id,
-            scope=scope,
-            seq=seq,
-            type=event_type,
-            payload=payload,
-            occurred_at=created_at,
+    token_value = RunOutbox._meta.get_field("lease_token").get_db_prep_value(token, connection)
+    keep = set(keep_lease)
+    values = ", ".join(["(%s, %s, %s, %s)"] * len(batches))
+    params: list[Any] = list(lease_params)
+    for run_id, first, last in batches:
+        params += [run_id, first, last, int(run_id in keep)]
+    params.append(token_value)
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {outbox} SET next_seq = a.column3 + 1, attempts = 0, last_error = '',"
+            " next_attempt_at = NULL,"
+            f" lease_until = CASE WHEN a.column4 = 1 THEN {lease_sql} ELSE NULL END,"
+            " lease_token = CASE WHEN a.column4 = 1 THEN lease_token ELSE NULL END,"
+            " leased_by = CASE WHEN a.column4 = 1 THEN leased_by ELSE '' END"
+            f" FROM (VALUES {values}) AS a"
+            f" WHERE {outbox}.run_id = a.column1 AND {outbox}.lease_token = %s"
+            f" AND {outbox}.next_seq = a.column2"
+            f" RETURNING {outbox}.run_id",
+            params,
         )
-        for seq, event_type, payload, created_at, scope in rows
-    ]
+        acked = {str(run_id) for (run_id,) in cursor.fetchall()}
+        marked = [batch for batch in batches if batch[0] in acked]
+        if marked:
+            cursor.execute(
+                f"UPDATE {event} SET published_at = {now_sql}"
+                f" FROM (VALUES {', '.join(['(%s, %s, %s)'] * len(marked))}) AS a"
+                f" WHERE {event}.run_id = a.column1"
+                f" AND {event}.seq >= a.column2 AND {event}.seq <= a.column3"
+                f" AND {event}.published_at IS NULL AND {event}.skipped_at IS NULL",
+                [*now_params, *(value for batch in marked for value in batch)],
+            )
+    return acked
 
 
 def acknowledge(
     token: uuid.UUID, run_id: str, messages: Sequence[Message], *, keep_lease: bool = False
 ) -> bool:
-    """Record ``messages`` (a published, contiguous batch from ``next_seq``) as delivered.
-
-    One short transaction: the fenced ``UPDATE`` of the outbox row (lease token and ``next_seq``
-    must still match: a relay whose lease was taken over changes nothing and gets False), then
-    ``published_at`` on exactly those events. ``keep_lease`` renews the lease for the next batch
-    instead of clearing it.
-    """
-    alias = db_alias()
-    first, last = messages[0].seq, messages[-1].seq
-    lease: dict[str, Any] = (
-        {"lease_until": _db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))}
-        if keep_lease
-        else {"lease_token": None, "lease_until": None, "leased_by": ""}
-    )
-    with transaction.atomic(using=alias):
-        updated = (
-            RunOutbox.objects.using(alias)
-            .filter(run_id=run_id, lease_token=token, next_seq=first)
-            .update(next_seq=last + 1, attempts=0, last_error="", next_attempt_at=None, **lease)
-        )
-        if not updated:
-            return False
-        RunEvent.objects.using(alias).filter(
-            run_id=run_id,
-            seq__gte=first,
-            seq__lte=last,
-            published_at__isnull=True,
-            skipped_at__isnull=True,
-        ).update(published_at=Now())
-    return True
+    """``acknowledge_batches`` for one run's ``messages``: True if acknowledged."""
+    batch = (run_id, messages[0].seq, messages[-1].seq)
+    return bool(acknowledge_batches(token, [batch], keep_lease=[run_id] if keep_lease else ()))
 
 
 def record_failure(claim: Claim, run: ClaimedRun, error: BaseException) -> bool:
@@ -684,7 +837,7 @@ def _db_now_plus(delta: dt.timedelta) -> ExpressionWrapper[Any]:
     return ExpressionWrapper(Now() + delta, output_field=DateTimeField())
 
 
-def _compile(expression: ExpressionWrapper[Any]) -> tuple[str, list[Any]]:
+def _compile(expression: Any) -> tuple[str, list[Any]]:
     query = RunOutbox.objects.using(db_alias()).all().query
     compiler = query.get_compiler(db_alias())
     sql, params = compiler.compile(expression.resolve_expression(query))

@@ -146,16 +146,16 @@ def test_a_drain_cycle_costs_the_same_for_few_or_many_events() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_drain_cycle_costs_a_constant_number_per_batch_of_a_run() -> None:
+def test_a_drain_cycle_costs_the_same_for_one_or_many_runs() -> None:
     counts = []
     for runs in (1, 2, 3):
         seed(f"runs{runs}", runs=runs, events_per_run=5)
         count, published = drain_statements(batch_size=100)
         assert published.count == 5 * runs
         counts.append(count)
-    per_run = counts[1] - counts[0]
-    assert counts[2] - counts[1] == per_run, counts
-    assert per_run <= 6, f"{per_run} statements per claimed run (read + ack)"
+    # One read and one acknowledgement for the whole claim: nothing grows with the runs.
+    assert counts[0] == counts[1] == counts[2], counts
+    assert counts[0] <= 10, f"{counts[0]} statements per claim/publish/ack cycle"
 
 
 @pytest.mark.django_db(transaction=True)

@@ -167,7 +167,9 @@ def test_relays_killed_mid_batch_lose_nothing_and_keep_order(tmp_path: Path) -> 
         deliveries, {run_id: 10 for run_id in ids}, killed, batch
     )
     assert sum(killed_mid_batch(tmp_path, pid) for pid in killed) >= 1
-    assert duplicates <= len(killed) * batch  # at most the batch in flight of each kill
+    # At most the claim in hand of each kill: up to `batch` runs published, none acknowledged
+    # (one acknowledgement per claim), each with up to `batch` events.
+    assert duplicates <= len(killed) * batch * batch
     assert not RunOutbox.objects.filter(lease_token__isnull=False).exists()
     assert RunEvent.objects.filter(published_at__isnull=True).count() == 0
     assert_cursor_invariant()

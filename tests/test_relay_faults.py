@@ -4,13 +4,14 @@ no event is lost, and none is marked published without having been handed to the
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Callable, Sequence
 
 import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from runs_app import services
+from runs_app import relay, services
 from runs_app.models import RunEvent, RunOutbox
 from runs_app.publishers import Message
 from runs_app.testing import MemoryPublisher
@@ -144,3 +145,26 @@ def test_prune_outbox_under_faults_deletes_only_published_events() -> None:
                 pass
         assert set(RunEvent.objects.filter(run=run).values_list("seq", flat=True)) >= {4, 5}
     assert list(RunEvent.objects.filter(run=run).values_list("seq", flat=True)) == [4, 5]
+
+
+def test_batched_acknowledgement_is_atomic_under_faults() -> None:
+    """Both statements of the claim-wide acknowledgement (outbox cursors, then published_at)
+    commit together or not at all, whatever the mix of runs it acknowledges or fences off."""
+    for name in ("a", "b", "stolen"):
+        services.create_run(name, run_id=name, events=[{"type": "e"}] * 2)  # seqs 1..3
+    claim = relay.claim_runs(10)
+    batches = relay.read_claimed([(run.run_id, run.next_seq) for run in claim.runs], 10)
+    RunOutbox.objects.filter(run_id="stolen").update(lease_token=uuid.uuid4())
+    acks = [(run_id, messages[0].seq, messages[-1].seq) for run_id, messages in batches.items()]
+
+    assert (
+        assert_atomic_under_faults(
+            lambda: relay.acknowledge_batches(claim.token, acks, keep_lease=["b"])
+        )
+        >= 2
+    )
+    assert set(RunOutbox.objects.filter(next_seq=4).values_list("run_id", flat=True)) == {"a", "b"}
+    assert RunOutbox.objects.get(run_id="b").lease_token == claim.token  # kept, renewed
+    assert RunOutbox.objects.get(run_id="a").lease_token is None
+    assert not RunEvent.objects.filter(run_id="stolen", published_at__isnull=False).exists()
+    assert_cursor_invariant()
