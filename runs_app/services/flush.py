@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import transaction
 from django.db.models import F
@@ -57,9 +57,9 @@ class FlushResult:
         )
 
 
-@dataclass(frozen=True)
-class ProjectRow:
-    """A validated project, ready to upsert; ``data`` is its compact JSON text."""
+class ProjectRow(NamedTuple):
+    """A validated project, ready to upsert; ``data`` is its compact JSON text. (A tuple: one is
+    built per input row, and a tuple builds several times faster than a frozen dataclass.)"""
 
     key: str
     name: str
@@ -152,6 +152,7 @@ def _flush_batches(
 ) -> FlushResult:
     total = FlushResult()
     budget = removal_record_budget(scope)
+    payload_limit = runs_settings.MAX_PAYLOAD_BYTES  # read once: a settings lookup per row shows
     index = 0  # position in the input, for error messages
     nothing = object()
     ahead: Any = next(projects, nothing)
@@ -159,7 +160,7 @@ def _flush_batches(
         batch: dict[str, ProjectRow] = {}
         read = 0
         while ahead is not nothing and read < size:
-            row = validate_project(ahead, index, budget)
+            row = validate_project(ahead, index, budget, payload_limit)
             batch[row.key] = row  # a key repeated in the batch: the last one wins
             read += 1
             index += 1
@@ -171,26 +172,31 @@ def _flush_batches(
             return total
 
 
-def validate_project(value: Any, index: int, budget: int) -> ProjectRow:
+def validate_project(
+    value: Any, index: int, budget: int, payload_limit: int | None = None
+) -> ProjectRow:
     """Check one input project; ``InvalidInput`` names ``projects[index].field`` and the limit.
 
     ``budget``: ``removal_record_budget(scope)``. Besides its own limits, a project must fit in a
-    ``projects.removed`` event, so that removing it can always be audited.
+    ``projects.removed`` event, so that removing it can always be audited. ``payload_limit``:
+    ``MAX_PAYLOAD_BYTES`` if the caller read it already.
     """
     field = f"projects[{index}]"
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidInput(
             field, f"must be a mapping with key, name and data, not {type(value).__name__}"
         )
-    unknown = sorted(str(name) for name in value if name not in PROJECT_FIELDS)
-    if unknown:
+    if not PROJECT_FIELDS.issuperset(value):
+        unknown = sorted(str(name) for name in value if name not in PROJECT_FIELDS)
         raise InvalidInput(
             field, f"has unknown field(s) {', '.join(unknown)}; a project has key, name and data"
         )
     key = _required_text(value, field, "key", PROJECT_KEY_MAX_LENGTH)
     name = _required_text(value, field, "name", PROJECT_NAME_MAX_LENGTH)
     data = value.get("data")
-    data_text = encode_json_object(f"{field}.data", {} if data is None else data)
+    data_text = encode_json_object(
+        f"{field}.data", {} if data is None else data, limit=payload_limit
+    )
     # Cheap bound first (a character takes at most 6 bytes escaped in a JSON string, 4 in
     # UTF-8): the exact size costs two more JSON encodings, worth it only near the limit.
     bound = RECORD_OVERHEAD + 6 * (len(key) + len(name)) + 4 * len(data_text)

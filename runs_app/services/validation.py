@@ -160,18 +160,23 @@ _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def encode_json_object(
-    field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
+    field_name: str,
+    value: Any,
+    *,
+    error: type[InvalidInput] = InvalidInput,
+    limit: int | None = None,
 ) -> str:
     """Validate a JSON object and return its compact JSON text.
 
     Refused: anything but a mapping with string keys, values that are not JSON (NaN, Infinity,
     sets, objects...), NUL characters (PostgreSQL cannot store them), nesting deeper than
-    ``JSON_MAX_DEPTH``, and more than ``MAX_PAYLOAD_BYTES`` bytes of UTF-8.
+    ``JSON_MAX_DEPTH``, and more than ``MAX_PAYLOAD_BYTES`` bytes of UTF-8 (``limit``: that
+    setting, if the caller read it already).
     """
     text = _fast_json_text(value)
     if text is None:
         text = _plain_json_object(field_name, value, error)[1]
-    _check_size(field_name, text, error)
+    _check_size(field_name, text, error, limit)
     return text
 
 
@@ -191,7 +196,7 @@ def validated_json_object(
         plain, text = _plain_json_object(field_name, value, error)
     else:
         plain = json.loads(text)  # the copy, in C: what the database will hand back
-    _check_size(field_name, text, error)
+    _check_size(field_name, text, error, None)
     return plain, text
 
 
@@ -236,7 +241,7 @@ def _plain_keys(value: dict[Any, Any] | list[Any]) -> bool:
     return True
 
 
-def _check_size(field_name: str, text: str, error: type[InvalidInput]) -> None:
+def _check_size(field_name: str, text: str, error: type[InvalidInput], limit: int | None) -> None:
     if text.isascii():
         size = len(text)
     else:
@@ -244,7 +249,8 @@ def _check_size(field_name: str, text: str, error: type[InvalidInput]) -> None:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError as exc:
             raise error(field_name, "contains text that is not valid Unicode") from exc
-    limit = runs_settings.MAX_PAYLOAD_BYTES
+    if limit is None:
+        limit = runs_settings.MAX_PAYLOAD_BYTES
     if size > limit:
         raise error(
             field_name,
