@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -14,10 +13,7 @@ from ..exceptions import RunClosed, RunNotFound
 from ..models import Run, RunEvent, RunState, RunStatus
 from ..notify import returning_clause
 from .db import connection_for_write, db_alias, is_postgresql, table
-from .validation import PreparedEvent, prepare_events, run_id_of
-
-# The C encoder behind json.dumps(..., ensure_ascii=False) for one string, without its overhead.
-_json_string = json.encoder.encode_basestring
+from .validation import PreparedEvent, encode_json_string, prepare_events, run_id_of
 
 
 def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
@@ -82,7 +78,7 @@ def insert_event_rows(
     """
     batch = (
         "["
-        + ",".join(f"[{_json_string(event.type)},{event.payload_text()}]" for event in events)
+        + ",".join(f"[{encode_json_string(event.type)},{event.payload_text()}]" for event in events)
         + "]"
     )
     columns = f"INSERT INTO {table(RunEvent)} (run_id, seq, type, payload, created_at) "

@@ -8,7 +8,6 @@ a run whose scan or upsert failed half-way can never be taken for a run that saw
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,7 +34,14 @@ from .cleanup import RECORD_OVERHEAD, removal_record_budget, removal_record_size
 from .db import connection_for_write, db_alias, is_postgresql, table
 from .events import insert_events
 from .runs import lock_state
-from .validation import PreparedEvent, encode_json_object, error_text, run_id_of, validate_text
+from .validation import (
+    PreparedEvent,
+    encode_json_object,
+    encode_json_string,
+    error_text,
+    run_id_of,
+    validate_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +260,6 @@ def _upsert(scope: str, run_id: str, rows: list[ProjectRow], now: datetime) -> t
     return _upsert_sqlite(scope, run_id, rows, now)
 
 
-# The C encoder behind json.dumps(..., ensure_ascii=False) for one string, without its overhead.
-_json_string = json.encoder.encode_basestring
-
 # The columns set on conflict: what the source says, and who saw it last. created_at and
 # last_confirmed_run are left alone (confirmation is complete_run's business).
 _ON_CONFLICT = (
@@ -283,7 +286,9 @@ def _upsert_postgresql(
     )
     batch = (
         "["
-        + ",".join(f"[{_json_string(r.key)},{_json_string(r.name)},{r.data}]" for r in rows)
+        + ",".join(
+            f"[{encode_json_string(r.key)},{encode_json_string(r.name)},{r.data}]" for r in rows
+        )
         + "]"
     )
     with connection_for_write().cursor() as cursor:
