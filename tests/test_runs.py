@@ -202,6 +202,19 @@ def test_append_events_allocates_contiguous_seqs() -> None:
     assert Run.objects.get(pk=run.pk).last_seq == 7
 
 
+def test_appended_events_are_returned_as_stored() -> None:
+    # They are built from the INSERT's RETURNING, not fetched again: each must be its row.
+    run = RunFactory()
+    events = [Event(f"t{i}", {"i": i, "s": "é\\u0000"}) for i in range(50)]
+    returned = services.append_events(run, events)
+    stored = RunEvent.objects.filter(run=run, seq__gt=1).order_by("seq")
+    fields = ("pk", "run_id", "seq", "type", "payload", "created_at", "published_at")
+    assert [tuple(getattr(e, f) for f in fields) for e in returned] == [
+        tuple(getattr(e, f) for f in fields) for e in stored
+    ]
+    assert all(not e._state.adding for e in returned)
+
+
 def test_append_no_events_writes_nothing() -> None:
     run = RunFactory()
     before = snapshot()

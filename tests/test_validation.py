@@ -11,8 +11,9 @@ from django.test import override_settings
 
 from runs_app import services
 from runs_app.exceptions import InvalidEvent, InvalidInput, RunNotFound, RunsError
-from runs_app.models import Run, RunEvent
+from runs_app.models import Project, Run, RunEvent
 from runs_app.services import Event
+from runs_app.services.flush import validate_project
 from runs_app.services.validation import JSON_MAX_DEPTH
 from tests.factories import RunFactory
 from tests.helpers import snapshot
@@ -165,6 +166,64 @@ def test_any_mapping_is_accepted_and_stored_as_plain_json(run: Run) -> None:
     created = services.create_run("other", metadata=MappingProxyType({"m": (1,)}))
     created.refresh_from_db()
     assert created.metadata == {"m": [1]}
+
+
+def nested_lists(depth: int) -> list[Any]:
+    """Lists holding lists: with a dict around it, a scalar ``depth + 1`` levels down."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+# Validation encodes in C first and walks the value only when that cannot prove it valid: these
+# are values where the encoding alone would be wrong (json turns 1, 1.5, True and None keys into
+# strings, escapes NUL as text, and nests as deep as the stack allows).
+FAST_PATH_TRAPS: list[tuple[str, dict[Any, Any], Any]] = [
+    ("bool key", {True: 1}, None),
+    ("None key in a list", {"a": [1, {None: 1}]}, None),
+    ("float key in nested lists", {"a": [[{1.5: "x"}]]}, None),
+    ("int key beside its string", {"1": 1, 1: 2}, None),
+    ("NUL key in a list", {"a": [{"k\x00": 1}]}, "no NUL"),
+    ("NUL after a backslash", {"a": "\\\x00"}, "no NUL"),
+    ("NUL key in a tuple", {"a": ({"\x00": 1},)}, "no NUL"),
+    ("too deep in lists", {"a": nested_lists(JSON_MAX_DEPTH)}, JSON_MAX_DEPTH),
+]
+
+
+@pytest.mark.parametrize(
+    ("payload", "limit"),
+    [pytest.param(payload, limit, id=name) for name, payload, limit in FAST_PATH_TRAPS],
+)
+def test_values_json_would_encode_are_still_refused(run: Run, payload: Any, limit: Any) -> None:
+    refused(
+        lambda: services.append_events(run, [{"type": "t", "payload": payload}]),
+        "events[0].payload",
+        error=InvalidEvent,
+        limit=limit,
+    )
+    # The flush's own validation (flush_projects records the failure on the ledger, see
+    # test_flush.test_bad_input_fails_the_flush_and_writes_nothing_of_its_batch).
+    with pytest.raises(InvalidInput) as info:
+        validate_project({"key": "k", "name": "n", "data": payload}, 0, budget=10**9)
+    assert (info.value.field, info.value.limit) == ("projects[0].data", limit)
+
+
+def test_text_that_only_looks_like_nul_or_nesting_is_accepted(run: Run) -> None:
+    # A backslash then "u0000" (encoded \\u0000), and brackets inside strings.
+    payload = {"a": "\\u0000", "b\\u0000": "[" * 300, "c": "{" * 300, "d": [[["x"]]]}
+    (event,) = services.append_events(run, [{"type": "t", "payload": payload}])
+    event.refresh_from_db()
+    assert event.payload == payload
+    assert services.flush_projects(run, [{"key": "k", "name": "n", "data": payload}]).created == 1
+    assert Project.objects.get(key="k").data == payload
+
+
+def test_the_returned_payload_is_a_copy(run: Run) -> None:
+    payload: dict[str, Any] = {"a": [1, {"b": 2}]}
+    (event,) = services.append_events(run, [Event("t", payload)])
+    payload["a"][1]["b"] = 3
+    assert event.payload == {"a": [1, {"b": 2}]}
 
 
 # --- payload size: bytes of compact UTF-8 JSON -------------------------------------------------

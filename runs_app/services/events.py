@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -11,17 +12,17 @@ from django.utils import timezone
 from ..exceptions import RunClosed, RunNotFound
 from ..models import Run, RunEvent, RunState, RunStatus
 from ..notify import returning_clause
-from .db import connection_for_write, db_alias, table
-from .validation import PreparedEvent, prepare_events, run_id_of
+from .db import connection_for_write, db_alias, is_postgresql, table
+from .validation import PreparedEvent, encode_json_string, prepare_events, run_id_of
 
 
 def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
     """Append events to an active run and return them with their seqs.
 
     One transaction (nested in the caller's, if any): a single ``UPDATE ... RETURNING`` bumps the
-    run's ``last_seq`` by the number of events and locks the run row until commit, then one bulk
-    insert writes the events. Concurrent appenders to one run therefore get contiguous seqs that
-    commit in seq order, so a reader of ``seq >= next_seq`` never skips a row.
+    run's ``last_seq`` by the number of events and locks the run row until commit, then one
+    INSERT writes the events, whatever their number. Concurrent appenders to one run therefore get
+    contiguous seqs that commit in seq order, so a reader of ``seq >= next_seq`` never skips a row.
 
     Raises ``InvalidEvent`` (nothing written), ``RunNotFound``, ``RunClosed`` for a completed or
     failed run.
@@ -44,19 +45,60 @@ def insert_events(
         ensure_run_accepts_events(run_id, allow_closed=allow_closed)
         return []
     last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed)
-    first_seq = last_seq - len(events) + 1
     now = timezone.now()
-    rows = [
-        RunEvent(
+    ids = insert_event_rows(run_id, last_seq - len(events) + 1, events, now)
+    alias = db_alias()
+    rows = []
+    for (seq, event_id), event in zip(sorted(ids), events, strict=True):
+        row = RunEvent(
+            id=event_id,
             run_id=run_id,
-            seq=first_seq + offset,
+            seq=seq,
             type=event.type,
             payload=event.payload,
             created_at=now,
         )
-        for offset, event in enumerate(events)
-    ]
-    return RunEvent.objects.using(db_alias()).bulk_create(rows)
+        row._state.adding = False  # as bulk_create leaves its objects: saved, in this database
+        row._state.db = alias
+        rows.append(row)
+    return rows
+
+
+def insert_event_rows(
+    run_id: str, first_seq: int, events: Sequence[PreparedEvent], now: datetime
+) -> list[tuple[int, int]]:
+    """Insert the events with seqs ``first_seq, first_seq + 1, ...``; return their ``(seq, id)``.
+    The caller reserved the seqs (``reserve_seqs``, or a new run's ``last_seq``).
+
+    One statement whatever the number of events, its rows sent as one JSON array ``[[type,
+    payload], ...]`` built from the texts validation produced, and unnested by the database.
+    Raw SQL: the ORM's ``bulk_create`` would re-encode every payload and prepare every field of
+    every row in Python (and split the insert on SQLite's variable limit). RETURNING order is not
+    guaranteed: the ids come with their seqs.
+    """
+    batch = (
+        "["
+        + ",".join(f"[{encode_json_string(event.type)},{event.payload_text()}]" for event in events)
+        + "]"
+    )
+    columns = f"INSERT INTO {table(RunEvent)} (run_id, seq, type, payload, created_at) "
+    if is_postgresql():
+        sql = (
+            columns + "SELECT %s, %s + e.i - 1, e.r ->> 0, e.r -> 1, %s "
+            "FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(r, i) RETURNING seq, id"
+        )
+        params: list[Any] = [run_id, first_seq, now, batch]
+    else:
+        # json_each's key is the element's index; json_extract gives an object as its JSON text.
+        sql = (
+            columns + "SELECT %s, %s + e.key, json_extract(e.value, '$[0]'), "
+            "json_extract(e.value, '$[1]'), %s FROM json_each(%s) AS e RETURNING seq, id"
+        )
+        connection = connection_for_write()
+        params = [run_id, first_seq, connection.ops.adapt_datetimefield_value(now), batch]
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(sql, params)
+        return [(int(seq), int(event_id)) for seq, event_id in cursor.fetchall()]
 
 
 def reserve_seqs(run_id: str, count: int, *, allow_closed: bool) -> int:

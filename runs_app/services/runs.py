@@ -22,10 +22,10 @@ from django.utils import timezone
 
 from ..conf import runs_settings
 from ..exceptions import InvalidInput, RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
-from ..models import FlushStatus, Project, Run, RunEvent, RunOutbox, RunState, RunStatus
+from ..models import FlushStatus, Project, Run, RunOutbox, RunState, RunStatus
 from ..notify import notify_outbox
 from .db import connection_for_write, db_alias, is_postgresql
-from .events import ensure_run_accepts_events, insert_events
+from .events import ensure_run_accepts_events, insert_event_rows, insert_events
 from .validation import (
     PreparedEvent,
     error_text,
@@ -141,10 +141,7 @@ def _insert_run(
         run=run, scope=scope, started_at=now, heartbeat_at=now
     )
     run.outbox = RunOutbox.objects.using(alias).create(run=run)
-    RunEvent.objects.using(alias).bulk_create(
-        RunEvent(run=run, seq=seq, type=event.type, payload=event.payload, created_at=now)
-        for seq, event in enumerate(all_events, start=1)
-    )
+    insert_event_rows(run_id, 1, all_events, now)
     notify_outbox()  # wakes the listening relays at commit (runs_app.notify)
     return run
 

@@ -31,10 +31,17 @@ class Event:
 
 @dataclass(frozen=True)
 class PreparedEvent:
-    """A validated event, ready to insert."""
+    """A validated event, ready to insert. ``payload_json``: the payload's compact JSON text when
+    validation produced it already (the app's own events leave it to ``payload_text()``)."""
 
     type: str
     payload: dict[str, Any]
+    payload_json: str | None = field(default=None, compare=False, repr=False)
+
+    def payload_text(self) -> str:
+        if self.payload_json is not None:
+            return self.payload_json
+        return encode_json(self.payload)
 
 
 def _has_control_character(text: str) -> bool:
@@ -145,46 +152,127 @@ def _plain_json_value(field_name: str, value: Any, depth: int, error: type[Inval
     return value
 
 
+# The one JSON encoding of the app: compact, UTF-8 as is, and strict (NaN and Infinity are not
+# JSON, and PostgreSQL's jsonb refuses them).
+encode_json = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+# One string as JSON, as encode_json writes it: the C encoder behind json.dumps, without its
+# overhead (for JSON texts assembled from parts already encoded).
+encode_json_string = json.encoder.encode_basestring
+
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def encode_json_object(
-    field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
+    field_name: str,
+    value: Any,
+    *,
+    error: type[InvalidInput] = InvalidInput,
+    limit: int | None = None,
 ) -> str:
     """Validate a JSON object and return its compact JSON text.
 
     Refused: anything but a mapping with string keys, values that are not JSON (NaN, Infinity,
-    sets, objects...), NUL characters (PostgreSQL cannot store them), and more than
-    ``MAX_PAYLOAD_BYTES`` bytes of UTF-8.
+    sets, objects...), NUL characters (PostgreSQL cannot store them), nesting deeper than
+    ``JSON_MAX_DEPTH``, and more than ``MAX_PAYLOAD_BYTES`` bytes of UTF-8 (``limit``: that
+    setting, if the caller read it already).
     """
-    return _plain_json_object(field_name, value, error)[1]
+    text = _fast_json_text(value)
+    if text is None:
+        text = _plain_json_object(field_name, value, error)[1]
+    _check_size(field_name, text, error, limit)
+    return text
 
 
 def validate_json_object(
     field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
 ) -> dict[str, Any]:
     """Validate a JSON object (as ``encode_json_object``) and return it as a plain dict."""
-    return _plain_json_object(field_name, value, error)[0]
+    return validated_json_object(field_name, value, error=error)[0]
 
 
-def _plain_json_object(
-    field_name: str, value: Any, error: type[InvalidInput]
+def validated_json_object(
+    field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
 ) -> tuple[dict[str, Any], str]:
-    if not isinstance(value, Mapping):
-        raise error(field_name, f"must be a JSON object (a dict), not {type(value).__name__}")
-    plain: dict[str, Any] = _plain_json_value(field_name, value, 1, error)
+    """Validate a JSON object (as ``encode_json_object``): a plain copy of it and its JSON text."""
+    text = _fast_json_text(value)
+    if text is None:
+        plain, text = _plain_json_object(field_name, value, error)
+    else:
+        plain = json.loads(text)  # the copy, in C: what the database will hand back
+    _check_size(field_name, text, error, None)
+    return plain, text
+
+
+def _fast_json_text(value: Any) -> str | None:
+    """The JSON text of ``value`` if it is certainly valid plain JSON, else None.
+
+    The fast path of validation: one encoding in C instead of a walk in Python. It answers None
+    (and the caller walks the value with ``_plain_json_value``, which finds the precise error or
+    copies the mapping/tuple json cannot encode) whenever it cannot prove the value valid:
+    - json refuses it (a set, an object, NaN, Infinity, a non-dict mapping, a huge int...);
+    - the text has an escaped NUL ``\\u0000`` (json escapes every NUL; this may also be a
+      literal backslash followed by ``u0000``, which the walk then accepts);
+    - it has as many brackets as the depth limit: ``JSON_MAX_DEPTH - 1`` containers put no value
+      deeper than the limit, and brackets inside strings only overcount;
+    - a key is not a ``str`` (json would turn ``1``, ``True`` or ``None`` into a string key) or a
+      container is a subclass or a tuple: ``_plain_keys`` checks the exact types of dicts only.
+    """
+    if type(value) is not dict:
+        return None
     try:
-        text = json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
-    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
-        raise error(field_name, f"cannot be written as JSON ({exc})") from exc
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise error(field_name, "contains text that is not valid Unicode") from exc
-    limit = runs_settings.MAX_PAYLOAD_BYTES
+        text = encode_json(value)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if "\\u0000" in text or text.count("{") + text.count("[") >= JSON_MAX_DEPTH:
+        return None
+    return text if _plain_keys(value) else None
+
+
+def _plain_keys(value: dict[Any, Any] | list[Any]) -> bool:
+    """Every dict in ``value`` has str keys and holds only dicts, lists and JSON scalars (exact
+    types). Recursion is bounded: the caller checked the nesting first."""
+    items = value.values() if type(value) is dict else value
+    if type(value) is dict and not all(type(key) is str for key in value):
+        return False
+    for item in items:
+        kind = type(item)
+        if kind is dict or kind is list:
+            if not _plain_keys(item):
+                return False
+        elif kind not in _JSON_SCALARS:
+            return False
+    return True
+
+
+def _check_size(field_name: str, text: str, error: type[InvalidInput], limit: int | None) -> None:
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise error(field_name, "contains text that is not valid Unicode") from exc
+    if limit is None:
+        limit = runs_settings.MAX_PAYLOAD_BYTES
     if size > limit:
         raise error(
             field_name,
             f"is {size} bytes of JSON; the limit is {limit} (RUNS_APP['MAX_PAYLOAD_BYTES'])",
             limit=limit,
         )
+
+
+def _plain_json_object(
+    field_name: str, value: Any, error: type[InvalidInput]
+) -> tuple[dict[str, Any], str]:
+    """The detailed walk: the precise error, or a plain copy and its text (size not checked)."""
+    if not isinstance(value, Mapping):
+        raise error(field_name, f"must be a JSON object (a dict), not {type(value).__name__}")
+    plain: dict[str, Any] = _plain_json_value(field_name, value, 1, error)
+    try:
+        text = encode_json(plain)
+    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
+        raise error(field_name, f"cannot be written as JSON ({exc})") from exc
     return plain, text
 
 
@@ -208,9 +296,8 @@ def prepare_event(value: Any, field_name: str = "event") -> PreparedEvent:
     if payload is None:
         payload = {}
     validate_text(f"{field_name}.type", event_type, EVENT_TYPE_MAX_LENGTH, error=InvalidEvent)
-    return PreparedEvent(
-        event_type, validate_json_object(f"{field_name}.payload", payload, error=InvalidEvent)
-    )
+    plain, text = validated_json_object(f"{field_name}.payload", payload, error=InvalidEvent)
+    return PreparedEvent(event_type, plain, text)
 
 
 def prepare_events(events: Iterable[Any]) -> list[PreparedEvent]:
