@@ -127,7 +127,7 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 
 def check_database(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
     """SQLite needs RETURNING (3.35+) and, for safe concurrent writers, IMMEDIATE transactions."""
-    from .services.db import db_alias  # the database the services write to
+    from .db import db_alias  # the database the services write to
 
     connection = connections[db_alias()]
     if connection.vendor != "sqlite":

@@ -35,8 +35,8 @@ from django.db.models import (
 from django.utils import timezone
 
 from .conf import runs_settings
+from .db import db_alias
 from .models import Run, RunEvent, RunOutbox, RunState, RunStatus
-from .services.db import db_alias
 
 
 def _pending_events(run_ref: str, next_seq_ref: str) -> QuerySet[RunEvent]:

@@ -30,7 +30,7 @@ from typing import Any
 from django.db import connections
 
 from .conf import runs_settings
-from .services.db import connection_for_write, db_alias, is_postgresql
+from .db import connection_for_write, db_alias, is_postgresql
 
 logger = logging.getLogger("runs_app.notify")
 

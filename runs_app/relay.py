@@ -81,11 +81,11 @@ from django.db.models import (
 from django.db.models.functions import Now, RowNumber
 
 from .conf import runs_settings
+from .db import connection_for_write, db_alias, is_postgresql, table
 from .exceptions import InvalidInput, OutboxNotBlocked, RunNotFound
 from .models import Run, RunEvent, RunOutbox
 from .notify import OutboxListener, notify_outbox
 from .publishers import Message, Publisher, close_publisher, load_publisher
-from .services.db import connection_for_write, db_alias, is_postgresql, table
 from .services.events import insert_events
 from .services.validation import PreparedEvent, error_text, run_id_of, validate_run_id
 

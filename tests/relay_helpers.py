@@ -19,8 +19,8 @@ from django.db import connection
 from django.db.models import Max
 from django.utils import timezone
 
+from runs_app.db import table
 from runs_app.models import Run, RunEvent, RunOutbox, RunState, RunStatus
-from runs_app.services.db import table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,9 +19,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from ..conf import runs_settings
+from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import CleanupRefusalReason, CleanupRefused, RunNotFound
 from ..models import CleanupStatus, FlushStatus, Project, Run, RunState, RunStatus
-from .db import connection_for_write, db_alias, is_postgresql, table
 from .events import insert_events
 from .validation import PreparedEvent, run_id_of
 

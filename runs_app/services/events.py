@@ -9,10 +9,10 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import RunClosed, RunNotFound
 from ..models import Run, RunEvent, RunState, RunStatus
 from ..notify import returning_clause
-from .db import connection_for_write, db_alias, is_postgresql, table
 from .validation import PreparedEvent, encode_json_string, prepare_events, run_id_of
 
 

@@ -20,6 +20,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from ..conf import runs_settings
+from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import FlushFailed, InvalidInput, RunClosed
 from ..models import (
     PROJECT_KEY_MAX_LENGTH,
@@ -31,7 +32,6 @@ from ..models import (
     RunStatus,
 )
 from .cleanup import RECORD_OVERHEAD, removal_record_budget, removal_record_size
-from .db import connection_for_write, db_alias, is_postgresql, table
 from .events import insert_events
 from .runs import lock_state
 from .validation import (

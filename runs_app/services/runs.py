@@ -21,10 +21,10 @@ from django.db.models import Max
 from django.utils import timezone
 
 from ..conf import runs_settings
+from ..db import connection_for_write, db_alias, is_postgresql
 from ..exceptions import InvalidInput, RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
 from ..models import FlushStatus, Project, Run, RunOutbox, RunState, RunStatus
 from ..notify import notify_outbox
-from .db import connection_for_write, db_alias, is_postgresql
 from .events import ensure_run_accepts_events, insert_event_rows, insert_events
 from .validation import (
     PreparedEvent,

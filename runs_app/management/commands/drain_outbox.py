@@ -13,10 +13,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
 from ... import relay
+from ...db import db_alias
 from ...exceptions import InvalidInput, PublisherError
 from ...models import RunOutbox
 from ...publishers import close_publisher, load_publisher
-from ...services.db import db_alias
 from ...services.validation import validate_run_id
 from ..argtypes import positive_int, positive_seconds
 

@@ -6,7 +6,7 @@ from django.db import connections, router
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
-from ..models import Run
+from .models import Run
 
 
 def db_alias() -> str:
