@@ -87,7 +87,13 @@ from .models import Run, RunEvent, RunOutbox
 from .notify import OutboxListener, notify_outbox
 from .publishers import Message, Publisher, close_publisher, load_publisher
 from .services.events import insert_events
-from .services.validation import PreparedEvent, error_text, run_id_of, validate_run_id
+from .services.validation import (
+    PreparedEvent,
+    error_text,
+    run_id_of,
+    validate_duration,
+    validate_run_id,
+)
 
 logger = logging.getLogger("runs_app.relay")
 
@@ -275,16 +281,7 @@ def prune_outbox(older_than: float | dt.timedelta, *, batch_size: int | None = N
     Deletes in batches of ``batch_size`` (default ``CLEANUP_BATCH_SIZE``), each one statement in
     its own short transaction, so the relay and appenders are never held up for long.
     """
-    if isinstance(older_than, dt.timedelta):
-        age = older_than
-    elif isinstance(older_than, int | float) and not isinstance(older_than, bool):
-        age = dt.timedelta(seconds=older_than)
-    else:
-        raise InvalidInput(
-            "older_than", f"must be seconds or a timedelta, not {type(older_than).__name__}"
-        )
-    if age < dt.timedelta(0):
-        raise InvalidInput("older_than", "must not be negative", limit=0)
+    age = validate_duration("older_than", older_than, allow_zero=True)
     size = _positive("batch_size", batch_size, runs_settings.CLEANUP_BATCH_SIZE)
     alias = db_alias()
     cutoff = ExpressionWrapper(Now() - age, output_field=DateTimeField())

@@ -411,3 +411,16 @@ def test_a_deleted_run_object_is_not_found(run: Run) -> None:
         with pytest.raises(RunNotFound):
             action()
     assert snapshot() == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1, "60", True])
+def test_durations_are_checked_alike(bad: Any) -> None:
+    # prune_outbox and fail_stale_runs share one rule: seconds or a timedelta, finite.
+    for action in (services.prune_outbox, services.fail_stale_runs):
+        with pytest.raises(InvalidInput) as info:
+            action(bad)
+        assert info.value.field == "older_than"
+    with pytest.raises(InvalidInput):
+        services.fail_stale_runs(0)  # stale after 0 s would fail every active run
+    assert services.prune_outbox(0) == 0  # prune everything published: allowed

@@ -23,7 +23,7 @@ from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import CleanupRefusalReason, CleanupRefused, RunNotFound
 from ..models import CleanupStatus, FlushStatus, Project, Run, RunState, RunStatus
 from .events import insert_events
-from .validation import PreparedEvent, run_id_of
+from .validation import PreparedEvent, encode_json, run_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def _json_value(data: Any) -> Any:
 
 def json_size(value: Any) -> int:
     """Bytes of compact UTF-8 JSON: the rule ``MAX_PAYLOAD_BYTES`` is measured by."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return len(encode_json(value).encode("utf-8"))
 
 
 def _envelope_size(scope: str) -> int:

@@ -10,7 +10,6 @@ single-row statements, one set-based UPDATE and one bulk insert, no I/O outside 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
@@ -22,7 +21,7 @@ from django.utils import timezone
 
 from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql
-from ..exceptions import InvalidInput, RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
+from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
 from ..models import FlushStatus, Project, Run, RunOutbox, RunState, RunStatus
 from ..notify import notify_outbox
 from .events import ensure_run_accepts_events, insert_event_rows, insert_events
@@ -32,6 +31,7 @@ from .validation import (
     new_run_id,
     prepare_events,
     run_id_of,
+    validate_duration,
     validate_json_object,
     validate_run_id,
     validate_scope,
@@ -318,17 +318,7 @@ def stale_cutoff(older_than: float | timedelta | None = None) -> datetime:
     """The heartbeat time before which an active run counts as stale."""
     if older_than is None:
         older_than = runs_settings.RUN_STALE_AFTER
-    if isinstance(older_than, timedelta):
-        seconds = older_than.total_seconds()
-    elif isinstance(older_than, int | float) and not isinstance(older_than, bool):
-        seconds = float(older_than)
-    else:
-        raise InvalidInput(
-            "older_than", f"must be seconds or a timedelta, not {type(older_than).__name__}"
-        )
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise InvalidInput("older_than", f"must be positive, not {seconds!r}", limit="> 0")
-    return timezone.now() - timedelta(seconds=seconds)
+    return timezone.now() - validate_duration("older_than", older_than)
 
 
 def fail_stale_runs(older_than: float | timedelta | None = None) -> int:
@@ -349,8 +339,11 @@ def fail_stale_runs(older_than: float | timedelta | None = None) -> int:
     )
     failed = 0
     for run_id in candidates:
-        with transaction.atomic(using=db_alias()):
-            failed += _fail_if_stale(lock_state(run_id), cutoff)
+        try:
+            with transaction.atomic(using=db_alias()):
+                failed += _fail_if_stale(lock_state(run_id), cutoff)
+        except RunNotFound:
+            continue  # deleted since the candidates were read: nothing left to reap
     return failed
 
 

@@ -5,6 +5,7 @@ Each error is an ``InvalidInput`` (or ``InvalidEvent``) naming the field and the
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import uuid
@@ -304,3 +305,22 @@ def prepare_events(events: Iterable[Any]) -> list[PreparedEvent]:
     if isinstance(events, Mapping | Event | str | bytes):
         raise InvalidEvent("events", "must be a list of events, not a single event")
     return [prepare_event(event, f"events[{index}]") for index, event in enumerate(events)]
+
+
+def validate_duration(
+    field_name: str, value: Any, *, allow_zero: bool = False
+) -> datetime.timedelta:
+    """A duration given as seconds (int or float) or a timedelta: finite, positive (or zero
+    when ``allow_zero``)."""
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise InvalidInput(
+            field_name, f"must be seconds or a timedelta, not {type(value).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        rule = ">= 0" if allow_zero else "> 0"
+        raise InvalidInput(field_name, f"must be a finite number {rule}, not {value!r}", limit=rule)
+    return datetime.timedelta(seconds=seconds)
