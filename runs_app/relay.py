@@ -101,6 +101,9 @@ logger = logging.getLogger("runs_app.relay")
 RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 30.0
 
+# The outbox fields of a lease; every release (ack, failure, retry, skip, unused) clears them all.
+NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_until": None, "leased_by": ""}
+
 # Monotonic clock used to decide when to renew leases; a module attribute so a test can move it.
 monotonic = time.monotonic
 
@@ -208,14 +211,7 @@ def retry_outbox(run: Run | str) -> None:
         updated = (
             RunOutbox.objects.using(alias)
             .filter(run_id=run_id)
-            .update(
-                blocked_at=None,
-                attempts=0,
-                next_attempt_at=None,
-                lease_token=None,
-                lease_until=None,
-                leased_by="",
-            )
+            .update(blocked_at=None, attempts=0, next_attempt_at=None, **NO_LEASE)
         )
         if updated:
             notify_outbox()  # the relays may pick it up now, not at their next poll
@@ -247,13 +243,7 @@ def skip_outbox_event(run: Run | str) -> RunEvent:
             raise OutboxNotBlocked(run_id)
         RunEvent.objects.using(alias).filter(pk=head.pk).update(skipped_at=Now())
         RunOutbox.objects.using(alias).filter(run_id=run_id).update(
-            next_seq=head.seq + 1,
-            attempts=0,
-            next_attempt_at=None,
-            blocked_at=None,
-            lease_token=None,
-            lease_until=None,
-            leased_by="",
+            next_seq=head.seq + 1, attempts=0, next_attempt_at=None, blocked_at=None, **NO_LEASE
         )
         insert_events(
             run_id,
@@ -767,15 +757,25 @@ def record_failure(claim: Claim, run: ClaimedRun, error: BaseException) -> bool:
     delay = dt.timedelta(seconds=backoff_seconds(attempts))
     alias = db_alias()
     with transaction.atomic(using=alias):
-        RunOutbox.objects.using(alias).filter(run_id=run.run_id, lease_token=claim.token).update(
-            attempts=attempts,
-            last_error=error_text(f"{type(error).__name__}: {error}"),
-            next_attempt_at=None if blocked else _db_now_plus(delay),
-            blocked_at=Now() if blocked else None,
-            lease_token=None,
-            lease_until=None,
-            leased_by="",
+        recorded = (
+            RunOutbox.objects.using(alias)
+            .filter(run_id=run.run_id, lease_token=claim.token)
+            .update(
+                attempts=attempts,
+                last_error=error_text(f"{type(error).__name__}: {error}"),
+                next_attempt_at=None if blocked else _db_now_plus(delay),
+                blocked_at=Now() if blocked else None,
+                **NO_LEASE,
+            )
         )
+    if not recorded:
+        logger.warning(
+            "publish failed for run %s, but its lease was taken over: the relay that holds it "
+            "now retries (failure not recorded): %s",
+            run.run_id,
+            error,
+        )
+        return False
     if blocked:
         logger.error(
             "outbox of run %s blocked after %d failed attempts: %s", run.run_id, attempts, error
@@ -821,7 +821,7 @@ def release_leases(claim: Claim, run_ids: Sequence[str]) -> int:
         return (
             RunOutbox.objects.using(alias)
             .filter(run_id__in=run_ids, lease_token=claim.token)
-            .update(lease_token=None, lease_until=None, leased_by="")
+            .update(**NO_LEASE)
         )
 
 

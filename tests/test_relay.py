@@ -382,7 +382,9 @@ def test_stale_failure_and_release_change_nothing() -> None:
     )
     relay.claim_runs(10)
     before = snapshot()
-    relay.record_failure(stale, stale.runs[0], RuntimeError("late"))
+    # Not recorded, so not reported as blocked, whatever MAX_ATTEMPTS says.
+    with override_settings(RUNS_APP={"MAX_ATTEMPTS": 1}):
+        assert relay.record_failure(stale, stale.runs[0], RuntimeError("late")) is False
     relay.release_leases(stale, ["a"])
     assert relay.renew_leases(stale.token, ["a"]) == set()
     assert snapshot() == before
