@@ -13,8 +13,8 @@ For each operation, raw psycopg and runs_app run alternately (the order flips ev
 same freshly seeded tables; the table shows the median rate of each side, the ratio
 runs_app / raw (higher is better; for latency and memory raw / runs_app) and the target from
 issue 7. Exit status: 0 when every target is met (``--smoke``: whenever the harness ran end to
-end), 1 when a target is missed, its operation is not available ("n/a") or a step raised (the
-other steps still run), 2 for bad usage.
+end), 1 when a target is missed or a step raised (its row shows "n/a"; the other steps still
+run), 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -482,13 +482,12 @@ class Bench:
     # flush ------------------------------------------------------------------------------------
 
     def flush(self, update: bool) -> Row:
-        from bench import app
+        from runs_app import services
         from runs_app.conf import runs_settings
         from runs_app.services import fail_run
 
         rows = self.sizes.rows
         batch = int(runs_settings.FLUSH_BATCH_SIZE)
-        flush_projects = app.flush_projects()
 
         def measure(side: str) -> float:
             self.raw.reset(self.conn)
@@ -504,8 +503,7 @@ class Bench:
             if side == "raw":
                 self.raw.flush(self.conn, run.pk, SCOPE, projects, batch)
             else:
-                assert flush_projects is not None
-                flush_projects(run, projects)
+                services.flush_projects(run, projects)
             elapsed = time.perf_counter() - began
             self.expect(
                 "projects stamped with the run",
@@ -516,34 +514,22 @@ class Bench:
             )
             return rows / elapsed
 
-        samples = self.alternate(
-            {
-                "raw": lambda: measure("raw"),
-                "app": (lambda: measure("app")) if flush_projects else None,
-            }
-        )
+        samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})
         what = "update pass, 90% existing" if update else "insert pass"
         row = Row(
             "flush_update" if update else "flush_insert",
             f"flush_projects {rows:,} rows, {what}",
             "rows/s",
             Target("ratio_min", 0.7),
-            note=(
-                ""
-                if flush_projects
-                else "flush_projects not in this checkout (data-management branch)"
-            ),
         )
         return self.row(row, samples, "raw", "app")
 
     # confirm ----------------------------------------------------------------------------------
 
     def confirm(self) -> Row:
-        from bench import app
         from runs_app import services
 
         rows = self.sizes.rows
-        available = app.confirms_on_complete()
 
         def measure(side: str) -> float:
             self.raw.reset(self.conn)
@@ -566,28 +552,20 @@ class Bench:
             )
             return rows / elapsed
 
-        samples = self.alternate(
-            {"raw": lambda: measure("raw"), "app": (lambda: measure("app")) if available else None}
-        )
+        samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})
         row = Row(
-            "confirm",
-            f"complete_run confirming {rows:,} rows",
-            "rows/s",
-            Target("ratio_min", 0.5),
-            note="" if available else "complete_run does not confirm projects in this checkout",
+            "confirm", f"complete_run confirming {rows:,} rows", "rows/s", Target("ratio_min", 0.5)
         )
         return self.row(row, samples, "raw", "app")
 
     # cleanup ----------------------------------------------------------------------------------
 
     def cleanup(self) -> Row:
-        from bench import app
         from runs_app import services
         from runs_app.conf import runs_settings
 
         rows, stale = self.sizes.rows, self.sizes.stale_rows
         batch = int(runs_settings.CLEANUP_BATCH_SIZE)
-        safe_cleanup = app.safe_cleanup_old_projects()
 
         def measure(side: str) -> float:
             self.raw.reset(self.conn)
@@ -603,8 +581,7 @@ class Bench:
             if side == "raw":
                 self.raw.cleanup(self.conn, run.pk, SCOPE, batch)
             else:
-                assert safe_cleanup is not None
-                safe_cleanup(run)
+                services.safe_cleanup_old_projects(run)
             elapsed = time.perf_counter() - began
             self.expect(
                 "projects left",
@@ -613,22 +590,12 @@ class Bench:
             )
             return stale / elapsed
 
-        samples = self.alternate(
-            {
-                "raw": lambda: measure("raw"),
-                "app": (lambda: measure("app")) if safe_cleanup else None,
-            }
-        )
+        samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})
         row = Row(
             "cleanup",
             f"safe_cleanup_old_projects {stale:,} of {rows:,} rows",
             "rows/s",
             Target("ratio_min", 0.5),
-            note=(
-                ""
-                if safe_cleanup
-                else "safe_cleanup_old_projects not in this checkout (data-management branch)"
-            ),
         )
         return self.row(row, samples, "raw", "app")
 
@@ -700,9 +667,7 @@ class Bench:
             from django.db import connection
 
             connection.ensure_connection()
-            drain_once = app.drain_outbox_once()
-            assert drain_once is not None
-            return lambda: app.drain_all(drain_once)
+            return app.drain_all
 
         return prepare
 
@@ -721,21 +686,15 @@ class Bench:
         return total / elapsed
 
     def drain(self) -> list[Row]:
-        from bench import app
 
         runs, per_run = self.sizes.runs, self.sizes.events_per_run
         total = runs * per_run
-        available = app.drain_outbox_once() is not None
-        rounds: dict[str, Callable[[], float] | None] = {}
-        for side in ("raw", "app"):
-            for processes in (1, 2):
-                rounds[f"{side}{processes}"] = (
-                    partial(self.drain_round, side, processes, runs, per_run)
-                    if side == "raw" or available
-                    else None
-                )
+        rounds: dict[str, Callable[[], float] | None] = {
+            f"{side}{processes}": partial(self.drain_round, side, processes, runs, per_run)
+            for side in ("raw", "app")
+            for processes in (1, 2)
+        }
         samples = self.alternate(rounds)
-        note = "" if available else "drain_outbox_once not in this checkout (relay branch)"
         what = f"{total:,} events over {runs:,} runs"
         one = self.row(
             Row(
@@ -743,7 +702,6 @@ class Bench:
                 f"drain_outbox_once, 1 process, {what}",
                 "events/s",
                 Target("ratio_min", 0.4),
-                note=note,
             ),
             samples,
             "raw1",
@@ -766,14 +724,12 @@ class Bench:
         return [one, two, scaling]
 
     def drain_per_run(self) -> Row:
-        from bench import app
 
         runs = self.sizes.per_run_runs
-        available = app.drain_outbox_once() is not None
         samples = self.alternate(
             {
                 "raw": lambda: self.drain_round("raw", 1, runs, 1),
-                "app": (lambda: self.drain_round("app", 1, runs, 1)) if available else None,
+                "app": lambda: self.drain_round("app", 1, runs, 1),
             }
         )
         row = Row(
@@ -781,7 +737,6 @@ class Bench:
             f"drain_outbox_once, 1 process, 1 event per run ({runs:,} runs)",
             "events/s",
             Target("info"),
-            note="" if available else "drain_outbox_once not in this checkout (relay branch)",
         )
         return self.row(row, samples, "raw", "app")
 
@@ -866,18 +821,15 @@ class Bench:
             os.close(read_fd)
 
     def latency(self) -> list[Row]:
-        from bench import app
 
-        available = app.has_drain_command()
         raw_samples = self.latency_samples("raw")
-        app_samples = self.latency_samples("app") if available else []
+        app_samples = self.latency_samples("app")
 
         def quantile(samples: list[float], q: int) -> float | None:
             if len(samples) < 2:
                 return samples[0] if samples else None
             return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
-        note = "" if available else "manage.py drain_outbox not in this checkout (relay branch)"
         rows = []
         for q, target in ((50, Target("app_max", 50, " ms")), (99, Target("info"))):
             rows.append(
@@ -889,7 +841,6 @@ class Bench:
                     raw=quantile(raw_samples, q),
                     app=quantile(app_samples, q),
                     higher_is_better=False,
-                    note=note if q == 50 else "",
                     raw_samples=raw_samples if q == 50 else [],
                     app_samples=app_samples if q == 50 else [],
                 )
@@ -899,12 +850,10 @@ class Bench:
     # memory -----------------------------------------------------------------------------------
 
     def memory(self) -> Row:
-        from bench import app
 
-        available = app.flush_projects() is not None
         results: dict[str, float] = {}
         notes = []
-        for side in ("raw", "app") if available else ("raw",):
+        for side in ("raw", "app"):
             self.raw.reset(self.conn)
             self.raw.settle(self.conn)
             child = subprocess.run(
@@ -932,8 +881,6 @@ class Bench:
                 f" before the flush ({report['rows_per_s']:,.0f} rows/s)"
             )
             log(f"    {notes[-1]}")
-        if not available:
-            notes.append("flush_projects not in this checkout (data-management branch)")
         rows = self.sizes.memory_rows
         return Row(
             "memory",
@@ -950,7 +897,7 @@ class Bench:
 def memory_child(side: str, url: str, rows: int) -> None:
     """Flush ``rows`` projects from a generator in this fresh process; print its peak RSS."""
     configure_django(url)
-    from bench import app, raw
+    from bench import raw
     from runs_app import services
     from runs_app.conf import runs_settings
 
@@ -969,9 +916,7 @@ def memory_child(side: str, url: str, rows: int) -> None:
                 conn, run.pk, SCOPE, project_stream(rows, 1), int(runs_settings.FLUSH_BATCH_SIZE)
             )
     else:
-        flush_projects = app.flush_projects()
-        assert flush_projects is not None
-        flush_projects(run, project_stream(rows, 1))
+        services.flush_projects(run, project_stream(rows, 1))
     elapsed = time.perf_counter() - began
     with raw.connect(url) as conn:
         flushed = raw.count(
