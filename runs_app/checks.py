@@ -14,7 +14,7 @@ from django.apps import AppConfig
 from django.core import checks
 from django.db import connections
 
-from .conf import DEFAULTS, user_settings
+from .conf import DEFAULTS, MAX_DURATION_SECONDS, user_settings
 
 NOTIFY_CHANNEL_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -35,6 +35,13 @@ def _positive_number(value: Any) -> bool:
     return _is_number(value) and value > 0
 
 
+def _duration(value: Any) -> bool:
+    return _positive_number(value) and value <= MAX_DURATION_SECONDS
+
+
+DURATION = f"a positive number of seconds, at most {MAX_DURATION_SECONDS} (100 years)"
+
+
 # key -> (check id, is the value valid?, what a valid value is)
 SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "MAX_PAYLOAD_BYTES": ("runs_app.E003", _positive_int, "a positive integer (bytes)"),
@@ -50,7 +57,7 @@ SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
         lambda v: v is None or (_is_int(v) and v >= 0),
         "None (no limit) or an integer >= 0",
     ),
-    "RUN_STALE_AFTER": ("runs_app.E008", _positive_number, "a positive number of seconds"),
+    "RUN_STALE_AFTER": ("runs_app.E008", _duration, DURATION),
     "PUBLISHER": (
         "runs_app.E009",
         lambda v: isinstance(v, str) and "." in v and not v.startswith("."),
@@ -62,15 +69,15 @@ SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
         "a dict of keyword arguments for the publisher class",
     ),
     "DRAIN_BATCH_SIZE": ("runs_app.E011", _positive_int, "a positive integer (events)"),
-    "LEASE_SECONDS": ("runs_app.E012", _positive_number, "a positive number of seconds"),
+    "LEASE_SECONDS": ("runs_app.E012", _duration, DURATION),
     "MAX_ATTEMPTS": ("runs_app.E013", _positive_int, "a positive integer"),
-    "RETRY_BASE_SECONDS": ("runs_app.E014", _positive_number, "a positive number of seconds"),
+    "RETRY_BASE_SECONDS": ("runs_app.E014", _duration, DURATION),
     "RETRY_MAX_SECONDS": (
         "runs_app.E015",
-        _positive_number,
-        "a positive number of seconds, at least RETRY_BASE_SECONDS",
+        _duration,
+        "a positive number of seconds, at least RETRY_BASE_SECONDS, at most 3153600000",
     ),
-    "POLL_INTERVAL": ("runs_app.E016", _positive_number, "a positive number of seconds"),
+    "POLL_INTERVAL": ("runs_app.E016", _duration, DURATION),
     "NOTIFY": ("runs_app.E017", lambda v: isinstance(v, bool), "True or False"),
     "NOTIFY_CHANNEL": (
         "runs_app.E018",

@@ -11,6 +11,10 @@ from typing import Any
 
 from django.conf import settings as django_settings
 
+#: The longest duration a setting or argument takes: 100 years, far beyond any sensible staleness
+#: or retention, and far below what ``datetime`` arithmetic overflows at.
+MAX_DURATION_SECONDS = 100 * 365 * 24 * 3600
+
 DEFAULTS: dict[str, Any] = {
     "MAX_PAYLOAD_BYTES": 262144,
     "FLUSH_BATCH_SIZE": 1000,

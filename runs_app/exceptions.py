@@ -86,6 +86,41 @@ class FlushFailed(RunsError):
         super().__init__(f"Flush of run {run_id!r} failed: {message}")
 
 
+class FlushEnded(FlushFailed):
+    """A flush was started on a run whose flush had ended already (it succeeded).
+
+    Raised by ``flush_projects`` and ``flush`` (the session). A source read page by page must
+    write every page through one session; a second flush of an active run means the first one
+    did not see the whole source, so the run's flush is recorded as failed (it can no longer
+    complete) and no row is written."""
+
+    def __init__(self, run_id: str) -> None:
+        FlushFailed.__init__(
+            self,
+            run_id,
+            "its flush had ended already (one flush per run). A source read page by page "
+            "writes every page through one session: "
+            "`with services.flush(run) as flush: flush.write(page)`; the run can no longer "
+            "complete",
+        )
+
+
+class FlushInTransaction(RunsError):
+    """A flush session was opened inside a transaction (the caller's ``atomic()``).
+
+    A session commits ``in_progress`` when it opens and records its own failure when it ends,
+    which a transaction of the caller's could roll back. Open the session outside any
+    transaction; its ``write()`` calls may run inside your own ``atomic()`` blocks."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"Flush of run {run_id!r}: open the flush session (or call flush_projects) outside "
+            "any transaction, so its in_progress mark and its failure commit whatever your "
+            "transaction does; write pages inside your own atomic() blocks if you need to."
+        )
+
+
 class CleanupRefused(RunsError):
     """Cleanup refused to delete anything. ``reason`` is a code from ``CLEANUP_REFUSAL_REASONS``."""
 

@@ -38,8 +38,15 @@ class FlushStatus(models.TextChoices):
 
 class CleanupStatus(models.TextChoices):
     NOT_RUN = "not_run", "not run"
+    IN_PROGRESS = "in_progress", "in progress"
     REFUSED = "refused", "refused"
     DONE = "done", "done"
+
+
+class FlushSessionStatus(models.TextChoices):
+    OPEN = "open", "open"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
 
 
 class Run(models.Model):
@@ -51,7 +58,13 @@ class Run(models.Model):
     # Per-run event counter: the seq of the newest event. Bumped with a row lock by append_events.
     last_seq = models.PositiveBigIntegerField(default=0)
     # Creation order, independent of clocks: "newer run" compares ordinals, never timestamps.
+    # Increasing within a scope (creation is serialised per scope); on PostgreSQL drawn from a
+    # sequence, so two scopes never wait on each other for it.
     ordinal = models.PositiveBigIntegerField(unique=True, editable=False)
+    # Set in the transaction that completes or fails the run. It lives on this row, the one
+    # every writer locks first, so an append that waited for a closing transaction re-reads it
+    # on the row version that transaction committed and refuses (see services.events).
+    closed = models.BooleanField(default=False, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
 
     state: RunState
@@ -119,6 +132,44 @@ class RunState(models.Model):
         if self.flush_status == FlushStatus.NOT_STARTED:
             return None
         return self.flush_status == FlushStatus.SUCCEEDED
+
+
+class RunFlushSession(models.Model):
+    """One flush session of a run (``services.flush``): a worker writing (part of) the source.
+
+    The run-level ledger (``RunState.flush_status``) summarises them: ``in_progress`` while one
+    is open, ``succeeded`` when every one closed cleanly, ``failed`` (sticky) once one failed.
+    ``batches`` counts the batches this session committed; the session compares it with the
+    batches it wrote when it closes, so a batch rolled back by the caller's transaction is
+    noticed and fails the session.
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="flush_sessions")
+    # The model flushed, as "app_label.model_name" (today always runs_app.project).
+    model = models.CharField(max_length=100, default="runs_app.project")
+    status = models.CharField(
+        max_length=16, choices=FlushSessionStatus.choices, default=FlushSessionStatus.OPEN
+    )
+    error = models.TextField(blank=True, default="")
+    batches = models.PositiveBigIntegerField(default=0)
+    rows_seen = models.PositiveBigIntegerField(default=0)
+    rows_created = models.PositiveBigIntegerField(default=0)
+    rows_updated = models.PositiveBigIntegerField(default=0)
+    opened_at = models.DateTimeField(default=timezone.now)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "id"]
+        indexes = [
+            models.Index(
+                fields=["run"],
+                condition=Q(status="open"),
+                name="runs_app_flushsession_open",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"flush session {self.pk} of {self.run_id}: {self.status}"
 
 
 class RunOutbox(models.Model):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cleanup import CleanupResult, safe_cleanup_old_projects
 from .events import append_events, list_events
-from .flush import FlushResult, flush_projects
+from .flush import FlushResult, FlushSession, flush, flush_projects
 from .runs import (
     complete_run,
     create_run,
@@ -60,6 +60,7 @@ __all__ = [
     "DrainResult",
     "Event",
     "FlushResult",
+    "FlushSession",
     "append_events",
     "complete_run",
     "create_run",
@@ -68,6 +69,7 @@ __all__ = [
     "ensure_run",
     "fail_run",
     "fail_stale_runs",
+    "flush",
     "flush_projects",
     "get_run",
     "heartbeat",

@@ -34,17 +34,22 @@ def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
 
 
 def insert_events(
-    run_id: str, events: Sequence[PreparedEvent], *, allow_closed: bool = False
+    run_id: str,
+    events: Sequence[PreparedEvent],
+    *,
+    allow_closed: bool = False,
+    close: bool = False,
 ) -> list[RunEvent]:
     """Allocate seqs and insert validated events. Call inside a transaction.
 
     ``allow_closed`` is for the app's own lifecycle and audit events (``run.completed``,
     ``cleanup.refused``...), which are appended to runs that callers may no longer write to.
+    ``close`` marks the run closed in the same statement (``run.completed`` / ``run.failed``).
     """
     if not events:
         ensure_run_accepts_events(run_id, allow_closed=allow_closed)
         return []
-    last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed)
+    last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed, close=close)
     now = timezone.now()
     ids = insert_event_rows(run_id, last_seq - len(events) + 1, events, now)
     alias = db_alias()
@@ -101,32 +106,30 @@ def insert_event_rows(
         return [(int(seq), int(event_id)) for seq, event_id in cursor.fetchall()]
 
 
-def reserve_seqs(run_id: str, count: int, *, allow_closed: bool) -> int:
+def reserve_seqs(run_id: str, count: int, *, allow_closed: bool, close: bool = False) -> int:
     """Bump ``Run.last_seq`` by ``count`` and return the new value; locks the run row.
 
     Raw SQL because the ORM cannot return the updated counter from the UPDATE itself
     (``F("last_seq") + count`` would need a second query, racing other appenders).
 
+    Unless ``allow_closed``, the UPDATE only matches an open run (``closed = false``). The flag
+    is a column of the row being updated, not a subquery: an append that waited for the lock of
+    a transaction closing the run re-checks its WHERE on the row version that transaction
+    committed (PostgreSQL's READ COMMITTED re-evaluation), so it refuses instead of appending
+    after ``run.completed`` / ``run.failed``. ``close=True`` sets the flag in the same statement
+    (the closing event's own append).
+
     The same statement wakes the listening relays at commit (``pg_notify`` as an extra RETURNING
     column, see :mod:`runs_app.notify`): no extra round trip per append.
     """
-    status_filter = (
-        ""
-        if allow_closed
-        else (
-            f" AND EXISTS (SELECT 1 FROM {table(RunState)} s"
-            f" WHERE s.run_id = {table(Run)}.id AND s.status = %s)"
-        )
-    )
-    params: list[Any] = [count, run_id]
-    if not allow_closed:
-        params.append(RunStatus.ACTIVE)
+    closing = ", closed = true" if close else ""
+    where = "" if allow_closed else " AND NOT closed"
     notify_sql, notify_params = returning_clause()
     with connection_for_write().cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table(Run)} SET last_seq = last_seq + %s WHERE id = %s{status_filter}"
+            f"UPDATE {table(Run)} SET last_seq = last_seq + %s{closing} WHERE id = %s{where}"
             f" RETURNING last_seq{notify_sql}",
-            [*params, *notify_params],
+            [count, run_id, *notify_params],
         )
         row = cursor.fetchone()
     if row is None:

@@ -1,9 +1,14 @@
-"""Flushing projects: upserting what a run saw, batch by batch, with a ledger that says whether
-the flush finished.
+"""Flushing projects: upserting what a run saw, in flush sessions whose ledger says whether the
+whole source was read.
 
-The ledger (``RunState.flush_status``) is what keeps cleanup safe: it only becomes
-``succeeded`` in the same transaction as the last batch of a call that read its whole input, so
-a run whose scan or upsert failed half-way can never be taken for a run that saw everything.
+A flush session (``with services.flush(run) as flush: flush.write(page)``) is the only way rows
+reach the table. The run's ledger (``RunState.flush_status``) is ``in_progress`` from the moment
+a session opens (committed before any row is read) and becomes ``succeeded`` only when every
+session of the run has left its block normally. Whatever escapes the block, whatever write
+failed (even if the caller caught the error), and a batch that the caller's own transaction
+rolled back, each leave the flush ``failed``; a process that dies leaves ``in_progress``. Both
+make ``complete_run`` fail the run and cleanup refuse, so a run that did not see its whole
+source never deletes anything.
 """
 
 from __future__ import annotations
@@ -13,21 +18,26 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
+from types import TracebackType
 from typing import Any, NamedTuple
 
 from django.db import transaction
-from django.db.models import F
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import F, Model
 from django.utils import timezone
 
 from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql, table
-from ..exceptions import FlushFailed, InvalidInput, RunClosed
+from ..exceptions import FlushEnded, FlushFailed, FlushInTransaction, InvalidInput, RunClosed
 from ..models import (
     PROJECT_KEY_MAX_LENGTH,
     PROJECT_NAME_MAX_LENGTH,
+    FlushSessionStatus,
     FlushStatus,
     Project,
     Run,
+    RunFlushSession,
     RunState,
     RunStatus,
 )
@@ -38,7 +48,7 @@ from .validation import (
     PreparedEvent,
     encode_json_object,
     encode_json_string,
-    error_text,
+    internal_error_text,
     run_id_of,
     validate_text,
 )
@@ -50,8 +60,8 @@ PROJECT_FIELDS = frozenset({"key", "name", "data"})
 
 @dataclass(frozen=True)
 class FlushResult:
-    """What one ``flush_projects`` call wrote. ``seen`` is ``created + updated``: rows upserted
-    (a key repeated inside one batch counts once; repeated across batches, once per batch)."""
+    """What a flush wrote. ``seen`` is ``created + updated``: rows upserted (a key repeated
+    inside one batch counts once; repeated across batches, once per batch)."""
 
     seen: int = 0
     created: int = 0
@@ -72,60 +82,341 @@ class ProjectRow(NamedTuple):
     data: str
 
 
-class _AlreadyFailed(Exception):
-    """Internal: the ledger says ``failed`` already (sticky); nothing to record again."""
+def flush(
+    run: Run | str, model: type[Model] | None = None, *, batch_size: int | None = None
+) -> FlushSession:
+    """A flush session of ``run`` for ``model`` (``Project``, the default and, in this release,
+    the only model), to use as a context manager::
 
-    def __init__(self, error: str) -> None:
-        self.error = error
-        super().__init__(error)
+        with services.flush(run) as flush:
+            for page in source_pages():     # a source failing here fails the flush
+                flush.write(page)           # -> FlushResult of this write
+
+    Validates its arguments at once (``InvalidInput``; nothing written); the session opens when
+    the block is entered. See :class:`FlushSession` for the transactions and the guarantees.
+    """
+    run_id = run_id_of(run)
+    if model is not None and model is not Project:
+        name = getattr(model, "__name__", repr(model))
+        raise InvalidInput(
+            "model", f"{name} cannot be flushed: this release flushes runs_app.Project only"
+        )
+    return FlushSession(run_id, _batch_size(batch_size))
 
 
 def flush_projects(
     run: Run | str, projects: Iterable[Mapping[str, Any]], *, batch_size: int | None = None
 ) -> FlushResult:
-    """Upsert ``projects`` (mappings ``{"key": str, "name": str, "data": dict}``) into the run's
-    scope, stamped ``last_seen_run = run``, and return the counts. May be called many times per
-    run (one call per page); ``projects`` may be any iterable, even a generator of millions of
-    rows: it is read lazily, ``batch_size`` (default ``FLUSH_BATCH_SIZE``) rows at a time, one
-    row ahead.
+    """The one-shot form: one flush session around one iterable. ``projects`` (mappings
+    ``{"key": str, "name": str, "data": dict}``) may be any iterable, even a generator of
+    millions of rows: it is read lazily, ``batch_size`` (default ``FLUSH_BATCH_SIZE``) rows at a
+    time. Returns the counts.
+
+    One call is the run's whole flush: a second call (or session) on the run raises
+    ``FlushEnded`` and writes nothing. For a source read page by page, use the session form,
+    :func:`flush`.
+
+    Raises ``InvalidInput`` (a malformed ``run`` or ``batch_size``; nothing written),
+    ``FlushInTransaction``, ``RunClosed`` (the run is completed or failed; nothing written, its
+    ledger untouched), otherwise ``FlushFailed`` (chained to the cause; ``FlushEnded`` is one).
+    """
+    with flush(run, batch_size=batch_size) as session:
+        session.write(projects)
+    return session.result
+
+
+class FlushSession:
+    """One worker's flush of a run. Use it as a context manager (see :func:`flush`).
 
     Transactions:
-      1. ``flush_status`` becomes ``in_progress`` in its own short transaction, committed before
-         the input is read, so a process dying mid-flush leaves ``in_progress`` behind, which
-         ``complete_run`` and cleanup treat as a failed flush.
-      2. One short transaction per batch, opened only after the batch was read and validated (no
-         input is read inside it): lock the run's state row, check the run is still active,
-         upsert the batch (one statement; keys repeated in the batch: last one wins; rows sorted
-         by key so concurrent writers lock rows in the same order), add the counts to the ledger
-         and refresh the heartbeat (one UPDATE), append a ``projects.flushed`` event. The last
-         batch's transaction also sets ``flush_status = succeeded`` (an empty input is one such
-         transaction with no upsert). A constant number of statements per batch.
-    Called inside the caller's ``atomic()``, these transactions are savepoints of it: they commit
-    with the caller's transaction (and roll back with it, ledger included).
+      * **open** (entering the block): one transaction, which must not be nested in the
+        caller's (``FlushInTransaction`` otherwise): locks the run, checks it is active (else
+        ``RunClosed``, nothing written) and that its flush neither failed (``FlushFailed``) nor
+        ended (``FlushEnded``: the ledger becomes ``failed``), then records the session and
+        sets ``flush_status = in_progress``. Committed before any row is read.
+      * **write(rows)**: one short transaction per batch of ``batch_size`` rows, opened only
+        after the batch was read and validated: lock the run, check it is active and its flush
+        not failed, one upsert statement (keys sorted; a key repeated in the batch keeps its
+        last value), the ledger's and the session's counts and the heartbeat, a
+        ``projects.flushed`` event. A constant number of statements per batch. Inside the
+        caller's ``atomic()`` the batches are savepoints of it.
+      * **close** (the block exits normally): one transaction: checks that every batch this
+        session wrote is still there (a batch rolled back by the caller's transaction fails
+        the session), marks it succeeded and, when no other session of the run is open, sets
+        ``flush_status = succeeded`` with a ``flush.succeeded`` event.
 
-    On any exception (bad input, the source raising, a run closed meanwhile -- e.g. reaped as
-    stale -- a database error) the batch in hand is rolled back, ``flush_status`` becomes
-    ``failed`` with the error in a new short transaction, and ``FlushFailed`` is raised, chained
-    to the cause. Batches committed before stay (they are idempotent upserts; the run will not
-    complete, so cleanup never acts on them). ``failed`` is sticky: later calls raise
-    ``FlushFailed`` at once and write nothing. If recording the failure fails too, the status
-    stays ``in_progress``, which counts as failed as well. (``KeyboardInterrupt`` and other
-    ``BaseException`` are not converted: the batch rolls back and the status stays
-    ``in_progress``.)
+    Failure is sticky: an exception escaping the block, or a ``write`` that raised (even if the
+    caller caught it and went on), records ``flush_status = failed`` with the error (event
+    ``flush.failed``) in a transaction of its own, after the caller's transactions are gone,
+    and raises ``FlushFailed`` chained to the cause. Later writes raise ``FlushFailed`` at once.
+    ``KeyboardInterrupt`` and other ``BaseException`` are recorded too, then re-raised as they
+    are; if the process dies, ``in_progress`` stays, which counts as failed.
 
-    Raises ``InvalidInput`` (a malformed ``run`` or ``batch_size``; nothing written), otherwise
-    only ``FlushFailed``.
+    Several sessions of one run may be open at once (two workers sharing a run): each is
+    counted, and the run's flush succeeds only when all of them closed cleanly; completing the
+    run while one is still open fails it. A completed or failed run is never written to: its
+    ledger is left as it is and ``RunClosed`` is raised.
     """
-    run_id = run_id_of(run)
-    size = _batch_size(batch_size)
-    try:
-        scope = _start(run_id)
-        return _flush_batches(run_id, scope, iter(projects), size)
-    except _AlreadyFailed as exc:
-        raise FlushFailed(run_id, f"its flush failed already ({exc.error})") from None
-    except Exception as exc:
-        _record_failure(run_id, exc)
-        raise FlushFailed(run_id, str(exc) or type(exc).__name__) from exc
+
+    def __init__(self, run_id: str, batch_size: int) -> None:
+        self.run_id = run_id
+        self.batch_size = batch_size
+        self.id: int | None = None  # the FlushSession row, once open
+        self._scope = ""  # the run's, once open
+        self.result = FlushResult()
+        self._batches = 0
+        self._failure: str | None = None
+        self._closed = False
+
+    @property
+    def _session_id(self) -> int:
+        if self.id is None:
+            raise RuntimeError("the flush session is not open")
+        return self.id
+
+    # -- context manager ----------------------------------------------------------------------
+
+    def __enter__(self) -> FlushSession:
+        if self.id is not None or self._closed:
+            raise RuntimeError("a flush session is entered once")
+        self._open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._closed = True
+        if exc is None:
+            self._close()
+            return
+        if isinstance(exc, RunClosed):
+            return  # a closed run's ledger is never touched
+        if isinstance(exc, FlushFailed) and self._failure is not None:
+            self._record_failure(self._failure)  # again: the caller may have rolled it back
+            return
+        message = internal_error_text(f"{type(exc).__name__}: {exc}")
+        self._failure = self._failure or message
+        self._record_failure(self._failure)
+        if isinstance(exc, Exception):
+            raise FlushFailed(self.run_id, message) from exc
+        # KeyboardInterrupt, SystemExit...: recorded, then left to propagate unchanged.
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write(self, rows: Iterable[Mapping[str, Any]]) -> FlushResult:
+        """Upsert ``rows`` (any iterable of project mappings, read lazily, ``batch_size`` at a
+        time) and return what this call wrote. Raises ``FlushFailed`` (chained to the cause:
+        bad input, the iterable raising, a database error; the session is failed for good),
+        ``RunClosed`` (the run was closed meanwhile, e.g. reaped as stale)."""
+        if self.id is None or self._closed:
+            raise RuntimeError("write() is only allowed inside the session's `with` block")
+        if self._failure is not None:
+            raise FlushFailed(self.run_id, f"this flush session failed already ({self._failure})")
+        try:
+            return self._write_all(iter(rows))
+        except RunClosed:
+            self._failure = "the run was closed during the flush"
+            raise
+        except FlushFailed as exc:
+            self._failure = str(exc)
+            self._record_failure(self._failure)
+            raise
+        except Exception as exc:
+            self._failure = internal_error_text(f"{type(exc).__name__}: {exc}")
+            self._record_failure(self._failure)
+            raise FlushFailed(self.run_id, self._failure) from exc
+        except BaseException as exc:
+            self._failure = internal_error_text(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _write_all(self, rows: Iterator[Mapping[str, Any]]) -> FlushResult:
+        total = FlushResult()
+        budget = removal_record_budget(self._scope)
+        payload_limit = runs_settings.MAX_PAYLOAD_BYTES  # once: a settings lookup per row shows
+        index = 0  # position in this call's input, for error messages
+        while True:
+            # The batch is read and validated before its transaction opens: no input is read
+            # while a transaction is open.
+            batch: dict[str, ProjectRow] = {}
+            read = 0
+            for value in islice(rows, self.batch_size):
+                row = validate_project(value, index, budget, payload_limit)
+                batch[row.key] = row  # a key repeated in the batch: the last one wins
+                index += 1
+                read += 1
+            if batch:
+                # Sorted by code point, the order cleanup locks rows in too.
+                written = self._write_batch(sorted(batch.values(), key=lambda r: r.key))
+                total += written
+                self.result += written
+            if read < self.batch_size:
+                return total
+
+    def _write_batch(self, rows: list[ProjectRow]) -> FlushResult:
+        now = timezone.now()
+        alias = db_alias()
+        with transaction.atomic(using=alias):
+            state = lock_state(self.run_id)
+            _check_writable(state)
+            created, updated = _upsert(state.scope, self.run_id, rows, now)
+            seen = created + updated
+            RunState.objects.using(alias).filter(run_id=self.run_id).update(
+                rows_seen=F("rows_seen") + seen,
+                rows_created=F("rows_created") + created,
+                rows_updated=F("rows_updated") + updated,
+                heartbeat_at=now,
+            )
+            counted = (
+                RunFlushSession.objects.using(alias)
+                .filter(pk=self._session_id, status=FlushSessionStatus.OPEN)
+                .update(
+                    batches=F("batches") + 1,
+                    rows_seen=F("rows_seen") + seen,
+                    rows_created=F("rows_created") + created,
+                    rows_updated=F("rows_updated") + updated,
+                )
+            )
+            if not counted:
+                raise FlushFailed(self.run_id, "this flush session was failed meanwhile")
+            payload: dict[str, Any] = {
+                "session": self.id,
+                "seen": seen,
+                "created": created,
+                "updated": updated,
+                "first_key": rows[0].key,
+                "last_key": rows[-1].key,
+            }
+            insert_events(self.run_id, [PreparedEvent("projects.flushed", payload)])
+        self._batches += 1
+        return FlushResult(seen, created, updated)
+
+    # -- open, close, fail ----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        connection = connection_for_write()
+        if _in_transaction(connection):
+            raise FlushInTransaction(self.run_id)
+        alias = db_alias()
+        ended = False
+        with transaction.atomic(using=alias, durable=True):
+            state = lock_state(self.run_id)
+            if state.status != RunStatus.ACTIVE:
+                raise RunClosed(self.run_id, state.status)
+            if state.flush_status == FlushStatus.FAILED:
+                raise FlushFailed(
+                    self.run_id, f"its flush failed already ({state.flush_error or 'failed'})"
+                )
+            if state.flush_status == FlushStatus.SUCCEEDED:
+                ended = True
+                _fail_flush(state, "a flush was started after the run's flush had ended", None)
+            else:
+                now = timezone.now()
+                self.id = (
+                    RunFlushSession.objects.using(alias)
+                    .create(run_id=self.run_id, opened_at=now)
+                    .pk
+                )
+                RunState.objects.using(alias).filter(run_id=self.run_id).update(
+                    flush_status=FlushStatus.IN_PROGRESS, heartbeat_at=now
+                )
+                self._scope = state.scope
+        if ended:
+            self._closed = True
+            raise FlushEnded(self.run_id)
+
+    def _close(self) -> None:
+        if self._failure is not None:
+            self._record_failure(self._failure)
+            raise FlushFailed(self.run_id, f"a write of this session failed ({self._failure})")
+        alias = db_alias()
+        failure: str | None = None
+        with transaction.atomic(using=alias):
+            state = lock_state(self.run_id)
+            if state.status != RunStatus.ACTIVE:
+                raise RunClosed(self.run_id, state.status)
+            session = RunFlushSession.objects.using(alias).get(pk=self._session_id)
+            if session.status != FlushSessionStatus.OPEN:
+                failure = session.error or f"this flush session is {session.status}"
+            elif session.batches != self._batches:
+                failure = (
+                    f"{self._batches - session.batches} of the {self._batches} batch(es) this "
+                    "session wrote were rolled back (by the caller's transaction?)"
+                )
+            elif state.flush_status == FlushStatus.FAILED:
+                failure = f"the run's flush failed in another session ({state.flush_error})"
+            else:
+                now = timezone.now()
+                session.status = FlushSessionStatus.SUCCEEDED
+                session.closed_at = now
+                session.save(using=alias, update_fields=["status", "closed_at"])
+                others = (
+                    RunFlushSession.objects.using(alias)
+                    .filter(run_id=self.run_id, status=FlushSessionStatus.OPEN)
+                    .exists()
+                )
+                ledger: dict[str, Any] = {"heartbeat_at": now}
+                if not others:
+                    ledger.update(flush_status=FlushStatus.SUCCEEDED, flushed_at=now)
+                RunState.objects.using(alias).filter(run_id=self.run_id).update(**ledger)
+                payload = {
+                    "session": self.id,
+                    "seen": session.rows_seen,
+                    "created": session.rows_created,
+                    "updated": session.rows_updated,
+                    "flush_status": FlushStatus.IN_PROGRESS if others else FlushStatus.SUCCEEDED,
+                }
+                insert_events(self.run_id, [PreparedEvent("flush.succeeded", payload)])
+        if failure is not None:
+            self._failure = failure
+            self._record_failure(failure)
+            raise FlushFailed(self.run_id, failure)
+
+    def _record_failure(self, error: str) -> None:
+        """``failed`` on the session and the ledger, with a ``flush.failed`` event, in a
+        transaction of its own; idempotent; never on a closed run. If this write fails too, the
+        status stays ``in_progress``, which counts as failed as well."""
+        try:
+            with transaction.atomic(using=db_alias()):
+                state = lock_state(self.run_id)
+                if state.status == RunStatus.ACTIVE:
+                    _fail_flush(state, error, self.id)
+        except Exception:
+            logger.exception("could not record the failed flush of run %s", self.run_id)
+
+
+def _in_transaction(connection: BaseDatabaseWrapper) -> bool:
+    """True inside a transaction of the caller's (an ``atomic()`` block, or autocommit off).
+    The blocks a test case wraps each test in do not count, as for ``atomic(durable=True)``."""
+    blocks = connection.atomic_blocks
+    if blocks:
+        return not getattr(blocks[-1], "_from_testcase", False)
+    return not connection.get_autocommit()
+
+
+def _fail_flush(state: RunState, error: str, session_id: int | None) -> None:
+    """Mark the session (if any) and the run's flush failed, with a ``flush.failed`` event.
+    Call inside a transaction with the run locked (``lock_state``) and the run active. Writes
+    nothing when both say failed already (the first error is kept)."""
+    alias = db_alias()
+    now = timezone.now()
+    session_failed = 0
+    if session_id is not None:
+        session_failed = (
+            RunFlushSession.objects.using(alias)
+            .filter(pk=session_id, status=FlushSessionStatus.OPEN)
+            .update(status=FlushSessionStatus.FAILED, error=error, closed_at=now)
+        )
+    if state.flush_status == FlushStatus.FAILED and not session_failed:
+        return
+    if state.flush_status != FlushStatus.FAILED:
+        RunState.objects.using(alias).filter(run_id=state.run_id).update(
+            flush_status=FlushStatus.FAILED, flush_error=error, heartbeat_at=now
+        )
+    payload = {"session": session_id, "error": error}
+    insert_events(state.run_id, [PreparedEvent("flush.failed", payload)])
 
 
 def _batch_size(batch_size: int | None) -> int:
@@ -135,47 +426,13 @@ def _batch_size(batch_size: int | None) -> int:
     return size
 
 
-def _start(run_id: str) -> str:
-    """Transaction 1: mark the flush in progress; return the run's scope."""
-    with transaction.atomic(using=db_alias()):
-        state = lock_state(run_id)
-        _check_writable(state)
-        if state.flush_status != FlushStatus.IN_PROGRESS:
-            state.flush_status = FlushStatus.IN_PROGRESS
-            state.save(using=db_alias(), update_fields=["flush_status"])
-        return state.scope
-
-
 def _check_writable(state: RunState) -> None:
-    if state.flush_status == FlushStatus.FAILED:
-        raise _AlreadyFailed(state.flush_error or "flush_status is failed")
     if state.status != RunStatus.ACTIVE:
         raise RunClosed(state.run_id, state.status)
-
-
-def _flush_batches(
-    run_id: str, scope: str, projects: Iterator[Mapping[str, Any]], size: int
-) -> FlushResult:
-    total = FlushResult()
-    budget = removal_record_budget(scope)
-    payload_limit = runs_settings.MAX_PAYLOAD_BYTES  # read once: a settings lookup per row shows
-    index = 0  # position in the input, for error messages
-    nothing = object()
-    ahead: Any = next(projects, nothing)
-    while True:
-        batch: dict[str, ProjectRow] = {}
-        read = 0
-        while ahead is not nothing and read < size:
-            row = validate_project(ahead, index, budget, payload_limit)
-            batch[row.key] = row  # a key repeated in the batch: the last one wins
-            read += 1
-            index += 1
-            ahead = next(projects, nothing)
-        last = ahead is nothing
-        # Sorted by code point, the order cleanup locks rows in too (see cleanup._delete_statement).
-        total += _write_batch(run_id, sorted(batch.values(), key=lambda r: r.key), last=last)
-        if last:
-            return total
+    if state.flush_status == FlushStatus.FAILED:
+        raise FlushFailed(
+            state.run_id, f"its flush failed already ({state.flush_error or 'failed'})"
+        )
 
 
 def validate_project(
@@ -223,32 +480,6 @@ def _required_text(value: Mapping[str, Any], field: str, name: str, max_length: 
     if name not in value:
         raise InvalidInput(f"{field}.{name}", "is missing", limit=max_length)
     return validate_text(f"{field}.{name}", value[name], max_length)
-
-
-def _write_batch(run_id: str, rows: list[ProjectRow], *, last: bool) -> FlushResult:
-    """Transaction 2 (one per batch): see ``flush_projects``."""
-    now = timezone.now()
-    with transaction.atomic(using=db_alias()):
-        state = lock_state(run_id)
-        _check_writable(state)
-        created, updated = _upsert(state.scope, run_id, rows, now) if rows else (0, 0)
-        seen = created + updated
-        ledger: dict[str, Any] = {
-            "rows_seen": F("rows_seen") + seen,
-            "rows_created": F("rows_created") + created,
-            "rows_updated": F("rows_updated") + updated,
-            "heartbeat_at": now,
-            "flush_status": FlushStatus.SUCCEEDED if last else FlushStatus.IN_PROGRESS,
-        }
-        if last:
-            ledger["flushed_at"] = now
-        RunState.objects.using(db_alias()).filter(run_id=run_id).update(**ledger)
-        payload: dict[str, Any] = {"seen": seen, "created": created, "updated": updated}
-        if rows:
-            payload.update(first_key=rows[0].key, last_key=rows[-1].key)
-        payload["flush_status"] = FlushStatus.SUCCEEDED if last else FlushStatus.IN_PROGRESS
-        insert_events(run_id, [PreparedEvent("projects.flushed", payload)])
-    return FlushResult(seen, created, updated)
 
 
 def _upsert(scope: str, run_id: str, rows: list[ProjectRow], now: datetime) -> tuple[int, int]:
@@ -342,19 +573,3 @@ def _upsert_sqlite(
                 params,
             )
     return len(rows) - existing, existing
-
-
-def _record_failure(run_id: str, cause: BaseException) -> None:
-    """After a failed call: ``flush_status = failed`` with the error, in its own transaction.
-
-    Unconditional (even on a closed run): a flush that failed must never read as succeeded. If
-    this write fails as well, the status stays ``in_progress``, which counts as failed too.
-    """
-    message = error_text(f"{type(cause).__name__}: {cause}")
-    try:
-        with transaction.atomic(using=db_alias()):
-            RunState.objects.using(db_alias()).filter(run_id=run_id).update(
-                flush_status=FlushStatus.FAILED, flush_error=message
-            )
-    except Exception:
-        logger.exception("could not record the failed flush of run %s", run_id)

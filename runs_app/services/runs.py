@@ -28,6 +28,7 @@ from .events import ensure_run_accepts_events, insert_event_rows, insert_events
 from .validation import (
     PreparedEvent,
     error_text,
+    internal_error_text,
     new_run_id,
     prepare_events,
     run_id_of,
@@ -37,10 +38,14 @@ from .validation import (
     validate_scope,
 )
 
-# Key of the transaction-level advisory lock that serialises run creation on PostgreSQL, so the
-# "id free? scope free? next ordinal?" checks and the inserts happen as one step. Run creation is
-# rare (once per job execution), so one lock for all scopes costs nothing measurable.
+# First key of the transaction-level advisory lock that serialises run creation *per scope* on
+# PostgreSQL (the second key is the scope's hash), so the "scope free? stale run to reap?" checks
+# and the inserts happen as one step, while creations in two scopes never wait on each other
+# (two scopes whose hashes collide merely share a lock). The ordinal comes from a sequence
+# (migration 0002), which needs no lock; a run id taken by a racing creator in another scope is
+# caught by the primary key.
 RUN_CREATION_LOCK_KEY = 0x72756E73  # "runs"
+ORDINAL_SEQUENCE = "runs_app_run_ordinal_seq"
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +122,15 @@ def _insert_run(
     run_id: str, scope: str, metadata: dict[str, Any], events: list[PreparedEvent]
 ) -> Run:
     alias = db_alias()
-    if is_postgresql():
-        with connection_for_write().cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [RUN_CREATION_LOCK_KEY])
-    # Reap first, inside this transaction and under the creation lock: a crashed process must not
-    # block its scope forever, and no other creator can slip in between the reap and the insert.
+    # Reap first, inside this transaction and under the scope's creation lock: a crashed process
+    # must not block its scope forever, and no other creator can slip in between the reap and
+    # the insert.
+    ordinal = _lock_scope_for_creation(scope)
     _reap_stale_in_scope(scope)
     _raise_if_taken(run_id, scope)
-    ordinal = (Run.objects.using(alias).aggregate(top=Max("ordinal"))["top"] or 0) + 1
+    if ordinal is None:
+        # SQLite: this transaction holds the database's write lock, so max + 1 is safe.
+        ordinal = (Run.objects.using(alias).aggregate(top=Max("ordinal"))["top"] or 0) + 1
     now = timezone.now()
     # run.started carries the metadata as its payload (the scope travels in every message's
     # envelope), so it fits MAX_PAYLOAD_BYTES exactly when the metadata does.
@@ -146,6 +152,22 @@ def _insert_run(
     return run
 
 
+def _lock_scope_for_creation(scope: str) -> int | None:
+    """PostgreSQL: take the scope's creation lock and draw the next ordinal, in one statement.
+
+    The ordinal is drawn after the lock is granted (the select list is evaluated in order), so
+    two creators of one scope get increasing ordinals in the order they create. Returns None on
+    SQLite, whose IMMEDIATE transactions serialise every writer already."""
+    if not is_postgresql():
+        return None
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s)), nextval(%s)",
+            [RUN_CREATION_LOCK_KEY, scope, ORDINAL_SEQUENCE],
+        )
+        return int(cursor.fetchone()[1])
+
+
 def _raise_if_taken(run_id: str, scope: str) -> None:
     alias = db_alias()
     if Run.objects.using(alias).filter(pk=run_id).exists():
@@ -161,11 +183,19 @@ def _raise_if_taken(run_id: str, scope: str) -> None:
 
 
 def lock_state(run_id: str) -> RunState:
-    """The run's state row, locked until the end of the transaction (with its run attached)."""
+    """The run's state (with its run attached), the run row locked until the end of the
+    transaction.
+
+    The one lock order of every writer of a run: its ``Run`` row first, the row
+    ``append_events`` locks with its ``UPDATE``. So an append and a completion of one run
+    serialise on one row, and the closing transaction's ``closed`` flag is what the waiting
+    append sees. ``FOR NO KEY UPDATE``: rows referencing the run (events, projects of other
+    transactions) can still be inserted meanwhile.
+    """
     try:
         state = (
             RunState.objects.using(db_alias())
-            .select_for_update(of=("self",))
+            .select_for_update(of=("run",), no_key=True)
             .select_related("run")
             .get(run_id=run_id)
         )
@@ -204,7 +234,8 @@ def close_run(
         using=db_alias(),
         update_fields=["status", "error", "finished_at", "heartbeat_at", *extra_fields],
     )
-    insert_events(state.run_id, [PreparedEvent(event_type, payload)], allow_closed=True)
+    insert_events(state.run_id, [PreparedEvent(event_type, payload)], allow_closed=True, close=True)
+    state.run.closed = True
     return state.run
 
 
@@ -303,7 +334,7 @@ def track_run(
         yield run
     except BaseException as exc:
         try:
-            fail_run(run, error_text(f"{type(exc).__name__}: {exc}"))
+            fail_run(run, internal_error_text(f"{type(exc).__name__}: {exc}"))
         except RunClosed:
             pass  # the block closed it, or it was reaped: leave it as it is
         except Exception:

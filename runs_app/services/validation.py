@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..conf import runs_settings
+from ..conf import MAX_DURATION_SECONDS, runs_settings
 from ..exceptions import InvalidEvent, InvalidInput
 from ..models import EVENT_TYPE_MAX_LENGTH, RUN_ID_MAX_LENGTH, SCOPE_MAX_LENGTH, Run
 
@@ -64,6 +64,7 @@ def validate_run_id(value: Any, field_name: str = "run_id") -> str:
         raise InvalidInput(
             field_name, "must not contain whitespace or control characters", limit="no whitespace"
         )
+    check_encodable(field_name, value)
     return value
 
 
@@ -95,6 +96,7 @@ def validate_scope(value: Any) -> str:
             "must not contain control characters or leading/trailing whitespace",
             limit="printable",
         )
+    check_encodable("scope", value)
     return value
 
 
@@ -114,6 +116,7 @@ def validate_text(
         )
     if "\x00" in value:
         raise error(field_name, "contains a NUL character", limit="no NUL")
+    check_encodable(field_name, value, error)
     return value
 
 
@@ -121,7 +124,37 @@ def error_text(value: Any) -> str:
     """Free-form error text for the ledger: a string, cut to ``ERROR_MAX_LENGTH``, NUL removed."""
     if not isinstance(value, str):
         raise InvalidInput("error", f"must be a string, not {type(value).__name__}")
+    check_encodable("error", value)
     return value.replace("\x00", "")[:ERROR_MAX_LENGTH]
+
+
+def internal_error_text(value: str) -> str:
+    """``error_text`` for messages the app builds from exceptions (whose text may come from a
+    source and hold anything): never raises; lone surrogates become ``\\udxxx`` escapes."""
+    if not _encodable(value):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value.replace("\x00", "")[:ERROR_MAX_LENGTH]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_encodable(field_name: str, text: str, error: type[InvalidInput] = InvalidInput) -> None:
+    """Refuse text that UTF-8 cannot encode (a lone surrogate such as ``"\\ud800"``): no
+    database can store it, and the driver would fail half-way through a write."""
+    if not _encodable(text):
+        position = next(i for i, char in enumerate(text) if 0xD800 <= ord(char) <= 0xDFFF)
+        raise error(
+            field_name,
+            f"contains a lone surrogate (U+{ord(text[position]):04X} at position {position}); "
+            "text must be valid Unicode",
+            limit="valid UTF-8",
+        )
 
 
 def _plain_json_value(field_name: str, value: Any, depth: int, error: type[InvalidInput]) -> Any:
@@ -311,7 +344,8 @@ def validate_duration(
     field_name: str, value: Any, *, allow_zero: bool = False
 ) -> datetime.timedelta:
     """A duration given as seconds (int or float) or a timedelta: finite, positive (or zero
-    when ``allow_zero``)."""
+    when ``allow_zero``), at most ``MAX_DURATION_SECONDS`` (so ``now - duration`` cannot
+    overflow)."""
     if isinstance(value, datetime.timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -323,4 +357,10 @@ def validate_duration(
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         rule = ">= 0" if allow_zero else "> 0"
         raise InvalidInput(field_name, f"must be a finite number {rule}, not {value!r}", limit=rule)
+    if seconds > MAX_DURATION_SECONDS:
+        raise InvalidInput(
+            field_name,
+            f"is {value!r}; the limit is {MAX_DURATION_SECONDS} seconds (100 years)",
+            limit=MAX_DURATION_SECONDS,
+        )
     return datetime.timedelta(seconds=seconds)
