@@ -23,6 +23,7 @@ from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import CleanupRefusalReason, CleanupRefused, RunNotFound
 from ..models import CleanupStatus, FlushStatus, Project, Run, RunState, RunStatus
 from .events import insert_events
+from .runs import lock_state
 from .validation import PreparedEvent, encode_json, run_id_of
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class Plan:
     planned: int  # of which last seen by an older run of the scope
     sample_keys: tuple[str, ...]
     refusal: Refusal | None  # the first guard that applies, in precedence order
+    # A forced cleanup of this run was cut off half-way: a rerun finishes it as forced.
+    resumes_forced: bool = False
 
 
 def safe_cleanup_old_projects(
@@ -106,7 +109,7 @@ def safe_cleanup_old_projects(
     plan = make_plan(run_id_of(run))
     refusal = plan.refusal
     forced = False
-    if refusal is not None and force and refusal.reason in FORCEABLE:
+    if refusal is not None and (force or plan.resumes_forced) and refusal.reason in FORCEABLE:
         refusal, forced = None, True
     if dry_run:
         return CleanupResult(
@@ -139,7 +142,8 @@ def make_plan(run_id: str) -> Plan:
     planned = deletable.count()
     sample = tuple(deletable.order_by("key").values_list("key", flat=True)[:SAMPLE_SIZE])
     refusal = _guard(state, run, total, planned)
-    return Plan(run_id, run.scope, run.ordinal, total, planned, sample, refusal)
+    resumes_forced = state.cleanup_status == CleanupStatus.IN_PROGRESS and state.cleanup_forced
+    return Plan(run_id, run.scope, run.ordinal, total, planned, sample, refusal, resumes_forced)
 
 
 def _deletable(scope: str, ordinal: int) -> Any:
@@ -216,6 +220,7 @@ def _guard(state: RunState, run: Run, total: int, planned: int) -> Refusal | Non
 def _record_refusal(plan: Plan, refusal: Refusal) -> None:
     """One short transaction: the ledger's refusal and its ``cleanup.refused`` event."""
     with transaction.atomic(using=db_alias()):
+        lock_state(plan.run_id)  # the run row first, the lock order of every writer of a run
         RunState.objects.using(db_alias()).filter(run_id=plan.run_id).update(
             cleanup_status=CleanupStatus.REFUSED,
             cleanup_reason=refusal.reason,
@@ -242,7 +247,9 @@ def _delete_in_batches(plan: Plan, forced: bool) -> int:
 
 def _delete_batch(plan: Plan, forced: bool) -> int:
     """One short transaction: delete up to ``CLEANUP_BATCH_SIZE`` rows, append their audit
-    events and count them on the ledger; when nothing is left, mark the cleanup done instead."""
+    events and count them on the ledger (``cleanup_status = in_progress`` until the end, so a
+    cleanup cut off half-way never reads as not run); when nothing is left, mark the cleanup
+    done instead."""
     rows = []
     with transaction.atomic(using=db_alias()):
         with connection_for_write().cursor() as cursor:
@@ -265,31 +272,54 @@ def _delete_batch(plan: Plan, forced: bool) -> int:
             for payload in split_removed(plan.scope, rows)
         ]
         insert_events(plan.run_id, events, allow_closed=True)
-        ledger.update(rows_removed=F("rows_removed") + len(rows))
+        ledger.update(
+            rows_removed=F("rows_removed") + len(rows),
+            cleanup_status=CleanupStatus.IN_PROGRESS,
+            cleanup_reason="",
+            cleanup_message="",
+            cleanup_forced=forced,
+            cleanup_at=timezone.now(),
+        )
     return len(rows)
 
 
 def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
     """The batch DELETE. Raw SQL: the ORM's delete() cannot return the deleted rows.
 
-    The allow-list of older runs appears twice: inside the LIMIT subquery (which picks the
-    batch) and on the DELETE itself, so the predicate is checked again on the row version the
-    DELETE finally sees (PostgreSQL re-evaluates a DELETE's own WHERE on a row updated
-    concurrently). On PostgreSQL the subquery also locks the batch in key order (FOR UPDATE),
-    the order flush_projects writes in (code point order: COLLATE "C", not the database's
-    collation), so a cleanup and a flush never deadlock; SQLite serialises writers anyway.
+    At most ``CLEANUP_BATCH_SIZE`` rows whatever the planner does (a fresh database has no
+    statistics): the batch is a materialised CTE with a LIMIT, and the DELETE joins it by id.
+
+    PostgreSQL picks the batch through the (scope, last_seen_run) index, run by run (a LATERAL
+    probe per older run of the scope, stopping at the batch size), never sorting the scope's
+    whole deletable set, so a batch costs the same at 2,000 or 2,000,000 rows. Only the picked
+    rows are then sorted and locked, in key order (code point order: COLLATE "C"), the order
+    the flush writes in, so a cleanup and a flush never deadlock. The allow-list of older runs
+    is stated again on the lock and on the DELETE: PostgreSQL re-evaluates them on the row
+    version it finally locks, so a row that a newer run re-stamped meanwhile is never deleted.
+    SQLite serialises writers, so its statement only picks and deletes.
     """
     project, run = table(Project), table(Run)
-    older = f"last_seen_run_id IN (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s)"
-    order, lock = ('key COLLATE "C"', " FOR UPDATE") if is_postgresql() else ("key", "")
-    sql = (
-        f"DELETE FROM {project} WHERE id IN (SELECT id FROM {project} "
-        f"WHERE scope = %s AND {older} ORDER BY {order} LIMIT %s{lock}) "
-        f"AND scope = %s AND {older} RETURNING key, name, data"
-    )
     batch = runs_settings.CLEANUP_BATCH_SIZE
     scope, ordinal = plan.scope, plan.ordinal
-    return sql, [scope, scope, ordinal, batch, scope, scope, ordinal]
+    if is_postgresql():
+        sql = (
+            f"WITH older AS (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s), "
+            "picked AS MATERIALIZED (SELECT p.id FROM older o CROSS JOIN LATERAL "
+            f"(SELECT id FROM {project} WHERE scope = %s AND last_seen_run_id = o.id "
+            "LIMIT %s) p LIMIT %s), "
+            f"locked AS MATERIALIZED (SELECT id FROM {project} "
+            "WHERE id IN (SELECT id FROM picked) AND scope = %s "
+            'AND last_seen_run_id IN (SELECT id FROM older) ORDER BY key COLLATE "C" FOR UPDATE) '
+            f"DELETE FROM {project} d USING locked l WHERE d.id = l.id AND d.scope = %s "
+            "AND d.last_seen_run_id IN (SELECT id FROM older) RETURNING d.key, d.name, d.data"
+        )
+        return sql, [scope, ordinal, scope, batch, batch, scope, scope]
+    older = f"last_seen_run_id IN (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s)"
+    sql = (
+        f"DELETE FROM {project} WHERE id IN (SELECT id FROM {project} "
+        f"WHERE scope = %s AND {older} LIMIT %s) RETURNING key, name, data"
+    )
+    return sql, [scope, scope, ordinal, batch]
 
 
 def _json_value(data: Any) -> Any:

@@ -22,7 +22,16 @@ from django.utils import timezone
 from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql
 from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
-from ..models import FlushStatus, Project, Run, RunOutbox, RunState, RunStatus
+from ..models import (
+    FlushSessionStatus,
+    FlushStatus,
+    Project,
+    Run,
+    RunFlushSession,
+    RunOutbox,
+    RunState,
+    RunStatus,
+)
 from ..notify import notify_outbox
 from .events import ensure_run_accepts_events, insert_event_rows, insert_events
 from .validation import (
@@ -254,12 +263,22 @@ def complete_run(run: Run | str) -> Run:
     run_id = run_id_of(run)
     with transaction.atomic(using=db_alias()):
         state = lock_active_state(run_id)
-        if state.flush_status in (FlushStatus.FAILED, FlushStatus.IN_PROGRESS):
-            reason = (
-                "flush_failed" if state.flush_status == FlushStatus.FAILED else "flush_unfinished"
+        if state.flush_status == FlushStatus.FAILED:
+            error = f"flush_failed: {state.flush_error}" if state.flush_error else "flush_failed"
+            return fail_locked(state, error, "flush_failed")
+        if state.flush_status == FlushStatus.IN_PROGRESS:
+            # A session still open: another worker still flushing, or a process that died.
+            # Either way this run has not seen its whole source.
+            open_sessions = (
+                RunFlushSession.objects.using(db_alias())
+                .filter(run_id=run_id, status=FlushSessionStatus.OPEN)
+                .count()
             )
-            error = f"{reason}: {state.flush_error}" if state.flush_error else reason
-            return fail_locked(state, error, reason)
+            error = (
+                f"flush_unfinished: {open_sessions} flush session(s) still open "
+                "(a worker still flushing, or one that died)"
+            )
+            return fail_locked(state, error, "flush_unfinished")
         state.rows_confirmed = _confirm_projects(state)
         return close_run(
             state,

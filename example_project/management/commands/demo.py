@@ -4,7 +4,7 @@ guarantee shows once on a fresh database:
 1. ``sync_projects``: a full sync of the sample source (500 projects);
 2. ``sync_projects --remove 5``: the source no longer lists 5 projects; cleanup removes exactly
    those, and their rows travel in ``projects.removed`` events;
-3. ``sync_projects --fail-after 250``: the source fails mid-scan; the run ends ``failed`` (never
+3. ``sync_projects --fail-after 250``: the source fails between two pages; the run ends ``failed`` (never
    ``completed``), cleanup refuses with ``flush_failed``, and no project is lost;
 4. ``drain_outbox --once``: every event of the three runs leaves through the outbox.
 
@@ -33,7 +33,7 @@ class Command(BaseCommand):
         self._step("2. The source no longer lists 5 projects", scope, "--remove", "5")
         kept = Project.objects.filter(scope=scope).count()
         try:
-            self._step("3. The source fails mid-scan", scope, "--fail-after", "250")
+            self._step("3. The source fails between two pages", scope, "--fail-after", "250")
         except CommandError as refusal:
             self.stdout.write(f"   -> {refusal} (as intended)")
         else:

@@ -1,6 +1,6 @@
 """``manage.py sync_projects``: the example project's main job, one whole sync cycle.
 
-A run (``track_run``), the source flushed page by page (one ``flush_projects`` call per page),
+A run (``track_run``), the source flushed page by page through one flush session,
 completion, safe cleanup of the projects the source no longer lists, and a summary. The source
 is the bundled sample ``example_project/data/projects.json`` (500 projects); options simulate the
 failures the guards exist for. Exit 0 when the cycle finished cleanly, 1 when the flush failed,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -47,35 +48,12 @@ def sample_source(
         yield project
 
 
-class Pages:
-    """Cuts a source into lazy pages. A page is read inside the ``flush_projects`` call it is
-    given to, so a source failing mid-page fails that flush (as in production, the scan is the
-    flush's input) instead of escaping between two successful flush calls."""
-
-    def __init__(self, source: Iterator[Mapping[str, Any]], size: int) -> None:
-        self._source = source
-        self._size = size
-        self._ahead: list[Mapping[str, Any]] = []
-        self.done = False
-
-    def page(self) -> Iterator[Mapping[str, Any]]:
-        for _ in range(self._size):
-            item = self._take()
-            if item is None:
-                self.done = True
-                return
-            yield item
-        # Peek one ahead so the job knows whether another page follows (no empty last page).
-        item = self._take()
-        if item is None:
-            self.done = True
-        else:
-            self._ahead.append(item)
-
-    def _take(self) -> Mapping[str, Any] | None:
-        if self._ahead:
-            return self._ahead.pop()
-        return next(self._source, None)
+def pages(source: Iterator[Mapping[str, Any]], size: int) -> Iterator[list[Mapping[str, Any]]]:
+    """The source fetched page by page, as an API client does: a page is read whole before it
+    is written, so a source failing mid-scan fails *between* two writes (the job shape the flush
+    session exists for)."""
+    while page := list(islice(source, size)):
+        yield page
 
 
 class Command(BaseCommand):
@@ -121,7 +99,7 @@ class Command(BaseCommand):
             # flush the run ends as failed, never completed, although the job carried on.
             with services.track_run(scope, metadata={"job": "sync_projects"}) as run:
                 self.stdout.write(f"Run {run.pk} started (scope {scope!r}).")
-                self._flush(run.pk, Pages(source, options["page_size"]), problems)
+                self._flush(run.pk, pages(source, options["page_size"]), problems)
         except RunInProgress as exc:
             raise CommandError(str(exc), returncode=1) from exc
 
@@ -151,19 +129,22 @@ class Command(BaseCommand):
         if problems:
             raise CommandError(f"sync incomplete: {'; '.join(problems)}", returncode=1)
 
-    def _flush(self, run_id: str, pages: Pages, problems: list[str]) -> None:
-        total = services.FlushResult()
+    def _flush(
+        self, run_id: str, source_pages: Iterator[list[Mapping[str, Any]]], problems: list[str]
+    ) -> None:
+        """Every page through one flush session: the run's flush succeeds only if the session
+        is left normally, after the last page. A source failing between two pages escapes the
+        block, which records the flush failed and raises ``FlushFailed``."""
         number = 0
-        while not pages.done:
-            number += 1
-            try:
-                result = services.flush_projects(run_id, pages.page())
-            except FlushFailed as exc:
-                self.stdout.write(f"  page {number}: FLUSH FAILED: {exc}")
-                problems.append("flush failed")
-                return
-            total += result
-            self.stdout.write(
-                f"  page {number}: {result.seen} project(s) flushed ({result.created} created, "
-                f"{result.updated} updated), {total.seen} so far"
-            )
+        try:
+            with services.flush(run_id) as flush:
+                for number, page in enumerate(source_pages, 1):
+                    result = flush.write(page)
+                    self.stdout.write(
+                        f"  page {number}: {result.seen} project(s) flushed "
+                        f"({result.created} created, {result.updated} updated), "
+                        f"{flush.result.seen} so far"
+                    )
+        except FlushFailed as exc:
+            self.stdout.write(f"  page {number + 1}: FLUSH FAILED: {exc}")
+            problems.append("flush failed")
