@@ -13,7 +13,15 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from runs_app import services
-from runs_app.exceptions import FlushFailed, InvalidInput, RunClosed, RunNotFound
+from runs_app.exceptions import (
+    CleanupRefused,
+    FlushEnded,
+    FlushFailed,
+    FlushInTransaction,
+    InvalidInput,
+    RunClosed,
+    RunNotFound,
+)
 from runs_app.models import FlushStatus, Project, RunEvent, RunState, RunStatus
 from tests.helpers import (
     InjectedFault,
@@ -67,8 +75,9 @@ def test_flush_creates_then_updates_and_stamps_the_run() -> None:
         (4, 3, 1),
         (2, 2, 0),
     ]
-    assert [e["flush_status"] for e in events] == ["in_progress", "in_progress", "succeeded"]
     assert (events[0]["first_key"], events[-1]["last_key"]) == ("p005", "p014")
+    closed = RunEvent.objects.get(run_id=run.pk, type="flush.succeeded").payload
+    assert (closed["seen"], closed["created"], closed["flush_status"]) == (10, 5, "succeeded")
     # created_at survives an update; last_confirmed_run is complete_run's business.
     updated = Project.objects.get(scope="s", key="p005")
     assert updated.created_at < updated.updated_at
@@ -98,16 +107,33 @@ def test_data_may_be_omitted() -> None:
     assert stored("s") == {"a": ("A", {}, run.pk), "b": ("B", {}, run.pk)}
 
 
-def test_several_calls_per_run_add_up() -> None:
+def test_several_writes_of_one_session_add_up() -> None:
     run = services.create_run("s")
-    first = services.flush_projects(run, project_rows(keys(0, 3)))
-    assert state_of(run).flush_status == FlushStatus.SUCCEEDED
-    second = services.flush_projects(run, project_rows(keys(2, 6)))
+    with services.flush(run) as session:
+        first = session.write(project_rows(keys(0, 3)))
+        assert state_of(run).flush_status == FlushStatus.IN_PROGRESS
+        second = session.write(project_rows(keys(2, 6)))
 
     assert (first, second) == (services.FlushResult(3, 3, 0), services.FlushResult(4, 3, 1))
+    assert session.result == services.FlushResult(7, 6, 1)
     state = state_of(run)
     assert (state.rows_seen, state.rows_created, state.rows_updated) == (7, 6, 1)
     assert state.flush_status == FlushStatus.SUCCEEDED
+
+
+def test_a_second_flush_projects_call_is_refused_and_fails_the_flush() -> None:
+    run = services.create_run("s")
+    services.flush_projects(run, project_rows(keys(0, 3)))
+    before = snapshot()
+
+    with pytest.raises(FlushEnded, match=r"services\.flush\(run\) as flush"):
+        services.flush_projects(run, project_rows(keys(3, 6)))
+
+    assert stored("s").keys() == set(keys(0, 3))  # no row written
+    state = state_of(run)
+    assert state.flush_status == FlushStatus.FAILED
+    assert snapshot()["Project"] == before["Project"]
+    assert services.complete_run(run).state.status == RunStatus.FAILED
 
 
 def test_an_empty_iterable_is_a_successful_flush_of_nothing() -> None:
@@ -117,9 +143,9 @@ def test_an_empty_iterable_is_a_successful_flush_of_nothing() -> None:
 
     state = state_of(run)
     assert state.flush_status == FlushStatus.SUCCEEDED and state.flushed_at is not None
-    assert flushed_events(run) == [
-        {"seen": 0, "created": 0, "updated": 0, "flush_status": "succeeded"}
-    ]
+    assert flushed_events(run) == []
+    closed = RunEvent.objects.get(run_id=run.pk, type="flush.succeeded").payload
+    assert (closed["seen"], closed["flush_status"]) == (0, "succeeded")
     assert not Project.objects.exists()
 
 
@@ -238,51 +264,68 @@ def test_bad_batch_size_is_refused_before_anything() -> None:
     assert snapshot() == before
 
 
-def test_a_closed_run_cannot_flush() -> None:
+def test_a_closed_run_cannot_flush_and_its_ledger_is_untouched() -> None:
     run = synced_run("s", keys(0, 2))
-    before = stored("s")
+    before = snapshot()
 
-    with pytest.raises(FlushFailed) as caught:
+    with pytest.raises(RunClosed):
         services.flush_projects(run, project_rows(keys(0, 5), "v2"))
+    with pytest.raises(RunClosed), services.flush(run) as session:
+        session.write(project_rows(keys(0, 5), "v2"))
 
-    assert isinstance(caught.value.__cause__, RunClosed)
-    assert stored("s") == before
-    # Recorded even on a closed run: the ledger never says succeeded after a failed flush, and
-    # cleanup will refuse rather than trust this run's view.
-    assert state_of(run).flush_status == FlushStatus.FAILED
+    # Nothing written, not even to the ledger: the completed run's cleanup still trusts it.
+    assert snapshot() == before
+    assert state_of(run).flush_status == FlushStatus.SUCCEEDED
 
 
-def test_an_unknown_run_fails_with_run_not_found() -> None:
-    with pytest.raises(FlushFailed) as caught:
+def test_an_unknown_run_raises_run_not_found() -> None:
+    with pytest.raises(RunNotFound):
         services.flush_projects("nope", project_rows(keys(0, 1)))
-    assert isinstance(caught.value.__cause__, RunNotFound)
     assert not Project.objects.exists()
 
 
-def test_inside_a_callers_atomic_batches_roll_back_with_it() -> None:
+def test_a_session_opened_inside_the_callers_atomic_is_refused() -> None:
+    run = services.create_run("s")
+    before = snapshot()
+
+    with transaction.atomic(), pytest.raises(FlushInTransaction):
+        services.flush_projects(run, project_rows(keys(0, 5)))
+
+    assert snapshot() == before
+
+
+def test_a_write_rolled_back_by_the_callers_atomic_fails_the_session() -> None:
     run = services.create_run("s")
 
-    with pytest.raises(ZeroDivisionError), transaction.atomic():
-        services.flush_projects(run, project_rows(keys(0, 5)), batch_size=2)
-        1 / 0  # noqa: B018
-
-    state = state_of(run)
-    assert (state.flush_status, state.rows_seen) == (FlushStatus.NOT_STARTED, 0)
-    assert not Project.objects.exists()
-
-
-def test_inside_a_callers_atomic_a_caught_failure_is_recorded() -> None:
-    run = services.create_run("s")
-
-    with transaction.atomic():
-        with pytest.raises(FlushFailed):
-            services.flush_projects(run, [*project_rows(keys(0, 2)), {"key": None}], batch_size=2)
-        # The failed batch rolled back to its savepoint; the caller's transaction goes on.
-        Project.objects.create(scope="other", key="mine", name="mine")
+    with pytest.raises(FlushFailed, match="rolled back"), services.flush(run) as session:
+        session.write(project_rows(keys(0, 2)))
+        with pytest.raises(ZeroDivisionError), transaction.atomic():
+            session.write(project_rows(keys(2, 5)))
+            1 / 0  # noqa: B018  the caller's own error after the write
 
     assert sorted(stored("s")) == keys(0, 2)
+    state = state_of(run)
+    assert (state.flush_status, state.rows_seen) == (FlushStatus.FAILED, 2)
+    assert services.complete_run(run).state.status == RunStatus.FAILED
+
+
+def test_a_failed_write_caught_inside_the_callers_atomic_still_fails_the_run() -> None:
+    run = services.create_run("s")
+
+    failed_at_exit = pytest.raises(FlushFailed, match="a write of this session failed")
+    with failed_at_exit, services.flush(run) as session:
+        with transaction.atomic():
+            with pytest.raises(FlushFailed):
+                session.write([*project_rows(keys(0, 2)), {"key": None}])
+            # The failed batch rolled back to its savepoint; the caller's transaction goes on.
+            Project.objects.create(scope="other", key="mine", name="mine")
+        with pytest.raises(FlushFailed, match="failed already"):
+            session.write(project_rows(keys(5, 6)))
+
+    assert not stored("s")
     assert state_of(run).flush_status == FlushStatus.FAILED
     assert Project.objects.filter(scope="other").exists()
+    assert services.complete_run(run).state.status == RunStatus.FAILED
 
 
 @pytest.mark.django_db(transaction=True)
@@ -304,7 +347,8 @@ def test_if_recording_the_failure_fails_the_status_stays_in_progress() -> None:
     assert isinstance(caught.value.__cause__, ConnectionError)
     assert state_of(run).flush_status == FlushStatus.IN_PROGRESS
     closed = services.complete_run(run)
-    assert (closed.state.status, closed.state.error) == (RunStatus.FAILED, "flush_unfinished")
+    assert closed.state.status == RunStatus.FAILED
+    assert closed.state.error.startswith("flush_unfinished: 1 flush session(s) still open")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -334,7 +378,15 @@ def test_faults_never_leave_a_partial_batch_and_a_failed_flush_never_completes()
         assert all(rows[key][1] == {"v": "v1"} for key in mine)
         assert all(rows[key][1] == {"v": "v0"} for key in rows if key not in mine)
         assert set(rows) <= set(keys(0, 20))
-        if faulted:
+        if faulted and state.flush_status == FlushStatus.NOT_STARTED:
+            # The fault hit the session's opening transaction: nothing of the flush exists, and
+            # a run completed anyway has no flush that cleanup could trust.
+            assert not mine
+            services.complete_run(run_id)
+            with pytest.raises(CleanupRefused) as refused:
+                services.safe_cleanup_old_projects(run_id)
+            assert refused.value.reason == "not_flushed"
+        elif faulted:
             assert state.flush_status in (FlushStatus.FAILED, FlushStatus.IN_PROGRESS)
             assert services.complete_run(run_id).state.status == RunStatus.FAILED
             assert not Project.objects.filter(last_confirmed_run_id=run_id).exists()
@@ -355,7 +407,8 @@ def _flush_queries(scope: str, batches: int) -> int:
 def test_queries_per_batch_are_constant() -> None:
     one, two, three = (_flush_queries(f"q{n}", n) for n in (1, 2, 3))
     per_batch = two - one
-    assert 0 < per_batch <= 8
+    # savepoint, lock, upsert (two on SQLite), ledger, session, event seq, event, release
+    assert 0 < per_batch <= 9
     assert three - one == 2 * per_batch
 
 

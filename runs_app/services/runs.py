@@ -274,10 +274,12 @@ def complete_run(run: Run | str) -> Run:
                 .filter(run_id=run_id, status=FlushSessionStatus.OPEN)
                 .count()
             )
-            error = (
-                f"flush_unfinished: {open_sessions} flush session(s) still open "
-                "(a worker still flushing, or one that died)"
-            )
+            error = "flush_unfinished"
+            if open_sessions:
+                error += (
+                    f": {open_sessions} flush session(s) still open "
+                    "(a worker still flushing, or one that died)"
+                )
             return fail_locked(state, error, "flush_unfinished")
         state.rows_confirmed = _confirm_projects(state)
         return close_run(

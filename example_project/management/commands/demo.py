@@ -4,8 +4,9 @@ guarantee shows once on a fresh database:
 1. ``sync_projects``: a full sync of the sample source (500 projects);
 2. ``sync_projects --remove 5``: the source no longer lists 5 projects; cleanup removes exactly
    those, and their rows travel in ``projects.removed`` events;
-3. ``sync_projects --fail-after 250``: the source fails between two pages; the run ends ``failed`` (never
-   ``completed``), cleanup refuses with ``flush_failed``, and no project is lost;
+3. ``sync_projects --fail-after 250``: the source fails between two pages; the run ends
+   ``failed`` (never ``completed``), cleanup refuses with ``flush_failed``, and no project is
+   lost;
 4. ``drain_outbox --once``: every event of the three runs leaves through the outbox.
 
 Exit 0 when each step behaved as the guarantees say, 1 otherwise.
