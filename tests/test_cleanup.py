@@ -428,25 +428,14 @@ def test_faults_never_leave_a_deleted_row_without_its_audit() -> None:
 @pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True)
 def test_a_newer_runs_fresh_rows_survive_an_older_runs_cleanup() -> None:
-    """Run 1's cleanup is planned while run 2 (newer) is flushing in another connection; its
-    DELETE then meets rows run 2 re-stamped. Those must survive: the DELETE's predicate is an
-    allow-list of runs older than run 1, re-checked on the row version it finally sees."""
+    """Run 1's cleanup is planned, then its batch waits on a row lock; meanwhile run 2 (newer)
+    starts and re-stamps some of the rows the batch picked. Those must survive: the lock and the
+    DELETE state an allow-list of runs older than run 1, re-checked on the row version they
+    finally see."""
     synced_run("s", keys(0, 20), "v0")
     run1 = synced_run("s", keys(0, 10), "v1")  # would delete p010-p019
     holding, release = threading.Event(), threading.Event()
     newer: dict[str, str] = {}
-
-    def newer_run() -> None:
-        try:
-            with transaction.atomic():
-                run2 = services.create_run("s")
-                newer["id"] = run2.pk
-                services.flush_projects(run2, project_rows(keys(10, 15), "v2"))
-                holding.set()
-                assert release.wait(10), "never released"
-        finally:
-            connections.close_all()
-
     results: list[Any] = []
 
     def cleanup() -> None:
@@ -457,21 +446,43 @@ def test_a_newer_runs_fresh_rows_survive_an_older_runs_cleanup() -> None:
         finally:
             connections.close_all()
 
-    flusher = threading.Thread(target=newer_run)
-    flusher.start()
-    assert holding.wait(10)
+    def newer_run() -> None:
+        try:
+            run2 = services.create_run("s")
+            newer["id"] = run2.pk
+            with services.flush(run2) as session, transaction.atomic():
+                session.write(project_rows(keys(11, 15), "v2"))
+                holding.set()
+                assert release.wait(10), "never released"
+            services.complete_run(run2)
+        finally:
+            connections.close_all()
+
+    def waiting_on_a_row_lock(count: int) -> Callable[[], bool]:
+        def check() -> bool:
+            with connection.cursor() as cursor:
+                # Polled inside a transaction: drop its cached statistics snapshot first.
+                cursor.execute("SELECT pg_stat_clear_snapshot()")
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'WITH older%%'"
+                )
+                return int(cursor.fetchone()[0]) >= count
+
+        return check
+
     cleaner = threading.Thread(target=cleanup)
-    cleaner.start()
-
-    def cleanup_waits_on_a_row_lock() -> bool:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query LIKE 'DELETE%%'"
-            )
-            return bool(cursor.fetchone()[0])
-
-    wait_until(cleanup_waits_on_a_row_lock)
+    flusher = threading.Thread(target=newer_run)
+    with transaction.atomic():
+        # Hold p010, the first row of the cleanup's batch in key order: the cleanup plans (no
+        # newer run yet), picks its batch and waits here before locking anything.
+        Project.objects.select_for_update().get(scope="s", key="p010")
+        cleaner.start()
+        wait_until(waiting_on_a_row_lock(1))
+        flusher.start()  # run 2 starts now and re-stamps p011-p014, uncommitted
+        assert holding.wait(10)
+    # p010 is free: the cleanup locks it, then waits for run 2's rows.
+    wait_until(waiting_on_a_row_lock(1))
     release.set()
     flusher.join(10)
     cleaner.join(10)
@@ -479,8 +490,8 @@ def test_a_newer_runs_fresh_rows_survive_an_older_runs_cleanup() -> None:
 
     (result,) = results
     assert isinstance(result, services.CleanupResult), result
-    assert (result.planned, result.removed) == (10, 5)
+    assert (result.planned, result.removed) == (10, 6)
     rows = stored("s")
-    assert sorted(rows) == keys(0, 15)
-    assert all(rows[key][1:] == ({"v": "v2"}, newer["id"]) for key in keys(10, 15))
-    assert [row["key"] for row in removed_rows(run1)] == keys(15, 20)
+    assert sorted(rows) == keys(0, 10) + keys(11, 15)
+    assert all(rows[key][1:] == ({"v": "v2"}, newer["id"]) for key in keys(11, 15))
+    assert [row["key"] for row in removed_rows(run1)] == ["p010", *keys(15, 20)]
