@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..conf import MAX_DURATION_SECONDS
+
 
 def _integer(text: str) -> int:
     try:
@@ -19,9 +21,14 @@ def _integer(text: str) -> int:
 
 def _seconds(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value > MAX_DURATION_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is too long: the limit is {MAX_DURATION_SECONDS} seconds (100 years)"
+        )
+    return value
 
 
 def positive_int(text: str) -> int:
