@@ -8,7 +8,6 @@ the view may be incomplete or the deletion suspicious, and otherwise deletes in 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +21,15 @@ from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import CleanupRefusalReason, CleanupRefused, RunNotFound
 from ..models import CleanupStatus, FlushStatus, Project, Run, RunState, RunStatus
-from .events import insert_events
+from .events import insert_encoded_events, insert_events
 from .runs import lock_state
-from .validation import PreparedEvent, encode_json, run_id_of
+from .validation import (
+    EncodedEvent,
+    PreparedEvent,
+    encode_json,
+    encode_json_string,
+    run_id_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -250,14 +255,12 @@ def _delete_batch(plan: Plan, forced: bool) -> int:
     events and count them on the ledger (``cleanup_status = in_progress`` until the end, so a
     cleanup cut off half-way never reads as not run); when nothing is left, mark the cleanup
     done instead."""
-    rows = []
     with transaction.atomic(using=db_alias()):
         with connection_for_write().cursor() as cursor:
             cursor.execute(*_delete_statement(plan))
-            for key, name, data in cursor.fetchall():
-                rows.append({"key": key, "name": name, "data": _json_value(data)})
+            deleted = cursor.fetchall()
         ledger = RunState.objects.using(db_alias()).filter(run_id=plan.run_id)
-        if not rows:
+        if not deleted:
             ledger.update(
                 cleanup_status=CleanupStatus.DONE,
                 cleanup_reason="",
@@ -266,21 +269,23 @@ def _delete_batch(plan: Plan, forced: bool) -> int:
                 cleanup_at=timezone.now(),
             )
             return 0
-        rows.sort(key=lambda row: row["key"])
+        # The audit is built from the texts the database returned, never decoded: each row's
+        # record is {"key":...,"name":...,"data":<the stored JSON text>}, in key order.
+        records = sorted((key, removal_record(key, name, data)) for key, name, data in deleted)
         events = [
-            PreparedEvent("projects.removed", payload)
-            for payload in split_removed(plan.scope, rows)
+            EncodedEvent("projects.removed", text)
+            for text in split_removed(plan.scope, [record for _, record in records])
         ]
-        insert_events(plan.run_id, events, allow_closed=True)
+        insert_encoded_events(plan.run_id, events, allow_closed=True)
         ledger.update(
-            rows_removed=F("rows_removed") + len(rows),
+            rows_removed=F("rows_removed") + len(deleted),
             cleanup_status=CleanupStatus.IN_PROGRESS,
             cleanup_reason="",
             cleanup_message="",
             cleanup_forced=forced,
             cleanup_at=timezone.now(),
         )
-    return len(rows)
+    return len(deleted)
 
 
 def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
@@ -289,9 +294,13 @@ def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
     At most ``CLEANUP_BATCH_SIZE`` rows whatever the planner does (a fresh database has no
     statistics): the batch is a materialised CTE with a LIMIT, and the DELETE joins it by id.
 
-    PostgreSQL picks the batch through the (scope, last_seen_run) index, run by run (a LATERAL
-    probe per older run of the scope, stopping at the batch size), never sorting the scope's
-    whole deletable set, so a batch costs the same at 2,000 or 2,000,000 rows. Only the picked
+    PostgreSQL picks the batch through the (scope, last_seen_run, key) index, run by run (a
+    LATERAL probe per older run of the scope, stopping at the batch size), never sorting the
+    scope's whole deletable set, so a batch costs the same at 2,000 or 2,000,000 rows. The
+    probe's ORDER BY key is what the index delivers as it is: with it, a sequential scan would
+    have to read and sort every match, so no statistics (or lack of them) make that plan look
+    cheaper, whereas without it a planner that believes the matches are spread evenly scans
+    the table from its start at every batch, through the dead rows of the batches before. Only the picked
     rows are then sorted and locked, in key order (code point order: COLLATE "C"), the order
     the flush writes in, so a cleanup and a flush never deadlock. The allow-list of older runs
     is stated again on the lock and on the DELETE: PostgreSQL re-evaluates them on the row
@@ -306,7 +315,7 @@ def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
             f"WITH older AS (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s), "
             "picked AS MATERIALIZED (SELECT p.id FROM older o CROSS JOIN LATERAL "
             f"(SELECT id FROM {project} WHERE scope = %s AND last_seen_run_id = o.id "
-            "LIMIT %s) p LIMIT %s), "
+            "ORDER BY key LIMIT %s) p LIMIT %s), "
             f"locked AS MATERIALIZED (SELECT id FROM {project} "
             "WHERE id IN (SELECT id FROM picked) AND scope = %s "
             'AND last_seen_run_id IN (SELECT id FROM older) ORDER BY key COLLATE "C" FOR UPDATE) '
@@ -320,11 +329,6 @@ def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
         f"WHERE scope = %s AND {older} LIMIT %s) RETURNING key, name, data"
     )
     return sql, [scope, scope, ordinal, batch]
-
-
-def _json_value(data: Any) -> Any:
-    # Both backends hand raw JSON text to a raw cursor (Django loads JSONField in from_db_value).
-    return json.loads(data) if isinstance(data, str | bytes) else data
 
 
 def json_size(value: Any) -> int:
@@ -351,31 +355,46 @@ def removal_record_size(key: str, name: str, data_text: str) -> int:
     return RECORD_OVERHEAD - 4 + json_size(key) + json_size(name) + len(data_text.encode())
 
 
-def split_removed(scope: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pack removed rows, in order, into as few ``{"scope", "rows"}`` payloads as fit within
-    ``MAX_PAYLOAD_BYTES`` each. A row too big to fit even alone (possible only if the limit was
-    lowered after it was stored) still gets an event of its own: the audit is never dropped."""
+def removal_record(key: str, name: str, data: Any) -> str:
+    """One removed row's audit record as JSON text. ``data`` is the stored JSON as the database
+    returns it to a raw cursor (text on both backends; PostgreSQL's jsonb text has a space after
+    each ``:`` and ``,``, which only makes the size measured below a little conservative)."""
+    data_text = data if isinstance(data, str) else encode_json(data)
+    return (
+        f'{{"key":{encode_json_string(key)},"name":{encode_json_string(name)},"data":{data_text}}}'
+    )
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def split_removed(scope: str, records: Sequence[str]) -> list[str]:
+    """Pack removed rows' records (``removal_record``), in order, into as few
+    ``{"scope", "rows"}`` payloads (JSON texts) as fit within ``MAX_PAYLOAD_BYTES`` each. A row
+    too big to fit even alone (possible only if the limit was lowered after it was stored)
+    still gets an event of its own: the audit is never dropped."""
     limit = runs_settings.MAX_PAYLOAD_BYTES
-    base = _envelope_size(scope)
-    payloads: list[dict[str, Any]] = []
-    current: list[dict[str, Any]] = []
+    head = f'{{"scope":{encode_json_string(scope)},"rows":['
+    base = _utf8_size(head) + 2  # and "]}"
+    payloads: list[str] = []
+    current: list[str] = []
     size = base
-    for row in rows:
-        row_size = json_size(row)
-        added = row_size + (1 if current else 0)  # the comma between rows
+    for record in records:
+        record_size = _utf8_size(record)
+        added = record_size + (1 if current else 0)  # the comma between rows
         if current and size + added > limit:
-            payloads.append({"scope": scope, "rows": current})
-            current, size, added = [], base, row_size
-        if base + row_size > limit:
+            payloads.append(head + ",".join(current) + "]}")
+            current, size, added = [], base, record_size
+        if base + record_size > limit:
             logger.warning(
-                "projects.removed record of %s/%s is %d bytes, over MAX_PAYLOAD_BYTES (%d)",
+                "projects.removed record in scope %s is %d bytes, over MAX_PAYLOAD_BYTES (%d)",
                 scope,
-                row["key"],
-                base + row_size,
+                base + record_size,
                 limit,
             )
-        current.append(row)
+        current.append(record)
         size += added
     if current:
-        payloads.append({"scope": scope, "rows": current})
+        payloads.append(head + ",".join(current) + "]}")
     return payloads

@@ -13,7 +13,13 @@ from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import RunClosed, RunNotFound
 from ..models import Run, RunEvent, RunState, RunStatus
 from ..notify import returning_clause
-from .validation import PreparedEvent, encode_json_string, prepare_events, run_id_of
+from .validation import (
+    EncodedEvent,
+    PreparedEvent,
+    encode_json_string,
+    prepare_events,
+    run_id_of,
+)
 
 
 def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
@@ -69,8 +75,22 @@ def insert_events(
     return rows
 
 
+def insert_encoded_events(
+    run_id: str, events: Sequence[EncodedEvent], *, allow_closed: bool = False
+) -> None:
+    """``insert_events`` for events already encoded as JSON text (the app's own audit events):
+    seqs reserved and rows inserted, no ``RunEvent`` built. Call inside a transaction."""
+    if not events:
+        return
+    last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed)
+    insert_event_rows(run_id, last_seq - len(events) + 1, events, timezone.now())
+
+
 def insert_event_rows(
-    run_id: str, first_seq: int, events: Sequence[PreparedEvent], now: datetime
+    run_id: str,
+    first_seq: int,
+    events: Sequence[PreparedEvent] | Sequence[EncodedEvent],
+    now: datetime,
 ) -> list[tuple[int, int]]:
     """Insert the events with seqs ``first_seq, first_seq + 1, ...``; return their ``(seq, id)``.
     The caller reserved the seqs (``reserve_seqs``, or a new run's ``last_seq``).

@@ -45,6 +45,18 @@ class PreparedEvent:
         return encode_json(self.payload)
 
 
+@dataclass(frozen=True)
+class EncodedEvent:
+    """An event the app builds itself as JSON text (the cleanup audit): inserted as it is,
+    never decoded in Python."""
+
+    type: str
+    payload_json: str
+
+    def payload_text(self) -> str:
+        return self.payload_json
+
+
 def _has_control_character(text: str) -> bool:
     return any(ord(char) < 32 or ord(char) == 127 for char in text)
 
