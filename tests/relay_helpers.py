@@ -44,9 +44,22 @@ def seed_runs(count: int, events: int, prefix: str = "seed") -> list[str]:
     start = (Run.objects.aggregate(top=Max("ordinal"))["top"] or 0) + 1
     now = timezone.now()
     Run.objects.bulk_create(
-        Run(id=run_id, scope=run_id, last_seq=events, ordinal=start + index, created_at=now)
+        Run(
+            id=run_id,
+            scope=run_id,
+            last_seq=events,
+            ordinal=start + index,
+            closed=True,
+            created_at=now,
+        )
         for index, run_id in enumerate(ids)
     )
+    if connection.vendor == "postgresql":
+        # create_run draws ordinals from this sequence: move it past the ones used here.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT setval('runs_app_run_ordinal_seq', (SELECT max(ordinal) FROM {table(Run)}))"
+            )
     RunState.objects.bulk_create(
         RunState(run_id=run_id, scope=run_id, status=RunStatus.COMPLETED, finished_at=now)
         for run_id in ids
