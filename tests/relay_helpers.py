@@ -58,7 +58,8 @@ def seed_runs(count: int, events: int, prefix: str = "seed") -> list[str]:
         # create_run draws ordinals from this sequence: move it past the ones used here.
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT setval('runs_app_run_ordinal_seq', (SELECT max(ordinal) FROM {table(Run)}))"
+                "SELECT setval('runs_app_run_ordinal_seq', "
+                f"(SELECT max(ordinal) FROM {table(Run)}))"
             )
     RunState.objects.bulk_create(
         RunState(run_id=run_id, scope=run_id, status=RunStatus.COMPLETED, finished_at=now)
