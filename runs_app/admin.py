@@ -36,13 +36,14 @@ from django.http import (
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from . import inspection, services
 from .exceptions import RunsError
 from .models import (
     CleanupStatus,
+    FlushSessionStatus,
     FlushStatus,
     Project,
     Run,
@@ -64,6 +65,11 @@ STATUS_COLOURS = {
     RunStatus.COMPLETED: "#2e7d32",
     RunStatus.FAILED: "#c62828",
 }
+SESSION_COLOURS = {
+    FlushSessionStatus.OPEN: "#1f6fb2",
+    FlushSessionStatus.SUCCEEDED: "#2e7d32",
+    FlushSessionStatus.FAILED: "#c62828",
+}
 FLUSH_COLOURS = {
     FlushStatus.NOT_STARTED: "#757575",
     FlushStatus.IN_PROGRESS: "#1f6fb2",
@@ -72,6 +78,7 @@ FLUSH_COLOURS = {
 }
 CLEANUP_COLOURS = {
     CleanupStatus.NOT_RUN: "#757575",
+    CleanupStatus.IN_PROGRESS: "#1f6fb2",
     CleanupStatus.REFUSED: "#c62828",
     CleanupStatus.DONE: "#2e7d32",
 }
@@ -412,6 +419,7 @@ class RunAdmin(DeliveryActions):
         "flush",
         "flush_error",
         "flushed_at",
+        "flush_sessions",
         "rows_seen",
         "rows_created",
         "rows_updated",
@@ -445,6 +453,7 @@ class RunAdmin(DeliveryActions):
                     "flush",
                     "flush_error",
                     "flushed_at",
+                    "flush_sessions",
                     "rows_seen",
                     "rows_created",
                     "rows_updated",
@@ -515,6 +524,38 @@ class RunAdmin(DeliveryActions):
     @admin.display(description="metadata")
     def pretty_metadata(self, obj: Run) -> SafeString | str:
         return preformatted(pretty_json(obj.metadata)) if obj.metadata else EMPTY
+
+    @admin.display(description="flush sessions")
+    def flush_sessions(self, obj: Run) -> SafeString | str:
+        """Every session of the run's flush (one per worker), so an unfinished or failed flush
+        shows which session left it so. One query, on the run's page only."""
+        sessions = list(obj.flush_sessions.all())
+        if not sessions:
+            return EMPTY
+        rows = format_html_join(
+            "",
+            "<tr>" + "<td>{}</td>" * 7 + "</tr>",
+            (
+                (
+                    session.pk,
+                    badge(
+                        FlushSessionStatus(session.status).label,
+                        SESSION_COLOURS[FlushSessionStatus(session.status)],
+                    ),
+                    session.batches,
+                    f"{session.rows_seen} ({session.rows_created} created)",
+                    display_for_value(session.opened_at, EMPTY),
+                    display_for_value(session.closed_at, EMPTY),
+                    shorten(session.error) if session.error else EMPTY,
+                )
+                for session in sessions
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>session</th><th>status</th><th>batches</th><th>rows seen</th>"
+            "<th>opened</th><th>closed</th><th>error</th></tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
 
     @admin.display(description="flush", ordering="state__flush_status")
     def flush(self, obj: Run) -> SafeString | str:

@@ -251,7 +251,9 @@ class Project(models.Model):
             # Cleanup picks its batches through this index, in key order, whatever the
             # statistics say (see services.cleanup._delete_statement); completion confirms
             # through its (scope, last_seen_run) prefix.
-            models.Index(fields=["scope", "last_seen_run", "key"], name="runs_app_project_seen_key"),
+            models.Index(
+                fields=["scope", "last_seen_run", "key"], name="runs_app_project_seen_key"
+            ),
         ]
 
     def __str__(self) -> str:

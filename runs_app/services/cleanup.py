@@ -300,11 +300,12 @@ def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
     probe's ORDER BY key is what the index delivers as it is: with it, a sequential scan would
     have to read and sort every match, so no statistics (or lack of them) make that plan look
     cheaper, whereas without it a planner that believes the matches are spread evenly scans
-    the table from its start at every batch, through the dead rows of the batches before. Only the picked
-    rows are then sorted and locked, in key order (code point order: COLLATE "C"), the order
-    the flush writes in, so a cleanup and a flush never deadlock. The allow-list of older runs
-    is stated again on the lock and on the DELETE: PostgreSQL re-evaluates them on the row
-    version it finally locks, so a row that a newer run re-stamped meanwhile is never deleted.
+    the table from its start at every batch, through the dead rows of the batches before.
+    Only the picked rows are then sorted and locked, in key order (code point order: COLLATE
+    "C"), the order the flush writes in, so a cleanup and a flush never deadlock. The
+    allow-list of older runs is stated again on the lock and on the DELETE: PostgreSQL
+    re-evaluates them on the row version it finally locks, so a row that a newer run
+    re-stamped meanwhile is never deleted.
     SQLite serialises writers, so its statement only picks and deletes.
     """
     project, run = table(Project), table(Run)
