@@ -120,7 +120,7 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             )
     base = configured.get("RETRY_BASE_SECONDS", DEFAULTS["RETRY_BASE_SECONDS"])
     ceiling = configured.get("RETRY_MAX_SECONDS", DEFAULTS["RETRY_MAX_SECONDS"])
-    if _positive_number(base) and _positive_number(ceiling) and ceiling < base:
+    if _duration(base) and _duration(ceiling) and ceiling < base:
         errors.append(
             checks.Error(
                 f"RUNS_APP['RETRY_MAX_SECONDS'] ({ceiling!r}) is below "

@@ -121,6 +121,9 @@ def test_run_page_tells_the_whole_story(viewer: Client, story: Story) -> None:
     ]:
         assert text in html, text
 
+    html = viewer.get(change("run", story.completed.pk)).content.decode()
+    assert "Flush sessions" in html and "succeeded" in html
+
     html = viewer.get(change("run", story.blocked.pk)).content.decode()
     assert "Blocked since" in html
     assert "broker down" in html
