@@ -42,6 +42,7 @@ from django.utils.safestring import SafeString
 from . import inspection, services
 from .exceptions import RunsError
 from .models import (
+    PENDING_EVENT,
     CleanupStatus,
     FlushStatus,
     Project,
@@ -228,7 +229,7 @@ class DeliveryFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         if self.value() == "pending":
-            return queryset.filter(published_at__isnull=True, skipped_at__isnull=True)
+            return queryset.filter(PENDING_EVENT)
         if self.value() == "published":
             return queryset.filter(published_at__isnull=False)
         if self.value() == "skipped":

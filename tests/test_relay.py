@@ -612,3 +612,14 @@ def test_batched_acknowledgement_fences_each_run_by_lease_and_cursor() -> None:
     assert set(
         RunEvent.objects.filter(published_at__isnull=False).values_list("run_id", flat=True)
     ) == {"a"}
+
+
+def test_the_pending_predicate_is_defined_once_and_is_the_index_condition() -> None:
+    from runs_app.models import PENDING_EVENT
+
+    (index,) = [i for i in RunEvent._meta.indexes if i.name == "runs_app_event_pending"]
+    assert index.condition == PENDING_EVENT
+    make_run("a", 2)  # seqs 1..3
+    RunEvent.objects.filter(run_id="a", seq=1).update(published_at=timezone.now())
+    RunEvent.objects.filter(run_id="a", seq=2).update(skipped_at=timezone.now())
+    assert list(RunEvent.objects.pending().values_list("seq", flat=True)) == [3]

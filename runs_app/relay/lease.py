@@ -94,7 +94,7 @@ def _claimable(run_ids: Sequence[str] | None, *, ignore_backoff: bool) -> QueryS
     # DISTINCT lets PostgreSQL walk that index in run order (an index-only scan) and look each
     # run's outbox up by key, stopping at the LIMIT; without it the planner prefers a merge join
     # that reads the whole outbox table.
-    pending = RunEvent.objects.filter(published_at__isnull=True, skipped_at__isnull=True)
+    pending = RunEvent.objects.pending()
     if run_ids is not None:
         pending = pending.filter(run_id__in=run_ids)
     # The EXISTS (one probe of the (run, seq) unique index) keeps the claim exact: a run is
