@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Collection, Sequence
@@ -56,31 +57,75 @@ class Claim:
     runs: list[ClaimedRun] = field(default_factory=list)
 
 
+class ClaimOrder:
+    """Where this process's next claim starts: claims rotate through the runs with pending events.
+
+    Each claim continues after the last run the previous claim of this process took, in run id
+    order, and starts again from the lowest id once a claim comes back short: a round robin over
+    the runs with work, so each run is served once per sweep whatever another run's backlog, and
+    the run served longest ago comes next. A run with pending events waits at most one sweep,
+    ``ceil(P / batch)`` passes for ``P`` claimable runs (fewer with several relays), never until
+    another run's backlog is gone. The position is per process, not stored: a new relay starts a
+    sweep from the lowest id, which only costs that relay's first sweep.
+
+    Why not order by a service time or the oldest pending event: that key has no index (adding
+    one takes a migration), so every claim would have to rank every run with pending events;
+    a walk of the pending index from a position costs the runs it claims.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._after: dict[str, str] = {}
+
+    def start(self, alias: str) -> str:
+        with self._lock:
+            return self._after.get(alias, "")
+
+    def claimed(self, alias: str, run_ids: Sequence[str], *, full: bool) -> None:
+        """After a claim: a full claim moves the position to its last run; a short one ends the
+        sweep (the next claim starts from the lowest id)."""
+        with self._lock:
+            self._after[alias] = max(run_ids) if full and run_ids else ""
+
+    def resume_after(self, alias: str, run_id: str) -> None:
+        """Runs of the claim after ``run_id`` were not served (the read's byte budget): the next
+        claim starts right after ``run_id``, so they come first."""
+        with self._lock:
+            self._after[alias] = run_id
+
+    def reset(self) -> None:
+        """Start every sweep again from the lowest id (tests)."""
+        with self._lock:
+            self._after.clear()
+
+
+claim_order = ClaimOrder()
+
+
 def claim_runs(
     limit: int, *, run_ids: Sequence[str] | None = None, ignore_backoff: bool = False
 ) -> Claim:
-    """Lease up to ``limit`` claimable runs (see the module docstring), in run id order.
+    """Lease up to ``limit`` claimable runs: runs with pending events and an event at or above
+    their cursor, not blocked, whose backoff is over (unless ``ignore_backoff``) and whose lease
+    is free or expired. Without ``run_ids``, in the rotating order of :class:`ClaimOrder`.
 
-    One short transaction holding one ``UPDATE ... WHERE run_id IN (SELECT ... LIMIT n)
-    RETURNING`` statement; on PostgreSQL the subquery locks the outbox rows it picks with
-    ``FOR UPDATE OF outbox SKIP LOCKED`` (relays skip each other's rows), on SQLite the statement
-    is the only writer while it runs. Nothing else happens inside it.
+    One short transaction holding one ``UPDATE ... RETURNING`` statement (a second one when the
+    rotation wraps around with nothing after its position). On PostgreSQL it walks the pending
+    index run by run and locks the outbox rows it picks with ``FOR UPDATE SKIP LOCKED`` (relays
+    skip each other's rows; appenders lock run rows and never wait for a relay); on SQLite the
+    statement is the only writer while it runs. Nothing else happens inside it. The claimed runs
+    come back in run id order.
     """
     alias = db_alias()
     token = uuid.uuid4()
-    lease = dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS))
-    holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
-    candidates = _claimable(run_ids, ignore_backoff=ignore_backoff)
-    if is_postgresql():
-        # An idle PostgreSQL relay polls with the claim itself: with nothing to claim it locks
-        # and writes nothing, so a separate "anything to do?" read would only add a query.
-        candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-    elif not candidates.exists():
-        # An idle SQLite relay polls with this read alone: no write lock taken from the
-        # application when there is nothing to claim.
-        return Claim(token, [])
-    with transaction.atomic(using=alias):
-        rows = _claim_returning(candidates[:limit], token, holder, lease)
+    if run_ids is not None:
+        rows = _claim(limit, token, run_ids=run_ids, after="", ignore_backoff=ignore_backoff)
+    else:
+        after = claim_order.start(alias)
+        rows = _claim(limit, token, run_ids=None, after=after, ignore_backoff=ignore_backoff)
+        if not rows and after:
+            rows = _claim(limit, token, run_ids=None, after="", ignore_backoff=ignore_backoff)
+        claim_order.claimed(alias, [str(row[0]) for row in rows], full=len(rows) >= limit)
     claimed_at = monotonic()
     runs = sorted(
         (ClaimedRun(str(rid), int(seq), int(att), claimed_at) for rid, seq, att in rows),
@@ -89,17 +134,118 @@ def claim_runs(
     return Claim(token, runs)
 
 
-def _claimable(run_ids: Sequence[str] | None, *, ignore_backoff: bool) -> QuerySet[RunOutbox]:
-    # Driven by the small partial index of pending events, not by a scan of every outbox: the
-    # DISTINCT lets PostgreSQL walk that index in run order (an index-only scan) and look each
-    # run's outbox up by key, stopping at the LIMIT; without it the planner prefers a merge join
-    # that reads the whole outbox table.
+def _claim(
+    limit: int,
+    token: uuid.UUID,
+    *,
+    run_ids: Sequence[str] | None,
+    after: str,
+    ignore_backoff: bool,
+) -> list[tuple[Any, ...]]:
+    connection = connection_for_write()
+    holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
+    lease_sql, lease_params = compile_expression(
+        db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))
+    )
+    token_value = RunOutbox._meta.get_field("lease_token").get_db_prep_value(token, connection)
+    if is_postgresql():
+        # An idle PostgreSQL relay polls with the claim itself: with nothing to claim it locks
+        # and writes nothing, so a separate "anything to do?" read would only add a query.
+        sql, params = _claim_postgresql(limit, run_ids, after, ignore_backoff)
+    else:
+        candidates = _claimable_sqlite(run_ids, after, ignore_backoff=ignore_backoff)
+        if not candidates.exists():
+            # An idle SQLite relay polls with this read alone: no write lock taken from the
+            # application when there is nothing to claim.
+            return []
+        sql, orm_params = candidates[:limit].values("run_id").query.sql_with_params()
+        params = list(orm_params)
+    with transaction.atomic(using=db_alias()), connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table(RunOutbox)} SET lease_token = %s, leased_by = %s,"
+            f" lease_until = {lease_sql} WHERE run_id IN ({sql})"
+            " RETURNING run_id, next_seq, attempts",
+            [token_value, holder, *lease_params, *params],
+        )
+        return list(cursor.fetchall())
+
+
+# The PostgreSQL candidates, written so that their plan does not depend on statistics (a fresh
+# database has none; the ORM's IN (SELECT DISTINCT ...) let the planner pick a merge join that
+# read the whole outbox there). Raw SQL: the ORM says neither WITH RECURSIVE nor LATERAL.
+# - ``pending``: the run ids with pending events after the rotation's position, one at a time
+#   (a "loose index scan" of the partial index runs_app_event_pending: one descent per run,
+#   however many events the run has waiting; ORDER BY run_id LIMIT 1 on that index is the only
+#   sensible plan, and the recursion is evaluated only as far as the LIMIT pulls it);
+# - per run, LATERAL (a nested loop by construction): its outbox row by primary key, with the
+#   claim conditions and the EXISTS probe of the (run, seq) unique index that keeps the claim
+#   exact (an event at or above the cursor exists), locked FOR UPDATE SKIP LOCKED.
+_CANDIDATES_POSTGRESQL = """
+WITH RECURSIVE pending(run_id) AS (
+    (SELECT run_id FROM {event} WHERE {pending} AND run_id > %s ORDER BY run_id LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT e.run_id FROM {event} e WHERE {pending_e} AND e.run_id > p.run_id
+        ORDER BY e.run_id LIMIT 1
+    )
+    FROM pending p WHERE p.run_id IS NOT NULL
+)
+SELECT o.run_id FROM pending p CROSS JOIN LATERAL ({outbox_row}) o
+WHERE p.run_id IS NOT NULL
+LIMIT %s
+"""
+# With run ids given (one run, ``--run``): those runs only, each with a pending event.
+_CANDIDATES_POSTGRESQL_FOR_RUNS = """
+SELECT o.run_id FROM unnest(%s::text[]) AS p(run_id) CROSS JOIN LATERAL ({outbox_row}) o
+WHERE EXISTS (SELECT 1 FROM {event} e WHERE e.run_id = p.run_id AND {pending_e})
+ORDER BY o.run_id
+LIMIT %s
+"""
+_OUTBOX_ROW_POSTGRESQL = """
+    SELECT b.run_id FROM {outbox} b
+    WHERE b.run_id = p.run_id AND b.blocked_at IS NULL
+    AND (b.lease_until IS NULL OR b.lease_until <= now())
+    {backoff}
+    AND EXISTS (SELECT 1 FROM {event} c WHERE c.run_id = b.run_id AND c.seq >= b.next_seq)
+    FOR UPDATE OF b SKIP LOCKED
+"""
+_NO_BACKOFF_POSTGRESQL = "AND (b.next_attempt_at IS NULL OR b.next_attempt_at <= now())"
+
+
+def _claim_postgresql(
+    limit: int, run_ids: Sequence[str] | None, after: str, ignore_backoff: bool
+) -> tuple[str, list[Any]]:
+    event = table(RunEvent)
+    pending = "published_at IS NULL AND skipped_at IS NULL"  # PENDING_EVENT, the index condition
+    outbox_row = _OUTBOX_ROW_POSTGRESQL.format(
+        outbox=table(RunOutbox),
+        event=event,
+        backoff="" if ignore_backoff else _NO_BACKOFF_POSTGRESQL,
+    )
+    pending_e = "e.published_at IS NULL AND e.skipped_at IS NULL"
+    if run_ids is not None:
+        sql = _CANDIDATES_POSTGRESQL_FOR_RUNS.format(
+            outbox_row=outbox_row, event=event, pending_e=pending_e
+        )
+        return sql, [list(run_ids), limit]
+    sql = _CANDIDATES_POSTGRESQL.format(
+        event=event, pending=pending, pending_e=pending_e, outbox_row=outbox_row
+    )
+    return sql, [after, limit]
+
+
+def _claimable_sqlite(
+    run_ids: Sequence[str] | None, after: str, *, ignore_backoff: bool
+) -> QuerySet[RunOutbox]:
+    # The ORM says it on SQLite (no statistics there unless ANALYZE is run; its planner walks
+    # the partial index of pending events in run order and looks each outbox up by key).
     pending = RunEvent.objects.pending()
     if run_ids is not None:
         pending = pending.filter(run_id__in=run_ids)
+    else:
+        pending = pending.filter(run_id__gt=after)
     # The EXISTS (one probe of the (run, seq) unique index) keeps the claim exact: a run is
-    # claimed only when an event at or above its cursor exists, so a pass that claims a run
-    # always has something to publish.
+    # claimed only when an event at or above its cursor exists.
     at_cursor = RunEvent.objects.filter(run_id=OuterRef("run_id"), seq__gte=OuterRef("next_seq"))
     queryset = RunOutbox.objects.using(db_alias()).filter(
         Q(lease_until__isnull=True) | Q(lease_until__lte=Now()),
@@ -110,26 +256,6 @@ def _claimable(run_ids: Sequence[str] | None, *, ignore_backoff: bool) -> QueryS
     if not ignore_backoff:
         queryset = queryset.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now()))
     return queryset.order_by("run_id")
-
-
-def _claim_returning(
-    candidates: QuerySet[RunOutbox], token: uuid.UUID, holder: str, lease: dt.timedelta
-) -> list[tuple[Any, ...]]:
-    """One statement, so two relays can never claim the same run. Raw SQL because the ORM has
-    no ``UPDATE ... RETURNING``; the candidate subquery (with its row locks on PostgreSQL) is the
-    ORM's own SQL."""
-    connection = connection_for_write()
-    subquery, params = candidates.values("run_id").query.sql_with_params()
-    lease_sql, lease_params = compile_expression(db_now_plus(lease))
-    token_value = RunOutbox._meta.get_field("lease_token").get_db_prep_value(token, connection)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table(RunOutbox)} SET lease_token = %s, leased_by = %s,"
-            f" lease_until = {lease_sql} WHERE run_id IN ({subquery})"
-            " RETURNING run_id, next_seq, attempts",
-            [token_value, holder, *lease_params, *params],
-        )
-        return list(cursor.fetchall())
 
 
 def acknowledge_batches(
