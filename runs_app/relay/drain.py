@@ -33,7 +33,7 @@ from ..publishers import Message, Publisher, close_publisher, load_publisher
 from ..services.validation import run_id_of, validate_positive_int, validate_run_id
 from . import lease
 from .lease import Claim, ClaimedRun, claim_runs, record_failure
-from .read import read_claimed
+from .read import read_batches
 
 logger = lease.logger
 
@@ -88,7 +88,9 @@ def drain_outbox_once(
     only = None if run_id is None else [validate_run_id(run_id)]
     with _publisher_for_call(publisher) as active:
         claim = claim_runs(size if budget is None else min(size, budget), run_ids=only)
-        return _drain_claim(claim, active, size, budget, should_stop, loop=False)
+        return _drain_claim(
+            claim, active, size, budget, should_stop, loop=False, rotating=only is None
+        )
 
 
 def drain_outbox_for_run(
@@ -117,10 +119,16 @@ def _drain_claim(
     should_stop: Callable[[], bool] | None,
     *,
     loop: bool,
+    rotating: bool = False,
 ) -> DrainResult:
     """Publish and acknowledge what ``claim`` leased: per pass one read of every run's pending
-    events, one ``publish()`` per run, then one acknowledgement for all runs that published.
-    ``loop`` (one run, ``drain_outbox_for_run``): passes again while a run fills its batch."""
+    events (bounded by ``DRAIN_MAX_BYTES``), one ``publish()`` per run, then one acknowledgement
+    for all runs that published. ``loop`` (one run, ``drain_outbox_for_run``): passes again
+    while a run has more. ``rotating``: the claim came from the rotation, which resumes at the
+    runs the byte budget left unread.
+
+    The leases are kept alive while the pass publishes (:class:`.lease.LeaseKeeper`; inside a
+    caller's transaction, renewed between publishes once half-way to expiry instead)."""
 
     def stopping() -> bool:
         return budget == 0 or (should_stop is not None and should_stop())
@@ -128,60 +136,99 @@ def _drain_claim(
     published = 0
     failed: list[str] = []
     release: list[str] = []  # leased, nothing to publish or never reached: given back at the end
-    runs = list(claim.runs)
-    while runs:
-        limit = size if budget is None else min(size, budget)
-        batches = read_claimed([(run.run_id, run.next_seq) for run in runs], limit)
-        in_hand: list[tuple[ClaimedRun, list[Message]]] = []  # published, not acknowledged yet
-        again: list[ClaimedRun] = []
-        for index, run in enumerate(runs):
-            if stopping():
-                release.extend(other.run_id for other in runs[index:])
-                break
-            if lease.monotonic() - run.renewed_at >= float(runs_settings.LEASE_SECONDS) / 2:
-                # Half-way to expiry: acknowledge what is in hand (clearing those leases), then
-                # renew the leases of the runs still to do, so a long pass never outlives them.
-                published += _acknowledge_in_hand(claim, in_hand, again, limit, loop, stopping)
-                in_hand = []
-                if run.run_id not in _renew_rest(claim, runs[index:]):
-                    continue  # taken over by another relay: not ours to publish or release
-            messages = batches.get(run.run_id, [])
-            if budget is not None:
-                messages = messages[:budget]
-            if not messages:
-                release.append(run.run_id)
-                continue
-            try:
-                publisher.publish(messages)
-            except Exception as exc:
-                record_failure(claim, run, exc)
-                failed.append(run.run_id)
-                continue
-            if budget is not None:
-                budget -= len(messages)
-            in_hand.append((run, messages))
-        published += _acknowledge_in_hand(claim, in_hand, again, limit, loop, stopping)
-        runs = again
-    if release:
-        lease.release_leases(claim, release)
+    keeper = lease.LeaseKeeper.start(claim)
+    try:
+        runs = list(claim.runs)
+        while runs:
+            limit = size if budget is None else min(size, budget)
+            read = read_batches([(run.run_id, run.next_seq) for run in runs], limit)
+            if rotating and read.cut and read.batches:
+                lease.claim_order.resume_after(db_alias(), max(read.batches))
+            in_hand: list[tuple[ClaimedRun, list[Message]]] = []  # published, not acked yet
+            more: set[str] = set()  # runs that have events beyond the batch in hand
+            again: list[ClaimedRun] = []
+            for index, run in enumerate(runs):
+                if stopping():
+                    release.extend(other.run_id for other in runs[index:])
+                    break
+                if keeper is not None:
+                    if keeper.lost(run.run_id):
+                        continue  # taken over by another relay: not ours to publish or release
+                elif lease.monotonic() - run.renewed_at >= float(runs_settings.LEASE_SECONDS) / 2:
+                    # Half-way to expiry: acknowledge what is in hand (clearing those leases),
+                    # then renew the leases of the runs still to do.
+                    published += _acknowledge_in_hand(claim, in_hand, more, again, loop, stopping)
+                    in_hand = []
+                    if run.run_id not in _renew_rest(claim, runs[index:]):
+                        continue  # taken over by another relay: not ours to publish or release
+                messages = read.batches.get(run.run_id, [])
+                if messages and messages[0].seq != run.next_seq:
+                    _let_go(keeper, [run.run_id])
+                    if lease.record_gap(claim, run, run.next_seq):
+                        failed.append(run.run_id)
+                    continue
+                contiguous = _contiguous(messages)
+                if budget is not None:
+                    contiguous = contiguous[:budget]
+                if not contiguous:
+                    release.append(run.run_id)
+                    continue
+                if len(contiguous) < len(messages) or len(messages) == limit:
+                    more.add(run.run_id)
+                elif read.cut and run.run_id == max(read.batches):
+                    more.add(run.run_id)  # the byte budget stopped the read inside this run
+                try:
+                    publisher.publish(contiguous)
+                except Exception as exc:
+                    _let_go(keeper, [run.run_id])
+                    record_failure(claim, run, exc)
+                    failed.append(run.run_id)
+                    continue
+                if budget is not None:
+                    budget -= len(contiguous)
+                in_hand.append((run, contiguous))
+            if keeper is not None:
+                keeper.let_go([r.run_id for r, _ in in_hand if not (loop and r.run_id in more)])
+            published += _acknowledge_in_hand(claim, in_hand, more, again, loop, stopping)
+            runs = again
+        if release:
+            _let_go(keeper, release)
+            lease.release_leases(claim, release)
+    finally:
+        if keeper is not None:
+            keeper.stop()
     return DrainResult(published, tuple(failed), len(claim.runs))
+
+
+def _contiguous(messages: list[Message]) -> list[Message]:
+    """The leading run of consecutive seqs: a hole inside a batch (an event deleted behind the
+    services' back) is published up to the hole; the next read finds the hole at the cursor."""
+    for index in range(1, len(messages)):
+        if messages[index].seq != messages[index - 1].seq + 1:
+            return messages[:index]
+    return messages
+
+
+def _let_go(keeper: lease.LeaseKeeper | None, run_ids: list[str]) -> None:
+    if keeper is not None:
+        keeper.let_go(run_ids)
 
 
 def _acknowledge_in_hand(
     claim: Claim,
     in_hand: Sequence[tuple[ClaimedRun, list[Message]]],
+    more: set[str],
     again: list[ClaimedRun],
-    limit: int,
     loop: bool,
     stopping: Callable[[], bool],
 ) -> int:
     """Acknowledge the published batches in hand (one transaction); return how many messages
-    that recorded. In ``loop`` mode a run that filled its batch keeps its lease (renewed) and is
+    that recorded. In ``loop`` mode a run with more to do keeps its lease (renewed) and is
     appended to ``again`` for the next pass."""
     if not in_hand:
         return 0
     stop = stopping()
-    keep = {run.run_id for run, messages in in_hand if loop and not stop and len(messages) == limit}
+    keep = {run.run_id for run, _ in in_hand if loop and not stop and run.run_id in more}
     acked = lease.acknowledge_batches(
         claim.token,
         [(run.run_id, messages[0].seq, messages[-1].seq) for run, messages in in_hand],
@@ -193,10 +240,9 @@ def _acknowledge_in_hand(
         if run.run_id not in acked:
             logger.warning(
                 "lease of run %s lost before its acknowledgement: %d message(s) will be "
-                "published again (LEASE_SECONDS=%s is shorter than the publish took)",
+                "published again (its lease expired while the relay could not renew it)",
                 run.run_id,
                 len(messages),
-                runs_settings.LEASE_SECONDS,
             )
             continue
         count += len(messages)

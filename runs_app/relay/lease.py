@@ -24,7 +24,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import DateTimeField, Exists, ExpressionWrapper, OuterRef, Q, QuerySet
 from django.db.models.functions import Now
 
@@ -373,6 +373,105 @@ def record_failure(claim: Claim, run: ClaimedRun, error: BaseException) -> bool:
             error,
         )
     return blocked
+
+
+def record_gap(claim: Claim, run: ClaimedRun, missing: int) -> bool:
+    """The run's pending range does not start at its cursor: event ``missing`` (``next_seq``) is
+    gone (deleted behind the services' back). Publishing what follows would break the run's
+    order and the acknowledgement could never advance the cursor (it is fenced on ``next_seq``),
+    so the run is blocked, with an error naming the missing seq, until an operator skips the gap
+    (``skip_outbox_event`` moves the cursor to the next existing event) or retries. One
+    statement, fenced by the lease and the cursor. Returns whether it was recorded."""
+    alias = db_alias()
+    error = f"gap: event seq {missing} is missing"
+    with transaction.atomic(using=alias):
+        recorded = (
+            RunOutbox.objects.using(alias)
+            .filter(run_id=run.run_id, lease_token=claim.token, next_seq=missing)
+            .update(blocked_at=Now(), last_error=error, next_attempt_at=None, **NO_LEASE)
+        )
+    if recorded:
+        logger.error(
+            "outbox of run %s blocked: %s (skip_outbox_event moves past it)", run.run_id, error
+        )
+    return bool(recorded)
+
+
+class LeaseKeeper:
+    """Keeps a claim's leases alive while the relay publishes, from a thread of its own.
+
+    A publish that outlasts ``LEASE_SECONDS`` would otherwise let another relay take the run
+    over, publish it again, and have its own acknowledgement fenced off in turn: two relays can
+    then deliver a run's batch again and again and never advance it. Every ``LEASE_SECONDS / 3``
+    the keeper renews (one fenced ``UPDATE``, on the thread's own connection) the leases the
+    pass still holds; a run it finds taken over is marked lost and the pass neither publishes
+    nor releases it. The thread opens its connection only when it first renews (a pass shorter
+    than a third of the lease never does) and closes it when the pass ends.
+
+    Used in autocommit mode only: inside a caller's transaction (tests) another connection
+    could not see the claim; the pass then renews between publishes instead.
+    """
+
+    def __init__(self, claim: Claim, interval: float) -> None:
+        self.token = claim.token
+        self.interval = interval
+        self._held = {run.run_id for run in claim.runs}
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"runs_app lease keeper {self.token}", daemon=True
+        )
+
+    @classmethod
+    def start(cls, claim: Claim) -> LeaseKeeper | None:
+        """A running keeper for ``claim``, or None where one cannot work (inside a transaction,
+        an in-memory SQLite database)."""
+        connection = connection_for_write()
+        if not claim.runs or connection.in_atomic_block:
+            return None
+        if connection.vendor == "sqlite" and getattr(connection, "is_in_memory_db", bool)():
+            return None
+        keeper = cls(claim, float(runs_settings.LEASE_SECONDS) / 3)
+        keeper._thread.start()
+        return keeper
+
+    def lost(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._lost
+
+    def let_go(self, run_ids: Collection[str]) -> None:
+        """Stop renewing these (acknowledged, failed, released): call before the write that
+        clears their lease."""
+        with self._lock:
+            self._held.difference_update(run_ids)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(max(float(runs_settings.LEASE_SECONDS), 1.0))
+        if self._thread.is_alive():
+            logger.warning("lease keeper %s did not stop in time", self.token)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                with self._lock:
+                    held = sorted(self._held)
+                if not held:
+                    continue
+                try:
+                    renewed = renew_leases(self.token, held)
+                except Exception:  # the pass's own statements will meet the same error
+                    logger.warning("renewing leases failed", exc_info=True)
+                    continue
+                with self._lock:
+                    taken = (set(held) - renewed) & self._held
+                    self._lost |= taken
+                    self._held -= taken
+                for run_id in sorted(taken):
+                    logger.warning("lease of run %s was taken over by another relay", run_id)
+        finally:
+            connections.close_all()  # this thread's connections only
 
 
 def backoff_seconds(attempts: int) -> float:
