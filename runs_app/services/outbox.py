@@ -46,13 +46,20 @@ def retry_outbox(run: Run | str) -> None:
         raise RunNotFound(run_id)
 
 
-def skip_outbox_event(run: Run | str) -> RunEvent:
-    """Skip the event at the head of a blocked run and unblock the run.
+def skip_outbox_event(run: Run | str) -> RunEvent | None:
+    """Skip what blocks a blocked run and unblock it: its head event, or a gap.
 
-    One transaction (nested in the caller's): lock the outbox row, mark the head event
-    ``skipped_at``, advance ``next_seq`` past it, clear the blocked state and backoff, and append
-    an ``outbox.skipped`` event (seq, type and last error of the skipped event) that the relay
-    delivers like any other. Returns the skipped event.
+    One transaction (nested in the caller's): lock the outbox row, then
+
+    - head event present (at ``next_seq``): mark it ``skipped_at`` and advance ``next_seq`` past
+      it; returns the skipped event;
+    - head event missing (a gap: events deleted behind the services' back; the relay blocks
+      such a run with "gap: event seq N is missing"): move ``next_seq`` to the next existing
+      event (or past the run's last seq when none is left); returns None;
+
+    clear the blocked state and backoff, and append an ``outbox.skipped`` event (the skipped
+    seq, type and last error; for a gap ``"gap": [first, last]``, the missing seqs) that the relay
+    delivers like any other.
 
     Raises ``RunNotFound``, ``OutboxNotBlocked`` (also when nothing is pending).
     """
@@ -61,33 +68,38 @@ def skip_outbox_event(run: Run | str) -> RunEvent:
     with transaction.atomic(using=alias):
         try:
             outbox = (
-                RunOutbox.objects.using(alias).select_for_update(of=("self",)).get(run_id=run_id)
+                RunOutbox.objects.using(alias)
+                .select_for_update(of=("self",))
+                .select_related("run")
+                .get(run_id=run_id)
             )
         except RunOutbox.DoesNotExist:
             raise RunNotFound(run_id) from None
-        head = RunEvent.objects.using(alias).filter(run_id=run_id, seq=outbox.next_seq).first()
-        if outbox.blocked_at is None or head is None:
+        events = RunEvent.objects.using(alias).filter(run_id=run_id)
+        head = events.filter(seq=outbox.next_seq).first()
+        if outbox.blocked_at is None or (head is None and outbox.next_seq > outbox.run.last_seq):
             raise OutboxNotBlocked(run_id)
-        RunEvent.objects.using(alias).filter(pk=head.pk).update(skipped_at=Now())
+        detail: dict[str, Any] = {"attempts": outbox.attempts, "last_error": outbox.last_error}
+        if head is not None:
+            RunEvent.objects.using(alias).filter(pk=head.pk).update(skipped_at=Now())
+            next_seq = head.seq + 1
+            detail = {"seq": head.seq, "type": head.type, **detail}
+        else:
+            after = (
+                events.filter(seq__gt=outbox.next_seq)
+                .order_by("seq")
+                .values_list("seq", flat=True)
+                .first()
+            )
+            next_seq = after if after is not None else outbox.run.last_seq + 1
+            detail = {"seq": outbox.next_seq, "type": "", "gap": [outbox.next_seq, next_seq - 1]}
+            detail.update(attempts=outbox.attempts, last_error=outbox.last_error)
         RunOutbox.objects.using(alias).filter(run_id=run_id).update(
-            next_seq=head.seq + 1, attempts=0, next_attempt_at=None, blocked_at=None, **NO_LEASE
+            next_seq=next_seq, attempts=0, next_attempt_at=None, blocked_at=None, **NO_LEASE
         )
-        insert_events(
-            run_id,
-            [
-                PreparedEvent(
-                    "outbox.skipped",
-                    {
-                        "seq": head.seq,
-                        "type": head.type,
-                        "attempts": outbox.attempts,
-                        "last_error": outbox.last_error,
-                    },
-                )
-            ],
-            allow_closed=True,
-        )
-        head.refresh_from_db(using=alias)  # inside: a failure here rolls the skip back too
+        insert_events(run_id, [PreparedEvent("outbox.skipped", detail)], allow_closed=True)
+        if head is not None:
+            head.refresh_from_db(using=alias)  # inside: a failure here rolls the skip back too
     return head
 
 
