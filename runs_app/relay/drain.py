@@ -143,7 +143,7 @@ def _drain_claim(
             limit = size if budget is None else min(size, budget)
             read = read_batches([(run.run_id, run.next_seq) for run in runs], limit)
             if rotating and read.cut and read.batches:
-                lease.claim_order.resume_after(db_alias(), max(read.batches))
+                lease.claim_order.resume_at(db_alias(), max(read.batches))
             in_hand: list[tuple[ClaimedRun, list[Message]]] = []  # published, not acked yet
             more: set[str] = set()  # runs that have events beyond the batch in hand
             again: list[ClaimedRun] = []

@@ -75,28 +75,29 @@ class ClaimOrder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._after: dict[str, str] = {}
+        # alias -> (run id, inclusive): the next claim takes runs after (or from) that id.
+        self._position: dict[str, tuple[str, bool]] = {}
 
-    def start(self, alias: str) -> str:
+    def start(self, alias: str) -> tuple[str, bool]:
         with self._lock:
-            return self._after.get(alias, "")
+            return self._position.get(alias, ("", False))
 
     def claimed(self, alias: str, run_ids: Sequence[str], *, full: bool) -> None:
         """After a claim: a full claim moves the position to its last run; a short one ends the
         sweep (the next claim starts from the lowest id)."""
         with self._lock:
-            self._after[alias] = max(run_ids) if full and run_ids else ""
+            self._position[alias] = (max(run_ids) if full and run_ids else "", False)
 
-    def resume_after(self, alias: str, run_id: str) -> None:
-        """Runs of the claim after ``run_id`` were not served (the read's byte budget): the next
-        claim starts right after ``run_id``, so they come first."""
+    def resume_at(self, alias: str, run_id: str) -> None:
+        """The read's byte budget stopped inside ``run_id``, and the runs of the claim after it
+        were not read: the next claim starts at ``run_id``, so they come first."""
         with self._lock:
-            self._after[alias] = run_id
+            self._position[alias] = (run_id, True)
 
     def reset(self) -> None:
         """Start every sweep again from the lowest id (tests)."""
         with self._lock:
-            self._after.clear()
+            self._position.clear()
 
 
 claim_order = ClaimOrder()
@@ -119,12 +120,12 @@ def claim_runs(
     alias = db_alias()
     token = uuid.uuid4()
     if run_ids is not None:
-        rows = _claim(limit, token, run_ids=run_ids, after="", ignore_backoff=ignore_backoff)
+        rows = _claim(limit, token, run_ids=run_ids, start=("", False), backoff=not ignore_backoff)
     else:
-        after = claim_order.start(alias)
-        rows = _claim(limit, token, run_ids=None, after=after, ignore_backoff=ignore_backoff)
-        if not rows and after:
-            rows = _claim(limit, token, run_ids=None, after="", ignore_backoff=ignore_backoff)
+        start = claim_order.start(alias)
+        rows = _claim(limit, token, run_ids=None, start=start, backoff=not ignore_backoff)
+        if not rows and start != ("", False):
+            rows = _claim(limit, token, run_ids=None, start=("", False), backoff=not ignore_backoff)
         claim_order.claimed(alias, [str(row[0]) for row in rows], full=len(rows) >= limit)
     claimed_at = monotonic()
     runs = sorted(
@@ -139,8 +140,8 @@ def _claim(
     token: uuid.UUID,
     *,
     run_ids: Sequence[str] | None,
-    after: str,
-    ignore_backoff: bool,
+    start: tuple[str, bool],
+    backoff: bool,
 ) -> list[tuple[Any, ...]]:
     connection = connection_for_write()
     holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
@@ -151,9 +152,9 @@ def _claim(
     if is_postgresql():
         # An idle PostgreSQL relay polls with the claim itself: with nothing to claim it locks
         # and writes nothing, so a separate "anything to do?" read would only add a query.
-        sql, params = _claim_postgresql(limit, run_ids, after, ignore_backoff)
+        sql, params = _claim_postgresql(limit, run_ids, start, backoff)
     else:
-        candidates = _claimable_sqlite(run_ids, after, ignore_backoff=ignore_backoff)
+        candidates = _claimable_sqlite(run_ids, start, backoff=backoff)
         if not candidates.exists():
             # An idle SQLite relay polls with this read alone: no write lock taken from the
             # application when there is nothing to claim.
@@ -182,7 +183,7 @@ def _claim(
 #   exact (an event at or above the cursor exists), locked FOR UPDATE SKIP LOCKED.
 _CANDIDATES_POSTGRESQL = """
 WITH RECURSIVE pending(run_id) AS (
-    (SELECT run_id FROM {event} WHERE {pending} AND run_id > %s ORDER BY run_id LIMIT 1)
+    (SELECT run_id FROM {event} WHERE {pending} AND run_id {start} %s ORDER BY run_id LIMIT 1)
     UNION ALL
     SELECT (
         SELECT e.run_id FROM {event} e WHERE {pending_e} AND e.run_id > p.run_id
@@ -213,14 +214,14 @@ _NO_BACKOFF_POSTGRESQL = "AND (b.next_attempt_at IS NULL OR b.next_attempt_at <=
 
 
 def _claim_postgresql(
-    limit: int, run_ids: Sequence[str] | None, after: str, ignore_backoff: bool
+    limit: int, run_ids: Sequence[str] | None, start: tuple[str, bool], backoff: bool
 ) -> tuple[str, list[Any]]:
     event = table(RunEvent)
     pending = "published_at IS NULL AND skipped_at IS NULL"  # PENDING_EVENT, the index condition
     outbox_row = _OUTBOX_ROW_POSTGRESQL.format(
         outbox=table(RunOutbox),
         event=event,
-        backoff="" if ignore_backoff else _NO_BACKOFF_POSTGRESQL,
+        backoff=_NO_BACKOFF_POSTGRESQL if backoff else "",
     )
     pending_e = "e.published_at IS NULL AND e.skipped_at IS NULL"
     if run_ids is not None:
@@ -228,22 +229,29 @@ def _claim_postgresql(
             outbox_row=outbox_row, event=event, pending_e=pending_e
         )
         return sql, [list(run_ids), limit]
+    after, inclusive = start
     sql = _CANDIDATES_POSTGRESQL.format(
-        event=event, pending=pending, pending_e=pending_e, outbox_row=outbox_row
+        event=event,
+        pending=pending,
+        pending_e=pending_e,
+        outbox_row=outbox_row,
+        start=">=" if inclusive else ">",
     )
     return sql, [after, limit]
 
 
 def _claimable_sqlite(
-    run_ids: Sequence[str] | None, after: str, *, ignore_backoff: bool
+    run_ids: Sequence[str] | None, start: tuple[str, bool], *, backoff: bool
 ) -> QuerySet[RunOutbox]:
     # The ORM says it on SQLite (no statistics there unless ANALYZE is run; its planner walks
     # the partial index of pending events in run order and looks each outbox up by key).
     pending = RunEvent.objects.pending()
     if run_ids is not None:
         pending = pending.filter(run_id__in=run_ids)
+    elif start[1]:
+        pending = pending.filter(run_id__gte=start[0])
     else:
-        pending = pending.filter(run_id__gt=after)
+        pending = pending.filter(run_id__gt=start[0])
     # The EXISTS (one probe of the (run, seq) unique index) keeps the claim exact: a run is
     # claimed only when an event at or above its cursor exists.
     at_cursor = RunEvent.objects.filter(run_id=OuterRef("run_id"), seq__gte=OuterRef("next_seq"))
@@ -253,7 +261,7 @@ def _claimable_sqlite(
         run_id__in=pending.order_by().values("run_id").distinct(),
         blocked_at__isnull=True,
     )
-    if not ignore_backoff:
+    if backoff:
         queryset = queryset.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now()))
     return queryset.order_by("run_id")
 
