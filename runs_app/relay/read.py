@@ -27,7 +27,8 @@ from ..publishers import Message
 
 # PostgreSQL reads each run's batch with a LATERAL subquery: one index range scan of (run, seq)
 # per run, stopping at the batch size whatever the run's backlog, and the run's scope by primary
-# key, also LATERAL: a nested loop by construction, whatever the statistics say. A running sum
+# key, also LATERAL (its LIMIT 1 keeps the planner from flattening it into a join that may scan
+# the run table): a nested loop by construction, whatever the statistics say. A running sum
 # over the claim (runs in claim order, then seq) cuts it at the byte budget on the server, so
 # what does not fit is never sent. The ORM says neither LATERAL nor a filter over a window.
 _READ_POSTGRESQL = """
@@ -35,7 +36,7 @@ SELECT run_id, scope, seq, type, payload, created_at, upto, total FROM (
     SELECT c.ord, c.run_id, r.scope, e.seq, e.type, e.payload, e.created_at,
         row_number() OVER w AS n, sum(e.size) OVER w AS upto, count(*) OVER () AS total
     FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS c(run_id, next_seq, ord)
-    CROSS JOIN LATERAL (SELECT scope FROM {run} WHERE id = c.run_id) r
+    CROSS JOIN LATERAL (SELECT scope FROM {run} WHERE id = c.run_id LIMIT 1) r
     CROSS JOIN LATERAL (
         SELECT seq, type, payload, created_at, octet_length(payload::text) AS size
         FROM {event} WHERE run_id = c.run_id AND seq >= c.next_seq
