@@ -166,3 +166,20 @@ def test_recording_a_gap_under_faults_publishes_nothing_and_keeps_the_cursor() -
             assert counter.count < k and box.blocked_at is not None
             return
     raise AssertionError("the drain never completed without a fault")
+
+
+def test_deleting_a_run_cascades_to_its_undelivered_events_and_the_relay_goes_on() -> None:
+    make_run("a", 2)
+    make_run("b", 1)
+    claim = relay.claim_runs(10)
+    batches = relay.read_claimed([(run.run_id, run.next_seq) for run in claim.runs], 10)
+    Run.objects.filter(id="a").delete()  # documented: its events go with it, undelivered
+
+    acked = relay.acknowledge_batches(
+        claim.token, [(run_id, ms[0].seq, ms[-1].seq) for run_id, ms in batches.items()]
+    )
+
+    assert acked == {"b"}
+    assert not RunEvent.objects.filter(run_id="a").exists()
+    assert relay.drain_outbox_once(publisher=MemoryPublisher()).runs_touched == 0
+    assert_cursor_invariant()
