@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from runs_app.models import RunOutbox
+from tests.helpers import InjectedFault
 from tests.relay_helpers import (
     assert_cursor_invariant,
     by_run,
@@ -58,3 +59,48 @@ def test_two_relays_with_a_publish_longer_than_the_lease_deliver_every_run(
             assert seqs == sorted(seqs), (run_id, pid, seqs)
     assert not RunOutbox.objects.filter(lease_token__isnull=False).exists()
     assert_cursor_invariant()
+
+
+def test_the_lease_keeper_renews_reports_a_taken_lease_and_survives_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uuid
+
+    from django.test import override_settings
+
+    from runs_app import services
+    from runs_app.relay import lease
+
+    for name in ("a", "b"):
+        services.create_run(name, run_id=name)
+    with override_settings(RUNS_APP={"LEASE_SECONDS": 0.3}):
+        claim = lease.claim_runs(10)
+        first = dict(RunOutbox.objects.values_list("run_id", "lease_until"))
+        real = lease.renew_leases
+        calls: list[int] = []
+
+        def flaky(token: uuid.UUID, run_ids: list[str]) -> set[str]:
+            calls.append(1)
+            if len(calls) == 1:
+                raise InjectedFault("injected fault in a renewal")
+            return real(token, run_ids)
+
+        monkeypatch.setattr(lease, "renew_leases", flaky)
+        keeper = lease.LeaseKeeper.start(claim)
+        assert keeper is not None
+        try:
+            wait_until(
+                lambda: all(
+                    until > first[run_id]
+                    for run_id, until in RunOutbox.objects.values_list("run_id", "lease_until")
+                ),
+                30,
+                "both leases renewed after a failed renewal",
+            )
+            RunOutbox.objects.filter(run_id="b").update(lease_token=uuid.uuid4())
+            wait_until(lambda: keeper.lost("b"), 30, "the keeper to see b taken over")
+            assert not keeper.lost("a")
+        finally:
+            keeper.stop()
+        assert len(calls) >= 3
+        lease.release_leases(claim, ["a"])
