@@ -1,9 +1,11 @@
-"""The lease protocol: claim runs, renew, release, acknowledge, record a failure.
+"""The lease protocol: claim runs (in a fair, rotating order), keep the leases alive while
+publishing, renew, release, acknowledge, record a failure or a gap.
 
 A lease gives one relay the right to publish a run's pending events: a token unique to the
-claim, ``leased_by`` and ``lease_until`` computed with the database's clock. Every write here is
-one short transaction fenced by the token (and, for an acknowledgement, the cursor), so a relay
-whose lease expired and was taken over changes nothing for that run.
+claim, ``leased_by`` and ``lease_until`` computed with the database's clock. The claim is one
+``UPDATE ... RETURNING`` (two relays can never claim the same run); every other write here is
+one short transaction fenced by the token (and, for an acknowledgement or a gap, the cursor), so
+a relay whose lease expired and was taken over changes nothing for that run.
 
 Invariant kept by every write here: events with ``seq < next_seq`` have ``published_at`` (or
 ``skipped_at``) set, written in the transaction that advanced ``next_seq``; events with
