@@ -41,6 +41,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def _fresh_claim_order() -> None:
     """Every test's first claim starts from the lowest run id (the relay's rotation position is
     per process)."""
-    from runs_app.relay.lease import claim_order
+    from runs_app.relay.claim import claim_order
 
     claim_order.reset()

@@ -26,6 +26,7 @@ MODULES = [
     "runs_app.db",
     "runs_app.notify",
     "runs_app.relay",
+    "runs_app.relay.claim",
     "runs_app.relay.drain",
     "runs_app.relay.lease",
     "runs_app.relay.listener",

@@ -68,13 +68,13 @@ def test_the_lease_keeper_renews_reports_a_taken_lease_and_survives_errors(
 
     from django.test import override_settings
 
-    from runs_app import services
+    from runs_app import relay, services
     from runs_app.relay import lease
 
     for name in ("a", "b"):
         services.create_run(name, run_id=name)
     with override_settings(RUNS_APP={"LEASE_SECONDS": 0.3}):
-        claim = lease.claim_runs(10)
+        claim = relay.claim_runs(10)
         first = dict(RunOutbox.objects.values_list("run_id", "lease_until"))
         real = lease.renew_leases
         calls: list[int] = []

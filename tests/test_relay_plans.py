@@ -15,7 +15,7 @@ from django.utils import timezone
 from runs_app import relay
 from runs_app.db import table
 from runs_app.models import Run, RunEvent, RunOutbox, RunState
-from runs_app.relay import lease, read
+from runs_app.relay import claim, read
 from runs_app.testing import MemoryPublisher
 from tests.relay_helpers import seed_runs
 
@@ -79,7 +79,7 @@ def explain(sql: str, params: list[Any]) -> tuple[list[tuple[str, str]], int]:
 
 
 def claim_sql() -> tuple[str, list[Any]]:
-    return lease._claim_postgresql(LIMIT, None, ("", False), True)
+    return claim._claim_postgresql(LIMIT, None, ("", False), True)
 
 
 def read_sql(runs: list[tuple[str, int]]) -> tuple[str, list[Any]]:

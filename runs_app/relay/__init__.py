@@ -2,7 +2,9 @@
 
 One concept per module:
 
-- :mod:`.lease`: the claim/lease protocol (claim, renew, release, acknowledge, record a failure);
+- :mod:`.claim`: claiming runs (which, in which fair order, with which statement);
+- :mod:`.lease`: the lease protocol after the claim (keep alive while publishing, renew,
+  release, acknowledge, record a failure or a gap);
 - :mod:`.read`: reading the claimed runs' pending events as messages;
 - :mod:`.drain`: one pass (claim, read, publish, acknowledge) and ``DrainResult``;
 - :mod:`.loop`: the relay loop and its process life (``run_relay``, ``drain_until_idle``);
@@ -17,6 +19,7 @@ draining is always an explicit call.
 from __future__ import annotations
 
 from ..services.outbox import prune_outbox, retry_outbox, skip_outbox_event
+from .claim import claim_runs
 from .drain import DrainResult, drain_outbox_for_run, drain_outbox_once
 from .lease import (
     Claim,
@@ -24,7 +27,6 @@ from .lease import (
     acknowledge,
     acknowledge_batches,
     backoff_seconds,
-    claim_runs,
     record_failure,
     release_leases,
     renew_leases,

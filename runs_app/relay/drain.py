@@ -32,7 +32,8 @@ from ..models import Run, RunOutbox
 from ..publishers import Message, Publisher, close_publisher, load_publisher
 from ..services.validation import run_id_of, validate_positive_int, validate_run_id
 from . import lease
-from .lease import Claim, ClaimedRun, claim_runs, record_failure
+from .claim import claim_order, claim_runs
+from .lease import Claim, ClaimedRun, record_failure
 from .read import read_batches
 
 logger = lease.logger
@@ -143,7 +144,7 @@ def _drain_claim(
             limit = size if budget is None else min(size, budget)
             read = read_batches([(run.run_id, run.next_seq) for run in runs], limit)
             if rotating and read.cut and read.batches:
-                lease.claim_order.resume_at(db_alias(), max(read.batches))
+                claim_order.resume_at(db_alias(), max(read.batches))
             in_hand: list[tuple[ClaimedRun, list[Message]]] = []  # published, not acked yet
             more: set[str] = set()  # runs that have events beyond the batch in hand
             again: list[ClaimedRun] = []
