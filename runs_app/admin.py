@@ -359,6 +359,10 @@ class DeliveryActions(ReadOnlyAdmin):
                 }
                 for event in heads
             ],
+            # Blocked by a gap (no event at the cursor): the skip moves the cursor past it.
+            "gaps": RunOutbox.objects.filter(run_id__in=run_ids)
+            .exclude(run_id__in=[event.run_id for event in heads])
+            .order_by("run_id"),
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             "action": "skip_blocked_event",
         }

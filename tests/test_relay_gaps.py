@@ -183,3 +183,18 @@ def test_deleting_a_run_cascades_to_its_undelivered_events_and_the_relay_goes_on
     assert not RunEvent.objects.filter(run_id="a").exists()
     assert relay.drain_outbox_once(publisher=MemoryPublisher()).runs_touched == 0
     assert_cursor_invariant()
+
+
+def test_the_admin_skip_confirmation_lists_a_gap_and_the_skip_moves_past_it(
+    admin_client: Client,
+) -> None:
+    gapped_run()
+    relay.drain_outbox_once(publisher=MemoryPublisher())
+    url = reverse("admin:runs_app_run_changelist")
+    data = {"action": "skip_blocked_event", "_selected_action": ["a"]}
+
+    html = admin_client.post(url, data).content.decode()
+    assert 'id="runs-skip-gaps"' in html and "gap: event seq 4 is missing" in html
+
+    admin_client.post(url, {**data, "post": "yes"}, follow=True)
+    assert outbox("a").next_seq == 5 and outbox("a").blocked_at is None
