@@ -41,8 +41,9 @@ logger = lease.logger
 
 @dataclass(frozen=True)
 class DrainResult:
-    """What one or more passes did. ``failed_runs``: runs whose publish failed (their events stay
-    pending), in the order of the failures; ``runs_touched``: runs claimed."""
+    """What one or more passes did. ``failed_runs``: runs whose publish failed or that a gap
+    blocked (their events stay pending), in the order of the failures; ``runs_touched``: runs
+    claimed."""
 
     published: int = 0
     failed_runs: tuple[str, ...] = ()
