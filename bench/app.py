@@ -8,7 +8,7 @@ from typing import Any
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from runs_app import services
+from runs_app import relay, services
 from runs_app.models import Run
 
 from .publishers import NoopPublisher
@@ -26,7 +26,7 @@ def drain_all(publisher: Any = None) -> int:
     """Passes of ``drain_outbox_once`` until one publishes nothing; returns the events published."""
     publisher = publisher if publisher is not None else NoopPublisher()
     total = 0
-    while published := services.drain_outbox_once(publisher=publisher).published:
+    while published := relay.drain_outbox_once(publisher=publisher).published:
         total += published
     return total
 

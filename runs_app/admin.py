@@ -42,6 +42,7 @@ from django.utils.safestring import SafeString
 from . import inspection, services
 from .exceptions import RunsError
 from .models import (
+    PENDING_EVENT,
     CleanupStatus,
     FlushSessionStatus,
     FlushStatus,
@@ -235,7 +236,7 @@ class DeliveryFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         if self.value() == "pending":
-            return queryset.filter(published_at__isnull=True, skipped_at__isnull=True)
+            return queryset.filter(PENDING_EVENT)
         if self.value() == "published":
             return queryset.filter(published_at__isnull=False)
         if self.value() == "skipped":
@@ -365,6 +366,10 @@ class DeliveryActions(ReadOnlyAdmin):
                 }
                 for event in heads
             ],
+            # Blocked by a gap (no event at the cursor): the skip moves the cursor past it.
+            "gaps": RunOutbox.objects.filter(run_id__in=run_ids)
+            .exclude(run_id__in=[event.run_id for event in heads])
+            .order_by("run_id"),
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             "action": "skip_blocked_event",
         }

@@ -69,6 +69,11 @@ SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
         "a dict of keyword arguments for the publisher class",
     ),
     "DRAIN_BATCH_SIZE": ("runs_app.E011", _positive_int, "a positive integer (events)"),
+    "DRAIN_MAX_BYTES": (
+        "runs_app.E022",
+        _positive_int,
+        "a positive integer (bytes of event payloads read per claim)",
+    ),
     "LEASE_SECONDS": ("runs_app.E012", _duration, DURATION),
     "MAX_ATTEMPTS": ("runs_app.E013", _positive_int, "a positive integer"),
     "RETRY_BASE_SECONDS": ("runs_app.E014", _duration, DURATION),

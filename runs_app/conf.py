@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISHER": "runs_app.publishers.LoggingPublisher",
     "PUBLISHER_OPTIONS": {},
     "DRAIN_BATCH_SIZE": 100,
+    "DRAIN_MAX_BYTES": 32 * 1024 * 1024,
     "LEASE_SECONDS": 60,
     "MAX_ATTEMPTS": 10,
     "RETRY_BASE_SECONDS": 1.0,
@@ -52,6 +53,7 @@ class RunsAppSettings:
     PUBLISHER: str
     PUBLISHER_OPTIONS: dict[str, Any]
     DRAIN_BATCH_SIZE: int
+    DRAIN_MAX_BYTES: int
     LEASE_SECONDS: float
     MAX_ATTEMPTS: int
     RETRY_BASE_SECONDS: float

@@ -40,12 +40,9 @@ from .models import Run, RunEvent, RunOutbox, RunState, RunStatus
 
 
 def _pending_events(run_ref: str, next_seq_ref: str) -> QuerySet[RunEvent]:
-    # Matches the partial index runs_app_event_pending (run, seq) of unpublished, unskipped rows.
-    return RunEvent.objects.filter(
-        run_id=OuterRef(run_ref),
-        seq__gte=OuterRef(next_seq_ref),
-        published_at__isnull=True,
-        skipped_at__isnull=True,
+    # Pending (the partial index runs_app_event_pending) and at or above the run's cursor.
+    return RunEvent.objects.pending().filter(
+        run_id=OuterRef(run_ref), seq__gte=OuterRef(next_seq_ref)
     )
 
 
@@ -205,9 +202,7 @@ def health(scope: str | None = None, now: datetime | None = None) -> Health:
     ]
 
     outboxes = RunOutbox.objects.using(alias)
-    pending = RunEvent.objects.using(alias).filter(
-        published_at__isnull=True, skipped_at__isnull=True, seq__gte=F("run__outbox__next_seq")
-    )
+    pending = RunEvent.objects.using(alias).pending().filter(seq__gte=F("run__outbox__next_seq"))
     states = RunState.objects.using(alias)
     if scope is not None:
         outboxes = outboxes.filter(run__scope=scope)

@@ -196,6 +196,19 @@ class RunOutbox(models.Model):
         return f"outbox of {self.run_id} (next seq {self.next_seq})"
 
 
+# An event still waiting for the relay: neither published nor skipped. The one definition of
+# "pending", shared by ``RunEvent.objects.pending()`` and the partial index the relay's claim
+# walks (its condition must stay exactly this Q, or a migration follows).
+PENDING_EVENT = Q(published_at__isnull=True, skipped_at__isnull=True)
+
+
+class RunEventQuerySet(models.QuerySet["RunEvent"]):
+    def pending(self) -> RunEventQuerySet:
+        """Events not published nor skipped yet (matches the partial index
+        ``runs_app_event_pending``). Delivery order is ``seq`` from the run's ``next_seq``."""
+        return self.filter(PENDING_EVENT)
+
+
 class RunEvent(models.Model):
     """One event of a run, numbered by ``seq`` (1, 2, 3, ... without gaps)."""
 
@@ -207,6 +220,8 @@ class RunEvent(models.Model):
     published_at = models.DateTimeField(null=True, blank=True)
     skipped_at = models.DateTimeField(null=True, blank=True)
 
+    objects = RunEventQuerySet.as_manager()
+
     class Meta:
         ordering = ["run", "seq"]
         constraints = [
@@ -216,7 +231,7 @@ class RunEvent(models.Model):
             # Small: only events still waiting for the relay. Finds runs with work to do.
             models.Index(
                 fields=["run", "seq"],
-                condition=Q(published_at__isnull=True, skipped_at__isnull=True),
+                condition=PENDING_EVENT,
                 name="runs_app_event_pending",
             ),
         ]

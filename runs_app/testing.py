@@ -83,7 +83,9 @@ def runs_outbox() -> Iterator[RunsOutbox]:
     from django.test import override_settings
 
     from .conf import user_settings
+    from .relay.claim import claim_order
 
+    claim_order.reset()  # the relay's rotation starts from the lowest run id in every test
     publisher = MemoryPublisher()
     configured: Any = user_settings()
     base = dict(configured) if isinstance(configured, dict) else {}

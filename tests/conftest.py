@@ -35,3 +35,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             f"RUNS_APP_FORBID_SKIPS=1 but {skipped} test(s) skipped: failing the run.", red=True
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _fresh_claim_order() -> None:
+    """Every test's first claim starts from the lowest run id (the relay's rotation position is
+    per process)."""
+    from runs_app.relay.claim import claim_order
+
+    claim_order.reset()

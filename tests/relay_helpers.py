@@ -88,7 +88,7 @@ def seed_runs(count: int, events: int, prefix: str = "seed") -> list[str]:
 
 
 def pending_count() -> int:
-    return RunEvent.objects.filter(published_at__isnull=True, skipped_at__isnull=True).count()
+    return RunEvent.objects.pending().count()
 
 
 def assert_cursor_invariant() -> None:

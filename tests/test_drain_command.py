@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from runs_app import services
+from runs_app import relay, services
 from runs_app.models import RunEvent, RunOutbox
 from runs_app.testing import MemoryPublisher, RunsOutbox
 from tests.relay_helpers import (
@@ -117,7 +117,7 @@ def test_bad_run_ids_exit_2() -> None:
 @pytest.mark.django_db
 def test_prune_outbox_command() -> None:
     make_run("a", 2)
-    services.drain_outbox_for_run("a", publisher=MemoryPublisher())
+    relay.drain_outbox_for_run("a", publisher=MemoryPublisher())
     RunEvent.objects.filter(seq__lte=2).update(published_at=timezone.now() - dt.timedelta(hours=1))
     out = io.StringIO()
     call_command("prune_outbox", "--older-than", "60", stdout=out)

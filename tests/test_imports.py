@@ -26,9 +26,16 @@ MODULES = [
     "runs_app.db",
     "runs_app.notify",
     "runs_app.relay",
+    "runs_app.relay.claim",
+    "runs_app.relay.drain",
+    "runs_app.relay.lease",
+    "runs_app.relay.listener",
+    "runs_app.relay.loop",
+    "runs_app.relay.read",
     "runs_app.inspection",
     "runs_app.publishers",
     "runs_app.services",
+    "runs_app.services.outbox",
     "runs_app.testing",
 ]
 COMMANDS = [

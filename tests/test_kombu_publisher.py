@@ -21,7 +21,7 @@ import pytest
 from django.test import override_settings
 from kombu import Connection, Consumer, Exchange, Queue
 
-from runs_app import checks, services
+from runs_app import checks, relay, services
 from runs_app.exceptions import PublisherError
 from runs_app.models import Run, RunEvent, RunOutbox
 from runs_app.publishers import KombuPublisher, load_publisher, rfc3339
@@ -183,7 +183,7 @@ def test_consumer_receives_every_message_of_a_drained_run_in_order(
     services.complete_run(run)
     publisher = make_publisher(body=body, routing_key="{scope}.{type}")
 
-    result = services.drain_outbox_for_run(run, publisher=publisher, batch_size=3)
+    result = relay.drain_outbox_for_run(run, publisher=publisher, batch_size=3)
 
     events = events_of(run)
     assert [event.type for event in events][-1] == "run.completed"
@@ -222,10 +222,10 @@ def test_one_connection_serves_every_publish_until_closed(
 ) -> None:
     run = make_run(events=4)
     publisher = make_publisher()
-    services.drain_outbox_once(publisher=publisher, batch_size=2, run_id=run.id)
+    relay.drain_outbox_once(publisher=publisher, batch_size=2, run_id=run.id)
     first = publisher._connection
     assert first is not None and first.connected
-    services.drain_outbox_for_run(run, publisher=publisher, batch_size=2)
+    relay.drain_outbox_for_run(run, publisher=publisher, batch_size=2)
     assert publisher._connection is first
     assert [got.headers["seq"] for got in queue.receive(5)] == [1, 2, 3, 4, 5]
     publisher.close()
@@ -245,7 +245,7 @@ def test_closed_port_raises_and_events_stay_pending_until_the_url_works(
     )
     broken = make_publisher(url=broken_url)
 
-    result = services.drain_outbox_once(publisher=broken, run_id=run.id)
+    result = relay.drain_outbox_once(publisher=broken, run_id=run.id)
 
     assert result.failed_runs == (run.id,) and result.published == 0
     outbox = RunOutbox.objects.get(run=run)
@@ -255,7 +255,7 @@ def test_closed_port_raises_and_events_stay_pending_until_the_url_works(
 
     services.retry_outbox(run)
     working = make_publisher()
-    assert services.drain_outbox_once(publisher=working, run_id=run.id).published == 4
+    assert relay.drain_outbox_once(publisher=working, run_id=run.id).published == 4
     assert [got.message_id for got in queue.receive(4)] == [
         f"{run.id}:{seq}" for seq in (1, 2, 3, 4)
     ]
@@ -307,19 +307,17 @@ def test_broker_side_connection_drop_loses_nothing(
 ) -> None:
     run = make_run(events=5)  # seqs 1..6
     publisher = make_publisher()
-    assert (
-        services.drain_outbox_once(publisher=publisher, batch_size=2, run_id=run.id).published == 2
-    )
+    assert relay.drain_outbox_once(publisher=publisher, batch_size=2, run_id=run.id).published == 2
 
     assert drop_connection(broker, connection_name) >= 1
     # The next publish raises (RabbitMQ: CONNECTION_FORCED; the events stay pending and back
     # off) or reconnects by itself (redis-py retries a dropped socket); either way nothing is lost.
-    after_drop = services.drain_outbox_once(publisher=publisher, batch_size=2, run_id=run.id)
+    after_drop = relay.drain_outbox_once(publisher=publisher, batch_size=2, run_id=run.id)
     assert after_drop.failed_runs in ((), (run.id,))
     if broker == "rabbitmq":
         assert after_drop.failed_runs == (run.id,)
         assert RunOutbox.objects.get(run=run).attempts == 1
-    services.drain_outbox_for_run(run, publisher=publisher, batch_size=2)
+    relay.drain_outbox_for_run(run, publisher=publisher, batch_size=2)
 
     assert RunOutbox.objects.get(run=run).next_seq == 7
     seqs = [got.headers["seq"] for got in queue.receive(6)]

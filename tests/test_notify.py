@@ -22,6 +22,7 @@ from django.test.utils import CaptureQueriesContext
 from runs_app import notify, services
 from runs_app.conf import runs_settings
 from runs_app.models import RunEvent
+from runs_app.relay import listener
 from tests.relay_helpers import (
     Relay,
     read_deliveries,
@@ -55,11 +56,11 @@ def test_notify_is_a_no_op_on_sqlite_and_with_notify_false(setting: bool) -> Non
     with override_settings(RUNS_APP={"NOTIFY": setting}):
         expected_on = setting and connection.vendor == "postgresql"
         assert notify.notify_enabled() is expected_on
-        listener = notify.OutboxListener.for_relay()
-        assert (listener is not None) is expected_on
-        if listener is not None:
-            assert listener.connected
-            listener.close()
+        waiter = listener.OutboxListener.for_relay()
+        assert (waiter is not None) is expected_on
+        if waiter is not None:
+            assert waiter.connected
+            waiter.close()
         with CaptureQueriesContext(connection) as captured:
             notify.notify_outbox()
             services.append_events(run, [{"type": "e", "payload": {}}])
@@ -156,7 +157,7 @@ def listener_backends() -> list[int]:
         cursor.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
             " AND application_name = %s AND query LIKE 'LISTEN%%'",
-            [notify.APPLICATION_NAME],
+            [listener.APPLICATION_NAME],
         )
         return [row[0] for row in cursor.fetchall()]
 

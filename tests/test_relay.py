@@ -70,9 +70,9 @@ def test_drain_once_publishes_exactly_the_pending_events_per_run_in_order() -> N
     make_run("c", 5)
     publisher = RecordingCalls()
 
-    result = services.drain_outbox_once(publisher=publisher)
+    result = relay.drain_outbox_once(publisher=publisher)
 
-    assert result == services.DrainResult(published=11, failed_runs=(), runs_touched=3)
+    assert result == relay.DrainResult(published=11, failed_runs=(), runs_touched=3)
     assert delivered(publisher) == {"a": [1, 2, 3, 4], "b": [1], "c": [1, 2, 3, 4, 5, 6]}
     # One publish() call per run: a failure belongs to that run alone.
     assert [{m.run_id for m in call} for call in publisher.calls] == [{"a"}, {"b"}, {"c"}]
@@ -81,14 +81,14 @@ def test_drain_once_publishes_exactly_the_pending_events_per_run_in_order() -> N
     assert no_lease_held()
     assert_cursor_invariant()
 
-    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
+    assert relay.drain_outbox_once(publisher=publisher) == relay.DrainResult()
     assert len(publisher.messages) == 11
 
 
 def test_message_carries_the_event() -> None:
     run = services.create_run("billing", run_id="r1", events=[{"type": "x.y", "payload": {"k": 1}}])
     publisher = MemoryPublisher()
-    services.drain_outbox_once(publisher=publisher)
+    relay.drain_outbox_once(publisher=publisher)
 
     event = RunEvent.objects.get(run=run, seq=2)
     message = publisher.messages[1]
@@ -106,11 +106,11 @@ def test_message_carries_the_event() -> None:
 def test_only_new_events_after_a_drain() -> None:
     run = make_run("a", 1)
     publisher = MemoryPublisher()
-    services.drain_outbox_once(publisher=publisher)
+    relay.drain_outbox_once(publisher=publisher)
     services.append_events(run, [{"type": "late"}])
     services.complete_run(run)
 
-    services.drain_outbox_once(publisher=publisher)
+    relay.drain_outbox_once(publisher=publisher)
 
     assert [(m.seq, m.type) for m in publisher.messages[2:]] == [(3, "late"), (4, "run.completed")]
 
@@ -128,11 +128,11 @@ def test_batch_size_bounds_events_per_publish_and_runs_per_claim() -> None:
         make_run(name, 4)  # seqs 1..5
     publisher = RecordingCalls()
 
-    first = services.drain_outbox_once(publisher=publisher, batch_size=2)
+    first = relay.drain_outbox_once(publisher=publisher, batch_size=2)
 
-    assert first == services.DrainResult(published=4, failed_runs=(), runs_touched=2)
+    assert first == relay.DrainResult(published=4, failed_runs=(), runs_touched=2)
     assert delivered(publisher) == {"a": [1, 2], "b": [1, 2]}
-    while services.drain_outbox_once(publisher=publisher, batch_size=2).runs_touched:
+    while relay.drain_outbox_once(publisher=publisher, batch_size=2).runs_touched:
         pass
     assert delivered(publisher) == {run: [1, 2, 3, 4, 5] for run in "abc"}
     assert max(len(call) for call in publisher.calls) == 2
@@ -144,11 +144,11 @@ def test_run_filter_and_max_messages() -> None:
     make_run("b", 3)
     publisher = MemoryPublisher()
 
-    assert services.drain_outbox_once(publisher=publisher, run_id="b").published == 4
+    assert relay.drain_outbox_once(publisher=publisher, run_id="b").published == 4
     assert set(delivered(publisher)) == {"b"}
 
     make_run("c", 3)
-    result = services.drain_outbox_once(publisher=publisher, max_messages=3)
+    result = relay.drain_outbox_once(publisher=publisher, max_messages=3)
     assert result.published == 3
     assert delivered(publisher)["a"] == [1, 2, 3]
     assert outbox("a").next_seq == 4
@@ -168,7 +168,7 @@ def test_should_stop_finishes_the_batch_in_hand_and_releases_the_rest() -> None:
             publisher.publish(messages)
             stop.set()  # as a SIGTERM handler would, while this batch is in hand
 
-    result = services.drain_outbox_once(publisher=StopAfterFirst(), should_stop=stop.is_set)
+    result = relay.drain_outbox_once(publisher=StopAfterFirst(), should_stop=stop.is_set)
 
     assert result.published == 3
     assert delivered(publisher) == {"a": [1, 2, 3]}
@@ -188,12 +188,12 @@ def test_invalid_arguments_write_nothing() -> None:
         ({"run_id": "has space"}, "run_id"),
     ):
         with pytest.raises(InvalidInput) as raised:
-            services.drain_outbox_once(publisher=publisher, **kwargs)
+            relay.drain_outbox_once(publisher=publisher, **kwargs)
         assert raised.value.field == field
     assert snapshot() == before
     assert publisher.messages == []
     with pytest.raises(RunNotFound):
-        services.drain_outbox_for_run("missing", publisher=publisher)
+        relay.drain_outbox_for_run("missing", publisher=publisher)
 
 
 @override_settings(
@@ -205,10 +205,10 @@ def test_failing_run_backs_off_then_blocks_while_others_drain() -> None:
     publisher = RecordingCalls(fail_runs=["bad"])
 
     before = timezone.now()
-    result = services.drain_outbox_once(publisher=publisher)
+    result = relay.drain_outbox_once(publisher=publisher)
     after = timezone.now()
 
-    assert result == services.DrainResult(published=2, failed_runs=("bad",), runs_touched=2)
+    assert result == relay.DrainResult(published=2, failed_runs=("bad",), runs_touched=2)
     assert delivered(publisher) == {"good": [1, 2]}
     bad = outbox("bad")
     assert (bad.attempts, bad.next_seq, bad.blocked_at) == (1, 1, None)
@@ -222,25 +222,25 @@ def test_failing_run_backs_off_then_blocks_while_others_drain() -> None:
     assert not RunEvent.objects.filter(run_id="bad", published_at__isnull=False).exists()
 
     # Backing off: not claimable until next_attempt_at has come.
-    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
+    assert relay.drain_outbox_once(publisher=publisher) == relay.DrainResult()
     for attempts in (2, 3):
         RunOutbox.objects.filter(run_id="bad").update(
             next_attempt_at=timezone.now() - dt.timedelta(seconds=1)
         )
-        assert services.drain_outbox_once(publisher=publisher).failed_runs == ("bad",)
+        assert relay.drain_outbox_once(publisher=publisher).failed_runs == ("bad",)
         assert outbox("bad").attempts == attempts
 
     bad = outbox("bad")
     assert bad.blocked_at is not None and bad.next_attempt_at is None
-    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
-    assert services.drain_outbox_for_run("bad", publisher=publisher) == services.DrainResult()
+    assert relay.drain_outbox_once(publisher=publisher) == relay.DrainResult()
+    assert relay.drain_outbox_for_run("bad", publisher=publisher) == relay.DrainResult()
     assert_cursor_invariant()
 
     publisher.fail_runs.clear()
     services.retry_outbox("bad")
     bad = outbox("bad")
     assert (bad.blocked_at, bad.attempts, bad.next_attempt_at) == (None, 0, None)
-    assert services.drain_outbox_once(publisher=publisher).published == 2
+    assert relay.drain_outbox_once(publisher=publisher).published == 2
     assert delivered(publisher)["bad"] == [1, 2]
     assert outbox("bad").last_error == ""
     assert_cursor_invariant()
@@ -259,7 +259,7 @@ def test_skip_outbox_event_skips_the_head_of_a_blocked_run() -> None:
             super().publish(messages)
 
     publisher = PoisonSeq2()
-    assert services.drain_outbox_once(publisher=publisher).failed_runs == ("a",)
+    assert relay.drain_outbox_once(publisher=publisher).failed_runs == ("a",)
     assert outbox("a").blocked_at is not None
     with pytest.raises(OutboxNotBlocked):
         services.skip_outbox_event(make_run("other"))
@@ -280,7 +280,7 @@ def test_skip_outbox_event_skips_the_head_of_a_blocked_run() -> None:
     }
     assert_cursor_invariant()
 
-    services.drain_outbox_once(publisher=publisher)
+    relay.drain_outbox_once(publisher=publisher)
     assert [(m.seq, m.type) for m in publisher.messages if m.run_id == "a"] == [
         (3, "step"),
         (4, "step"),
@@ -323,13 +323,13 @@ def test_a_live_lease_is_respected_and_an_expired_one_taken_over() -> None:
         lease_until=timezone.now() + dt.timedelta(minutes=5),
     )
     publisher = MemoryPublisher()
-    assert services.drain_outbox_once(publisher=publisher) == services.DrainResult()
-    assert services.drain_outbox_for_run("a", publisher=publisher) == services.DrainResult()
+    assert relay.drain_outbox_once(publisher=publisher) == relay.DrainResult()
+    assert relay.drain_outbox_for_run("a", publisher=publisher) == relay.DrainResult()
 
     RunOutbox.objects.filter(run_id="a").update(
         lease_until=timezone.now() - dt.timedelta(seconds=1)
     )
-    assert services.drain_outbox_once(publisher=publisher).published == 2
+    assert relay.drain_outbox_once(publisher=publisher).published == 2
     assert no_lease_held()
 
 
@@ -403,7 +403,7 @@ def test_leases_are_renewed_during_a_long_pass(monkeypatch: pytest.MonkeyPatch) 
     for name in ("a", "b", "c"):
         make_run(name, 1)
     clock = FakeClock()
-    monkeypatch.setattr(relay, "monotonic", clock)
+    monkeypatch.setattr(relay.lease, "monotonic", clock)
     leases: dict[str, Any] = {}
 
     class SlowBroker(MemoryPublisher):
@@ -414,7 +414,7 @@ def test_leases_are_renewed_during_a_long_pass(monkeypatch: pytest.MonkeyPatch) 
             super().publish(messages)
 
     with CaptureQueriesContext(connection) as queries:
-        result = services.drain_outbox_once(publisher=SlowBroker())
+        result = relay.drain_outbox_once(publisher=SlowBroker())
 
     assert result.published == 6
     renewals = [
@@ -432,7 +432,7 @@ def test_a_run_whose_lease_was_lost_is_not_published(monkeypatch: pytest.MonkeyP
     make_run("a", 0)
     make_run("b", 0)
     clock = FakeClock()
-    monkeypatch.setattr(relay, "monotonic", clock)
+    monkeypatch.setattr(relay.lease, "monotonic", clock)
     thief = uuid.uuid4()
 
     class StallingBroker(MemoryPublisher):
@@ -445,9 +445,9 @@ def test_a_run_whose_lease_was_lost_is_not_published(monkeypatch: pytest.MonkeyP
             super().publish(messages)
 
     publisher = StallingBroker()
-    result = services.drain_outbox_once(publisher=publisher)
+    result = relay.drain_outbox_once(publisher=publisher)
 
-    assert result == services.DrainResult(published=1, failed_runs=(), runs_touched=2)
+    assert result == relay.DrainResult(published=1, failed_runs=(), runs_touched=2)
     assert delivered(publisher) == {"a": [1]}
     assert outbox("b").lease_token == thief  # untouched: not ours to release
 
@@ -467,9 +467,9 @@ def test_drain_outbox_for_run_loops_under_one_renewed_lease() -> None:
             super().publish(messages)
 
     publisher = Observing()
-    result = services.drain_outbox_for_run(run, publisher=publisher, batch_size=3)
+    result = relay.drain_outbox_for_run(run, publisher=publisher, batch_size=3)
 
-    assert result == services.DrainResult(published=7, failed_runs=(), runs_touched=1)
+    assert result == relay.DrainResult(published=7, failed_runs=(), runs_touched=1)
     assert [size for _, _, size in seen] == [3, 3, 1]
     assert [m.seq for m in publisher.messages] == [1, 2, 3, 4, 5, 6, 7]
     assert len({token for token, _, _ in seen}) == 1 and seen[0][0] is not None
@@ -482,8 +482,8 @@ def test_drain_outbox_for_run_loops_under_one_renewed_lease() -> None:
 def test_drain_outbox_for_run_stops_at_a_failure() -> None:
     make_run("a", 4)
     publisher = RecordingCalls(fail_runs=["a"])
-    result = services.drain_outbox_for_run("a", publisher=publisher, batch_size=2)
-    assert result == services.DrainResult(published=0, failed_runs=("a",), runs_touched=1)
+    result = relay.drain_outbox_for_run("a", publisher=publisher, batch_size=2)
+    assert result == relay.DrainResult(published=0, failed_runs=("a",), runs_touched=1)
     assert len(publisher.calls) == 1
     assert outbox("a").attempts == 1
 
@@ -494,14 +494,14 @@ def test_works_inside_a_callers_transaction() -> None:
     make_run("a", 1)
     publisher = MemoryPublisher()
     with transaction.atomic():
-        assert services.drain_outbox_once(publisher=publisher).published == 2
+        assert relay.drain_outbox_once(publisher=publisher).published == 2
     assert outbox("a").next_seq == 3
 
 
 def test_configured_publisher_is_built_and_closed(caplog: pytest.LogCaptureFixture) -> None:
     make_run("a", 1)
     with caplog.at_level("INFO", logger="runs_app.publishers"):
-        assert services.drain_outbox_once().published == 2
+        assert relay.drain_outbox_once().published == 2
     assert [r.getMessage().split()[1] for r in caplog.records] == ["a:1", "a:2"]
 
 
@@ -510,7 +510,7 @@ def test_query_count_is_constant_per_claim_not_per_run_or_event() -> None:
         for index in range(runs):
             make_run(f"{tag}{index}", events)
         with CaptureQueriesContext(connection) as captured:
-            assert services.drain_outbox_once(publisher=MemoryPublisher()).runs_touched == runs
+            assert relay.drain_outbox_once(publisher=MemoryPublisher()).runs_touched == runs
         return len(captured)
 
     small = queries_for(2, 1, "s")
@@ -553,12 +553,15 @@ def test_prune_outbox_refuses_bad_input() -> None:
         services.prune_outbox(10, batch_size=0)
 
 
-def test_relay_imports_on_its_own_and_is_re_exported() -> None:
-    assert services.drain_outbox_once is relay.drain_outbox_once
-    assert services.DrainResult is relay.DrainResult
+def test_relay_imports_on_its_own_and_the_services_never_import_it() -> None:
+    assert relay.skip_outbox_event is services.skip_outbox_event  # kept for compatibility
+    assert not hasattr(services, "drain_outbox_once")  # the relay is not a service
     code = (
-        "import django; django.setup(); import runs_app.relay; "
-        "from runs_app.services import prune_outbox, skip_outbox_event, retry_outbox"
+        "import sys, django; django.setup(); "
+        "from runs_app import services; "
+        "from runs_app.services import prune_outbox, skip_outbox_event, retry_outbox; "
+        "assert not [m for m in sys.modules if m.startswith('runs_app.relay')], 'relay loaded'; "
+        "import runs_app.relay"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -578,7 +581,7 @@ def test_a_run_with_nothing_at_its_cursor_is_never_claimed() -> None:
     make_run("a", 1)
     RunOutbox.objects.filter(run_id="a").update(next_seq=3)
     assert relay.claim_runs(10).runs == []
-    assert relay.drain_until_idle(publisher=MemoryPublisher()) == services.DrainResult()
+    assert relay.drain_until_idle(publisher=MemoryPublisher()) == relay.DrainResult()
 
 
 def test_batched_acknowledgement_fences_each_run_by_lease_and_cursor() -> None:
@@ -609,3 +612,14 @@ def test_batched_acknowledgement_fences_each_run_by_lease_and_cursor() -> None:
     assert set(
         RunEvent.objects.filter(published_at__isnull=False).values_list("run_id", flat=True)
     ) == {"a"}
+
+
+def test_the_pending_predicate_is_defined_once_and_is_the_index_condition() -> None:
+    from runs_app.models import PENDING_EVENT
+
+    (index,) = [i for i in RunEvent._meta.indexes if i.name == "runs_app_event_pending"]
+    assert index.condition == PENDING_EVENT
+    make_run("a", 2)  # seqs 1..3
+    RunEvent.objects.filter(run_id="a", seq=1).update(published_at=timezone.now())
+    RunEvent.objects.filter(run_id="a", seq=2).update(skipped_at=timezone.now())
+    assert list(RunEvent.objects.pending().values_list("seq", flat=True)) == [3]

@@ -73,7 +73,7 @@ def assert_faults_lose_nothing(
         # Nothing lost: once leases and backoffs run out, a healthy relay delivers the rest.
         expire_leases_and_backoff()
         healthy = Broker()
-        while services.drain_outbox_once(publisher=healthy).runs_touched:
+        while relay.drain_outbox_once(publisher=healthy).runs_touched:
             pass
         assert published_ids() == all_ids(), k
         assert {m.id for m in handed.messages + healthy.messages} >= all_ids() - before, k
@@ -97,7 +97,7 @@ def test_faults_in_a_pass() -> None:
         services.create_run(f"c{k}", run_id=f"c{k}", events=[{"type": "e"}] * 2)
 
     statements = assert_faults_lose_nothing(
-        lambda broker, k: services.drain_outbox_once(publisher=broker, batch_size=2), make_runs
+        lambda broker, k: relay.drain_outbox_once(publisher=broker, batch_size=2), make_runs
     )
     assert statements >= 8  # claim, reads, acks, the failure: each was failed once
 
@@ -108,7 +108,7 @@ def test_faults_while_draining_one_run_in_batches() -> None:
         services.create_run(f"a{k}", run_id=f"a{k}", events=[{"type": "e"}] * 6)
 
     def drain(broker: Broker, k: int) -> object:
-        return services.drain_outbox_for_run(f"a{k}", publisher=broker, batch_size=3)
+        return relay.drain_outbox_for_run(f"a{k}", publisher=broker, batch_size=3)
 
     assert assert_faults_lose_nothing(drain, make_runs) >= 8
 
@@ -116,7 +116,7 @@ def test_faults_while_draining_one_run_in_batches() -> None:
 @override_settings(RUNS_APP={"MAX_ATTEMPTS": 1})
 def test_skip_outbox_event_is_atomic_under_faults() -> None:
     run = services.create_run("a", run_id="a", events=[{"type": "e"}])
-    services.drain_outbox_once(publisher=Broker(fail_runs=["a"]))
+    relay.drain_outbox_once(publisher=Broker(fail_runs=["a"]))
     assert RunOutbox.objects.get(run=run).blocked_at is not None
 
     assert assert_atomic_under_faults(lambda: services.skip_outbox_event(run)) >= 4
@@ -132,7 +132,7 @@ def test_retry_outbox_is_atomic_under_faults() -> None:
 
 def test_prune_outbox_under_faults_deletes_only_published_events() -> None:
     run = services.create_run("a", run_id="a", events=[{"type": "e"}] * 4)
-    services.drain_outbox_once(publisher=Broker(), batch_size=3)
+    relay.drain_outbox_once(publisher=Broker(), batch_size=3)
     RunEvent.objects.filter(published_at__isnull=False).update(
         published_at=timezone.now() - dt.timedelta(hours=1)
     )

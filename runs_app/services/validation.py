@@ -376,3 +376,11 @@ def validate_duration(
             limit=MAX_DURATION_SECONDS,
         )
     return datetime.timedelta(seconds=seconds)
+
+
+def validate_positive_int(field_name: str, value: Any, default: Any) -> int:
+    """``value`` (``default`` when None) as a positive integer (bools refused)."""
+    value = default if value is None else value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidInput(field_name, f"must be a positive integer, not {value!r}", limit=1)
+    return value

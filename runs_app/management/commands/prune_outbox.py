@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from ...relay import prune_outbox
+from ...services.outbox import prune_outbox
 from ..argtypes import positive_seconds
 
 

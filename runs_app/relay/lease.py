@@ -1,0 +1,322 @@
+"""The lease protocol after the claim (:mod:`.claim`): keep the leases alive while publishing,
+renew, release, acknowledge, record a failure or a gap.
+
+A lease gives one relay the right to publish a run's pending events: a token unique to the
+claim, ``leased_by`` and ``lease_until`` computed with the database's clock. Every write here is
+one short transaction fenced by the token (and, for an acknowledgement or a gap, the cursor), so
+a relay whose lease expired and was taken over changes nothing for that run.
+
+Invariant kept by every write here: events with ``seq < next_seq`` have ``published_at`` (or
+``skipped_at``) set, written in the transaction that advanced ``next_seq``; events with
+``seq >= next_seq`` are pending.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import connections, transaction
+from django.db.models import DateTimeField, ExpressionWrapper
+from django.db.models.functions import Now
+
+from ..conf import runs_settings
+from ..db import connection_for_write, db_alias, table
+from ..models import RunEvent, RunOutbox
+from ..publishers import Message
+from ..services.outbox import NO_LEASE
+from ..services.validation import internal_error_text
+
+logger = logging.getLogger("runs_app.relay")
+
+# Monotonic clock used to decide when to renew leases; a module attribute so a test can move it.
+monotonic = time.monotonic
+
+
+@dataclass
+class ClaimedRun:
+    run_id: str
+    next_seq: int
+    attempts: int
+    renewed_at: float  # our monotonic clock when its lease was last set
+
+
+@dataclass
+class Claim:
+    """Leases taken by one claim: one token for all its runs (unique to this claim)."""
+
+    token: uuid.UUID
+    runs: list[ClaimedRun] = field(default_factory=list)
+
+
+def acknowledge_batches(
+    token: uuid.UUID,
+    batches: Sequence[tuple[str, int, int]],
+    *,
+    keep_lease: Collection[str] = (),
+) -> set[str]:
+    """Record published batches ``(run_id, first_seq, last_seq)`` (each contiguous from the run's
+    ``next_seq``) as delivered; return the run ids acknowledged.
+
+    One short transaction, two set-based statements whatever the number of runs:
+
+    1. ``UPDATE outbox ... FROM (VALUES ...)``, fenced per run by the lease token and the cursor
+       (``next_seq = first_seq``): advance ``next_seq``, reset attempts and backoff, clear the
+       lease, or renew it for the runs in ``keep_lease``. ``RETURNING`` says which runs it
+       changed: a run whose lease was taken over (or whose cursor moved) changes nothing.
+    2. ``UPDATE event SET published_at ... FROM (VALUES ...)`` for exactly the (run, seq range)
+       pairs of the runs statement 1 returned; the outbox rows it updated stay locked until
+       commit, so no other relay can claim them in between.
+
+    Raw SQL: the ORM has neither ``UPDATE ... FROM`` nor ``RETURNING`` on an update (a ``Case``
+    per run would need a third statement to learn which runs matched). PostgreSQL and SQLite
+    (3.35+) both speak this SQL and name ``VALUES`` columns ``column1``, ``column2``...
+    """
+    if not batches:
+        return set()
+    alias = db_alias()
+    connection = connection_for_write()
+    outbox, event = table(RunOutbox), table(RunEvent)
+    now_sql, now_params = compile_expression(Now())
+    lease_sql, lease_params = compile_expression(
+        db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))
+    )
+    token_value = RunOutbox._meta.get_field("lease_token").get_db_prep_value(token, connection)
+    keep = set(keep_lease)
+    values = ", ".join(["(%s, %s, %s, %s)"] * len(batches))
+    params: list[Any] = list(lease_params)
+    for run_id, first, last in batches:
+        params += [run_id, first, last, int(run_id in keep)]
+    params.append(token_value)
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {outbox} SET next_seq = a.column3 + 1, attempts = 0, last_error = '',"
+            " next_attempt_at = NULL,"
+            f" lease_until = CASE WHEN a.column4 = 1 THEN {lease_sql} ELSE NULL END,"
+            " lease_token = CASE WHEN a.column4 = 1 THEN lease_token ELSE NULL END,"
+            " leased_by = CASE WHEN a.column4 = 1 THEN leased_by ELSE '' END"
+            f" FROM (VALUES {values}) AS a"
+            f" WHERE {outbox}.run_id = a.column1 AND {outbox}.lease_token = %s"
+            f" AND {outbox}.next_seq = a.column2"
+            f" RETURNING {outbox}.run_id",
+            params,
+        )
+        acked = {str(run_id) for (run_id,) in cursor.fetchall()}
+        marked = [batch for batch in batches if batch[0] in acked]
+        if marked:
+            cursor.execute(
+                f"UPDATE {event} SET published_at = {now_sql}"
+                f" FROM (VALUES {', '.join(['(%s, %s, %s)'] * len(marked))}) AS a"
+                f" WHERE {event}.run_id = a.column1"
+                f" AND {event}.seq >= a.column2 AND {event}.seq <= a.column3"
+                f" AND {event}.published_at IS NULL AND {event}.skipped_at IS NULL",
+                [*now_params, *(value for batch in marked for value in batch)],
+            )
+    return acked
+
+
+def acknowledge(
+    token: uuid.UUID, run_id: str, messages: Sequence[Message], *, keep_lease: bool = False
+) -> bool:
+    """``acknowledge_batches`` for one run's ``messages``: True if acknowledged."""
+    batch = (run_id, messages[0].seq, messages[-1].seq)
+    return bool(acknowledge_batches(token, [batch], keep_lease=[run_id] if keep_lease else ()))
+
+
+def record_failure(claim: Claim, run: ClaimedRun, error: BaseException) -> bool:
+    """After a failed publish: ``attempts`` + 1, ``last_error``, a backoff from the database's
+    clock, the lease cleared; blocked at ``MAX_ATTEMPTS``. One statement, fenced by the lease.
+    Returns whether the run is now blocked."""
+    attempts = run.attempts + 1
+    blocked = attempts >= runs_settings.MAX_ATTEMPTS
+    delay = dt.timedelta(seconds=backoff_seconds(attempts))
+    alias = db_alias()
+    with transaction.atomic(using=alias):
+        recorded = (
+            RunOutbox.objects.using(alias)
+            .filter(run_id=run.run_id, lease_token=claim.token)
+            .update(
+                attempts=attempts,
+                last_error=internal_error_text(f"{type(error).__name__}: {error}"),
+                next_attempt_at=None if blocked else db_now_plus(delay),
+                blocked_at=Now() if blocked else None,
+                **NO_LEASE,
+            )
+        )
+    if not recorded:
+        logger.warning(
+            "publish failed for run %s, but its lease was taken over: the relay that holds it "
+            "now retries (failure not recorded): %s",
+            run.run_id,
+            error,
+        )
+        return False
+    if blocked:
+        logger.error(
+            "outbox of run %s blocked after %d failed attempts: %s", run.run_id, attempts, error
+        )
+    else:
+        logger.warning(
+            "publish failed for run %s (attempt %d, retry in %.1f s): %s",
+            run.run_id,
+            attempts,
+            delay.total_seconds(),
+            error,
+        )
+    return blocked
+
+
+def record_gap(claim: Claim, run: ClaimedRun, missing: int) -> bool:
+    """The run's pending range does not start at its cursor: event ``missing`` (``next_seq``) is
+    gone (deleted behind the services' back). Publishing what follows would break the run's
+    order and the acknowledgement could never advance the cursor (it is fenced on ``next_seq``),
+    so the run is blocked, with an error naming the missing seq, until an operator skips the gap
+    (``skip_outbox_event`` moves the cursor to the next existing event) or retries. One
+    statement, fenced by the lease and the cursor. Returns whether it was recorded."""
+    alias = db_alias()
+    error = f"gap: event seq {missing} is missing"
+    with transaction.atomic(using=alias):
+        recorded = (
+            RunOutbox.objects.using(alias)
+            .filter(run_id=run.run_id, lease_token=claim.token, next_seq=missing)
+            .update(blocked_at=Now(), last_error=error, next_attempt_at=None, **NO_LEASE)
+        )
+    if recorded:
+        logger.error(
+            "outbox of run %s blocked: %s (skip_outbox_event moves past it)", run.run_id, error
+        )
+    return bool(recorded)
+
+
+class LeaseKeeper:
+    """Keeps a claim's leases alive while the relay publishes, from a thread of its own.
+
+    A publish that outlasts ``LEASE_SECONDS`` would otherwise let another relay take the run
+    over, publish it again, and have its own acknowledgement fenced off in turn: two relays can
+    then deliver a run's batch again and again and never advance it. Every ``LEASE_SECONDS / 3``
+    the keeper renews (one fenced ``UPDATE``, on the thread's own connection) the leases the
+    pass still holds; a run it finds taken over is marked lost and the pass neither publishes
+    nor releases it. The thread opens its connection only when it first renews (a pass shorter
+    than a third of the lease never does) and closes it when the pass ends.
+
+    Used in autocommit mode only: inside a caller's transaction (tests) another connection
+    could not see the claim; the pass then renews between publishes instead.
+    """
+
+    def __init__(self, claim: Claim, interval: float) -> None:
+        self.token = claim.token
+        self.interval = interval
+        self._held = {run.run_id for run in claim.runs}
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"runs_app lease keeper {self.token}", daemon=True
+        )
+
+    @classmethod
+    def start(cls, claim: Claim) -> LeaseKeeper | None:
+        """A running keeper for ``claim``, or None where one cannot work (inside a transaction,
+        an in-memory SQLite database)."""
+        connection = connection_for_write()
+        if not claim.runs or connection.in_atomic_block:
+            return None
+        if connection.vendor == "sqlite" and getattr(connection, "is_in_memory_db", bool)():
+            return None
+        keeper = cls(claim, float(runs_settings.LEASE_SECONDS) / 3)
+        keeper._thread.start()
+        return keeper
+
+    def lost(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._lost
+
+    def let_go(self, run_ids: Collection[str]) -> None:
+        """Stop renewing these (acknowledged, failed, released): call before the write that
+        clears their lease."""
+        with self._lock:
+            self._held.difference_update(run_ids)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(max(float(runs_settings.LEASE_SECONDS), 1.0))
+        if self._thread.is_alive():
+            logger.warning("lease keeper %s did not stop in time", self.token)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                with self._lock:
+                    held = sorted(self._held)
+                if not held:
+                    continue
+                try:
+                    renewed = renew_leases(self.token, held)
+                except Exception:  # the pass's own statements will meet the same error
+                    logger.warning("renewing leases failed", exc_info=True)
+                    continue
+                with self._lock:
+                    taken = (set(held) - renewed) & self._held
+                    self._lost |= taken
+                    self._held -= taken
+                for run_id in sorted(taken):
+                    logger.warning("lease of run %s was taken over by another relay", run_id)
+        finally:
+            connections.close_all()  # this thread's connections only
+
+
+def backoff_seconds(attempts: int) -> float:
+    """Delay before attempt ``attempts + 1``: exponential (base, 2 base, 4 base...) capped at
+    ``RETRY_MAX_SECONDS``, with jitter in the upper half so relays do not retry in lockstep.
+    Always within ``[RETRY_BASE_SECONDS, RETRY_MAX_SECONDS]``."""
+    base = float(runs_settings.RETRY_BASE_SECONDS)
+    ceiling = float(runs_settings.RETRY_MAX_SECONDS)
+    top = min(ceiling, base * 2.0 ** min(max(attempts - 1, 0), 64))
+    return random.uniform(max(base, top / 2), top)
+
+
+def renew_leases(token: uuid.UUID, run_ids: Sequence[str]) -> set[str]:
+    """Extend the leases still held under ``token``; return the run ids still ours."""
+    alias = db_alias()
+    held = RunOutbox.objects.using(alias).filter(run_id__in=run_ids, lease_token=token)
+    with transaction.atomic(using=alias):
+        renewed = held.update(
+            lease_until=db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))
+        )
+    if renewed == len(run_ids):
+        return set(run_ids)
+    return set(held.values_list("run_id", flat=True))
+
+
+def release_leases(claim: Claim, run_ids: Sequence[str]) -> int:
+    """Give back leases we did not use (fenced: never someone else's)."""
+    alias = db_alias()
+    with transaction.atomic(using=alias):
+        return (
+            RunOutbox.objects.using(alias)
+            .filter(run_id__in=run_ids, lease_token=claim.token)
+            .update(**NO_LEASE)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def db_now_plus(delta: dt.timedelta) -> ExpressionWrapper[Any]:
+    """The database's clock plus ``delta``: leases and backoffs never depend on this host's."""
+    return ExpressionWrapper(Now() + delta, output_field=DateTimeField())
+
+
+def compile_expression(expression: Any) -> tuple[str, list[Any]]:
+    query = RunOutbox.objects.using(db_alias()).all().query
+    compiler = query.get_compiler(db_alias())
+    sql, params = compiler.compile(expression.resolve_expression(query))
+    return sql, list(params)

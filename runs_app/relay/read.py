@@ -1,0 +1,181 @@
+"""Reading the claimed runs' pending events, as messages, in one query per pass.
+
+Bounded twice: at most ``limit`` events per run, and at most ``max_bytes`` bytes of payload (the
+JSON text of each payload) for the whole claim, in claim order (run id, then seq). The read
+stops adding events at the first one that would pass the byte budget, but always returns at
+least the first event, so a single event larger than the budget is still delivered. A relay's
+memory per pass is thus about ``max_bytes`` (plus one event), whatever the batch size and the
+payload sizes (``DRAIN_BATCH_SIZE`` runs x ``DRAIN_BATCH_SIZE`` events of 256 KiB would be
+about 2.5 GB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db.models import BigIntegerField, Case, F, Value, When, Window
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import RowNumber
+
+from ..conf import runs_settings
+from ..db import connection_for_write, db_alias, is_postgresql, table
+from ..models import Run, RunEvent
+from ..publishers import Message
+
+# PostgreSQL reads each run's batch with a LATERAL subquery: one index range scan of (run, seq)
+# per run, stopping at the batch size whatever the run's backlog, and the run's scope by primary
+# key, also LATERAL (its LIMIT 1 keeps the planner from flattening it into a join that may scan
+# the run table): a nested loop by construction, whatever the statistics say. A running sum
+# over the claim (runs in claim order, then seq) cuts it at the byte budget on the server, so
+# what does not fit is never sent. The ORM says neither LATERAL nor a filter over a window.
+_READ_POSTGRESQL = """
+SELECT run_id, scope, seq, type, payload, created_at, upto, total FROM (
+    SELECT c.ord, c.run_id, r.scope, e.seq, e.type, e.payload, e.created_at,
+        row_number() OVER w AS n, sum(e.size) OVER w AS upto, count(*) OVER () AS total
+    FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS c(run_id, next_seq, ord)
+    CROSS JOIN LATERAL (SELECT scope FROM {run} WHERE id = c.run_id LIMIT 1) r
+    CROSS JOIN LATERAL (
+        SELECT seq, type, payload, created_at, octet_length(payload::text) AS size
+        FROM {event} WHERE run_id = c.run_id AND seq >= c.next_seq
+        ORDER BY seq LIMIT %s
+    ) e
+    WINDOW w AS (ORDER BY c.ord, e.seq ROWS UNBOUNDED PRECEDING)
+) t
+WHERE n = 1 OR upto <= %s
+ORDER BY ord, seq
+"""
+
+
+@dataclass
+class Read:
+    """What one read returned: the messages keyed by run id (in claim order, each run's in seq
+    order), the payload bytes read, and whether the byte budget cut the claim short (the runs
+    after the last one present were not read, or that run only in part)."""
+
+    batches: dict[str, list[Message]] = field(default_factory=dict)
+    payload_bytes: int = 0
+    cut: bool = False
+
+
+def read_batches(runs: Sequence[tuple[str, int]], limit: int, max_bytes: int | None = None) -> Read:
+    """Up to ``limit`` events with ``seq >= next_seq`` of each ``(run_id, next_seq)``, in seq
+    order, as messages keyed by run id (runs with nothing pending, or past the byte budget, are
+    absent), reading at most ``max_bytes`` bytes of payload in all (default
+    ``DRAIN_MAX_BYTES``; at least one event). One query for all runs, outside any transaction:
+    committed events below ``Run.last_seq`` never change.
+
+    PostgreSQL: a LATERAL join with the budget cut on the server (raw SQL, see
+    ``_READ_POSTGRESQL``). SQLite (no LATERAL): the ORM with ``row_number() OVER (PARTITION BY
+    run ORDER BY seq) <= limit`` over the runs' events at or above their cursor (one
+    ``CASE run_id`` gives each run its own ``next_seq``), streamed row by row and cut at the
+    budget as it goes; it ranks every pending event of those runs, fine at SQLite's scale.
+    """
+    if not runs:
+        return Read()
+    runs = sorted(runs)  # claim order: run id
+    budget = int(runs_settings.DRAIN_MAX_BYTES) if max_bytes is None else max_bytes
+    if is_postgresql():
+        rows, used, cut = _read_postgresql(runs, limit, budget)
+    else:
+        rows, used, cut = _within_budget(_read_sqlite(runs, limit), budget)
+    read = Read(payload_bytes=used, cut=cut)
+    for run_id, scope, seq, event_type, data, created_at in rows:
+        read.batches.setdefault(run_id, []).append(
+            Message(
+                id=f"{run_id}:{seq}",
+                run_id=run_id,
+                scope=scope,
+                seq=seq,
+                type=event_type,
+                payload=data,
+                occurred_at=created_at,
+            )
+        )
+    return read
+
+
+def read_claimed(
+    runs: Sequence[tuple[str, int]], limit: int, max_bytes: int | None = None
+) -> dict[str, list[Message]]:
+    """``read_batches(...).batches``."""
+    return read_batches(runs, limit, max_bytes).batches
+
+
+def read_pending(run_id: str, next_seq: int, limit: int) -> list[Message]:
+    """``read_claimed`` for one run."""
+    return read_claimed([(run_id, next_seq)], limit).get(run_id, [])
+
+
+def _read_postgresql(
+    runs: Sequence[tuple[str, int]], limit: int, budget: int
+) -> tuple[list[tuple[Any, ...]], int, bool]:
+    connection = connection_for_write()
+    payload = RunEvent._meta.get_field("payload")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _READ_POSTGRESQL.format(run=table(Run), event=table(RunEvent)),
+            [[run_id for run_id, _ in runs], [seq for _, seq in runs], limit, budget],
+        )
+        fetched = cursor.fetchall()
+    rows = [
+        (
+            run_id,
+            scope,
+            seq,
+            kind,
+            payload.from_db_value(data, payload.cached_col, connection),
+            created,
+        )
+        for run_id, scope, seq, kind, data, created, _, _ in fetched
+    ]
+    if not fetched:
+        return rows, 0, False
+    _, _, _, _, _, _, used, total = fetched[-1]
+    return rows, int(used), len(fetched) < int(total)
+
+
+def _read_sqlite(
+    runs: Sequence[tuple[str, int]], limit: int
+) -> Iterable[tuple[str, str, int, str, Any, datetime, int]]:
+    rank = Window(RowNumber(), partition_by=[F("run_id")], order_by=F("seq").asc())
+    # The stored JSON text's size in bytes: what the budget counts (PostgreSQL counts the same).
+    size = RawSQL(f"length(CAST({table(RunEvent)}.payload AS BLOB))", [])
+    rows = (
+        RunEvent.objects.using(db_alias())
+        .filter(
+            run_id__in=[run_id for run_id, _ in runs],
+            seq__gte=Case(
+                *(When(run_id=run_id, then=Value(seq)) for run_id, seq in runs),
+                output_field=BigIntegerField(),
+            ),
+        )
+        .annotate(rank=rank, size=size)
+        .filter(rank__lte=limit)
+        .order_by("run_id", "seq")
+        .values_list("run_id", "run__scope", "seq", "type", "payload", "created_at", "size")
+    )
+    return rows.iterator(chunk_size=100)  # streamed: the rows past the budget are never read
+
+
+def _within_budget(
+    rows: Iterable[tuple[str, str, int, str, Any, datetime, int]], budget: int
+) -> tuple[list[tuple[Any, ...]], int, bool]:
+    kept: list[tuple[Any, ...]] = []
+    used = 0
+    cut = False
+    stream = iter(rows)
+    try:
+        for *row, size in stream:
+            if kept and used + int(size or 0) > budget:
+                cut = True
+                break
+            used += int(size or 0)
+            kept.append(tuple(row))
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # the rest of the rows stays unread; the cursor is closed now
+    return kept, used, cut
