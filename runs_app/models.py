@@ -64,7 +64,8 @@ class Run(models.Model):
     # Set in the transaction that completes or fails the run. It lives on this row, the one
     # every writer locks first, so an append that waited for a closing transaction re-reads it
     # on the row version that transaction committed and refuses (see services.events).
-    closed = models.BooleanField(default=False, editable=False)
+    # db_default too: rows inserted by raw SQL (a bulk import, a fixture) need not name it.
+    closed = models.BooleanField(default=False, db_default=False, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
 
     state: RunState

@@ -49,7 +49,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='run',
             name='closed',
-            field=models.BooleanField(default=False, editable=False),
+            field=models.BooleanField(db_default=False, default=False, editable=False),
         ),
         migrations.RunPython(mark_closed_runs, migrations.RunPython.noop, elidable=False),
         migrations.RunPython(create_ordinal_sequence, drop_ordinal_sequence, elidable=False),

@@ -192,7 +192,7 @@ class FlushSession:
         if exc is None:
             self._close()
             return
-        if isinstance(exc, RunClosed):
+        if isinstance(exc, RunClosed) and exc.run_id == self.run_id:
             return  # a closed run's ledger is never touched
         if isinstance(exc, FlushFailed) and self._failure is not None:
             self._record_failure(self._failure)  # again: the caller may have rolled it back
@@ -331,6 +331,23 @@ class FlushSession:
         if self._failure is not None:
             self._record_failure(self._failure)
             raise FlushFailed(self.run_id, f"a write of this session failed ({self._failure})")
+        try:
+            failure = self._close_transaction()
+        except RunClosed:
+            raise
+        except Exception as exc:
+            # A database error while closing: nothing of the close committed; record the
+            # failure (the session must never read as open-but-fine) and say so.
+            self._failure = internal_error_text(f"closing failed: {type(exc).__name__}: {exc}")
+            self._record_failure(self._failure)
+            raise FlushFailed(self.run_id, self._failure) from exc
+        if failure is not None:
+            self._failure = failure
+            self._record_failure(failure)
+            raise FlushFailed(self.run_id, failure)
+
+    def _close_transaction(self) -> str | None:
+        """The close's one transaction; returns why the session failed, or None."""
         alias = db_alias()
         failure: str | None = None
         with transaction.atomic(using=alias):
@@ -369,10 +386,7 @@ class FlushSession:
                     "flush_status": FlushStatus.IN_PROGRESS if others else FlushStatus.SUCCEEDED,
                 }
                 insert_events(self.run_id, [PreparedEvent("flush.succeeded", payload)])
-        if failure is not None:
-            self._failure = failure
-            self._record_failure(failure)
-            raise FlushFailed(self.run_id, failure)
+        return failure
 
     def _record_failure(self, error: str) -> None:
         """``failed`` on the session and the ledger, with a ``flush.failed`` event, in a

@@ -200,14 +200,25 @@ def lock_state(run_id: str) -> RunState:
     serialise on one row, and the closing transaction's ``closed`` flag is what the waiting
     append sees. ``FOR NO KEY UPDATE``: rows referencing the run (events, projects of other
     transactions) can still be inserted meanwhile.
+
+    Two statements on PostgreSQL: the lock, then the state read by a statement of its own, so
+    its snapshot is taken after the lock was granted. (Locked in one joined SELECT, a caller
+    that waited for the lock would get the run row as the other transaction committed it but
+    the state row as it was before: a run closed meanwhile would still look active.) SQLite
+    needs no row lock: its IMMEDIATE transactions hold the database's write lock.
     """
-    try:
-        state = (
-            RunState.objects.using(db_alias())
-            .select_for_update(of=("run",), no_key=True)
-            .select_related("run")
-            .get(run_id=run_id)
+    alias = db_alias()
+    if is_postgresql():
+        locked = (
+            Run.objects.using(alias)
+            .select_for_update(no_key=True)
+            .filter(pk=run_id)
+            .values_list("pk", flat=True)
         )
+        if not list(locked):
+            raise RunNotFound(run_id)
+    try:
+        state = RunState.objects.using(alias).select_related("run").get(run_id=run_id)
     except RunState.DoesNotExist:
         raise RunNotFound(run_id) from None
     state.run.state = state

@@ -361,7 +361,10 @@ def validate_duration(
     if isinstance(value, datetime.timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float
+            seconds = math.inf if value > 0 else -math.inf
     else:
         raise InvalidInput(
             field_name, f"must be seconds or a timedelta, not {type(value).__name__}"
