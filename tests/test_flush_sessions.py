@@ -5,6 +5,7 @@ that did not end cleanly never lets its run complete (or its cleanup run)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -422,17 +423,12 @@ def test_a_failed_flush_in_a_seeded_scope_deletes_nothing_whatever_the_fault() -
         services.flush_projects(first, rows(0, 300), batch_size=BATCH)
         services.complete_run(first)
         run = services.create_run(scope)
-        with failing_statement(k) as counter:
-            try:
-                services.flush_projects(run, rows(0, 250), batch_size=BATCH)
-            except (FlushFailed, InjectedFault):
-                pass
+        with failing_statement(k) as counter, contextlib.suppress(FlushFailed, InjectedFault):
+            services.flush_projects(run, rows(0, 250), batch_size=BATCH)
         faulted = counter.count >= k
         services.complete_run(run)
-        try:
+        with contextlib.suppress(CleanupRefused):
             services.safe_cleanup_old_projects(run)
-        except CleanupRefused:
-            pass
         remaining = Project.objects.filter(scope=scope).count()
         if faulted:
             assert remaining == 300, k
