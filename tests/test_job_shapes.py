@@ -9,8 +9,9 @@ delete what is really gone, so "nothing lost" is not vacuous.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from runs_app.exceptions import (
     FlushEnded,
     FlushFailed,
     FlushInTransaction,
+    InvalidInput,
     RunClosed,
 )
 from runs_app.models import (
@@ -34,6 +36,7 @@ from runs_app.models import (
     RunState,
     RunStatus,
 )
+from tests.helpers import snapshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -521,3 +524,188 @@ def test_a_session_object_is_entered_once() -> None:
     with pytest.raises(RuntimeError):
         flush.write(page_rows(1))
     assert not Project.objects.filter(key="p0100", last_seen_run=run).exists()
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+LONE = "\ud800"
+
+
+def everything() -> tuple[Any, ...]:
+    return (snapshot(), sorted(RunFlushSession.objects.values_list("id", "status", "batches")))
+
+
+def assert_invalid(field: str, call: Callable[[], Any]) -> InvalidInput:
+    """``call`` raises InvalidInput naming ``field`` (directly, or as the cause of the
+    FlushFailed a flush raises), and writes nothing."""
+    before = everything()
+    with pytest.raises((InvalidInput, FlushFailed)) as caught:
+        call()
+    error = caught.value
+    if isinstance(error, FlushFailed):
+        assert isinstance(error.__cause__, InvalidInput), repr(error.__cause__)
+        error = error.__cause__
+    assert isinstance(error, InvalidInput)
+    assert error.field == field, (error.field, field)
+    assert "surrogate" in str(error) or "limit" in str(error) or str(error)
+    if not isinstance(caught.value, FlushFailed):
+        assert everything() == before
+    return error
+
+
+def test_lone_surrogates_are_invalid_input_naming_the_field() -> None:
+    run = services.create_run("bad-input")
+    assert_invalid("scope", lambda: services.create_run(f"s{LONE}"))
+    assert_invalid("scope", lambda: services.ensure_run("r-1", scope=LONE))
+    assert_invalid("run_id", lambda: services.create_run("ok", run_id=f"r{LONE}"))
+    assert_invalid("run_id", lambda: services.ensure_run(LONE, scope="ok"))
+    assert_invalid("run", lambda: services.flush(LONE))  # the parameter is named run
+    assert_invalid("run", lambda: services.complete_run(LONE))
+    assert_invalid("error", lambda: services.fail_run(run, f"boom {LONE}"))
+    assert_invalid(
+        "events[0].type", lambda: services.append_events(run, [services.Event(f"t{LONE}", {})])
+    )
+    assert_invalid(
+        "events[0].type",
+        lambda: services.create_run("other", events=[services.Event(LONE, {})]),
+    )
+    assert state(run).status == RunStatus.ACTIVE
+    assert Run.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"key": f"k{LONE}", "name": "n"}, "projects[0].key"),
+        ({"key": "k", "name": f"n{LONE}"}, "projects[0].name"),
+    ],
+)
+def test_lone_surrogates_in_a_project_fail_the_flush_and_write_nothing(
+    row: dict[str, Any], field: str
+) -> None:
+    seed()
+    run = services.create_run(SCOPE)
+    before = sorted(Project.objects.values_list("key", "last_seen_run_id"))
+    assert_invalid(field, lambda: services.flush_projects(run, [row]))
+    assert sorted(Project.objects.values_list("key", "last_seen_run_id")) == before
+    assert state(run).flush_status == FlushStatus.FAILED
+    assert_failed_and_nothing_lost(run)
+
+
+def test_a_lone_surrogate_mid_page_writes_nothing_of_its_batch() -> None:
+    seed()
+    run = services.create_run(SCOPE)
+    page = page_rows(0)
+    page[50] = {"key": "p0050", "name": LONE}
+    with pytest.raises(FlushFailed), services.flush(run, batch_size=PAGE) as flush:
+        flush.write(page_rows(1))
+        error = assert_invalid("projects[50].name", lambda: flush.write(page))
+        assert "surrogate" in str(error)
+    assert not Project.objects.filter(scope=SCOPE, key="p0000", last_seen_run=run).exists()
+    assert_failed_and_nothing_lost(run)
+
+
+def test_a_source_error_text_with_a_lone_surrogate_is_recorded() -> None:
+    seed()
+    run = services.create_run(SCOPE)
+    with pytest.raises(FlushFailed), services.flush(run) as flush:
+        flush.write(page_rows(0))
+        raise SourceError(f"upstream said {LONE}")
+    current = state(run)
+    assert current.flush_status == FlushStatus.FAILED
+    assert "\\ud800" in current.flush_error
+    assert_failed_and_nothing_lost(run)
+
+
+def test_track_run_with_a_lone_surrogate_in_the_jobs_error() -> None:
+    with pytest.raises(SourceError), services.track_run("tracked") as run:
+        raise SourceError(LONE)
+    assert state(run).status == RunStatus.FAILED
+
+
+DURATION_INT_BUG = (
+    "BUG: runs_app/services/validation.py:352 validate_duration does float(value) on an int: "
+    "an int beyond float range (10**400) raises OverflowError, not InvalidInput"
+)
+
+
+@pytest.mark.parametrize(
+    "duration",
+    [
+        1e300,
+        timedelta.max,
+        float("inf"),
+        pytest.param(
+            10**400, marks=pytest.mark.xfail(strict=True, reason=DURATION_INT_BUG), id="10**400"
+        ),
+    ],
+)
+def test_overflowing_durations_are_invalid_input(duration: Any) -> None:
+    from runs_app.relay import prune_outbox
+
+    run = services.create_run("durations")
+    before = everything()
+    for call in (services.fail_stale_runs, prune_outbox, services.prune_outbox):
+        with pytest.raises(InvalidInput) as caught:
+            call(duration)
+        assert caught.value.field == "older_than"
+    assert everything() == before
+    assert state(run).status == RunStatus.ACTIVE
+
+
+COMMAND_BUG = (
+    "BUG: runs_app/management/argtypes.py:41 positive_seconds accepts any finite number; "
+    "a value over MAX_DURATION_SECONDS reaches the service, whose InvalidInput escapes handle() "
+    "as a traceback with exit status 1 (fail_stale_runs.py:29, prune_outbox.py:29)"
+)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("1e300", marks=pytest.mark.xfail(strict=True, reason=COMMAND_BUG)),
+        "1e309",
+        "inf",
+        "nan",
+        pytest.param(
+            "99999999999999999999", marks=pytest.mark.xfail(strict=True, reason=COMMAND_BUG)
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["fail_stale_runs", "prune_outbox"])
+def test_commands_refuse_overflowing_durations_with_exit_2(command: str, value: str) -> None:
+    from tests.relay_helpers import manage
+
+    result = manage(command, "--older-than", value, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "--older-than" in result.stderr or value in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1e300,
+        float("inf"),
+        timedelta.max,
+        pytest.param(
+            10**400,
+            id="10**400",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BUG: runs_app/checks.py:27 _is_number calls math.isfinite on an int "
+                "beyond float range: RUN_STALE_AFTER=10**400 crashes the system check with "
+                "OverflowError instead of reporting runs_app.E008",
+            ),
+        ),
+    ],
+)
+def test_run_stale_after_overflowing_fails_its_check(value: Any) -> None:
+    from django.test import override_settings
+
+    from runs_app import checks as runs_checks
+
+    with override_settings(RUNS_APP={"RUN_STALE_AFTER": value}):
+        messages = list(runs_checks.check_settings())
+    assert [message.id for message in messages] == ["runs_app.E008"], messages
+    assert messages[0].hint
