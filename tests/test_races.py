@@ -12,15 +12,17 @@ import subprocess
 import sys
 import threading
 from contextlib import suppress
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connection, connections, transaction
+from django.utils import timezone
 
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, RunInProgress
-from runs_app.models import Project, RunEvent, RunState, RunStatus
+from runs_app.models import Project, RunEvent, RunFlushSession, RunState, RunStatus
 from tests.relay_helpers import ROOT, database_url, wait_until
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
@@ -94,6 +96,12 @@ elif role in ("hold", "op"):
     # "op": close it at once (and wait for the lock of a "hold" worker, if any).
     from django.db import transaction
     def close():
+        if args["op"] == "reap":
+            return services.fail_stale_runs(0.5)
+        if args["op"] == "open":
+            with services.flush(args["run_id"]):
+                pass
+            return "opened"
         if args["op"] == "fail":
             return services.fail_run(args["run_id"], f"{role} failed it").state.status
         return services.complete_run(args["run_id"]).state.status
@@ -402,3 +410,77 @@ def test_a_run_failed_by_one_worker_is_not_completed_by_the_other(tmp_path: Path
     with suppress(CleanupRefused):
         removed = services.safe_cleanup_old_projects("bf-1").removed
     assert (completed, removed, len(keys(scope))) == ("run_closed", 0, TOTAL)
+
+
+@pytest.mark.xfail(strict=True, reason=STALE_STATE_BUG)
+def test_a_session_opening_while_the_run_completes_leaves_its_ledger_alone(
+    tmp_path: Path,
+) -> None:
+    """Shape 4 under a race: a stray session opens while a run that never flushed is being
+    completed. It must raise RunClosed and leave the closed run's ledger as it is; instead its
+    open, having read the run as active, records an open session and sets flush_status =
+    in_progress on the completed run (the open writes no event, so the closed flag never
+    stops it), and the run's cleanup now answers flush_failed instead of not_flushed."""
+    scope = "stray"
+    seed(scope)
+    run = services.create_run(scope)
+    holder = start_worker("hold", tmp_path, op="complete", run_id=run.pk)
+    wait_until(lambda: (tmp_path / "held").exists(), what="the completion holding its lock")
+    stray = start_worker("op", tmp_path, op="open", run_id=run.pk)
+    wait_until(waiting_on_a_lock, what="the stray session waiting for the run's lock")
+    (tmp_path / "go").write_text("1")
+    assert finish(holder)["status"] == RunStatus.COMPLETED
+    outcome = finish(stray)["status"]
+    state = RunState.objects.get(run=run)
+    sessions = RunFlushSession.objects.filter(run=run).count()
+    assert (outcome, state.flush_status, sessions) == ("run_closed", "not_started", 0)
+
+
+def test_a_session_opening_on_an_ended_flush_while_the_run_completes(tmp_path: Path) -> None:
+    """The same race on a run whose flush ended: the open's flush.failed event meets the closed
+    flag, so nothing is written and the good run's cleanup still works."""
+    scope = "stray-ended"
+    seed(scope)
+    run = services.create_run(scope)
+    services.flush_projects(
+        run, ({"key": f"p{i:04d}", "name": f"Project {i}"} for i in range(TOTAL - 10))
+    )
+    holder = start_worker("hold", tmp_path, op="complete", run_id=run.pk)
+    wait_until(lambda: (tmp_path / "held").exists(), what="the completion holding its lock")
+    stray = start_worker("op", tmp_path, op="open", run_id=run.pk)
+    wait_until(waiting_on_a_lock, what="the stray session waiting for the run's lock")
+    (tmp_path / "go").write_text("1")
+    assert finish(holder)["status"] == RunStatus.COMPLETED
+    assert finish(stray)["status"] == "run_closed"
+    state = RunState.objects.get(run=run)
+    assert (state.flush_status, RunFlushSession.objects.filter(run=run).count()) == (
+        "succeeded",
+        1,
+    )
+    assert services.safe_cleanup_old_projects(run).removed == 10
+
+
+@pytest.mark.xfail(strict=True, reason=STALE_STATE_BUG)
+def test_reaping_a_run_that_is_being_completed(tmp_path: Path) -> None:
+    """fail_stale_runs reads the run as stale before the lock, then waits for a completion in
+    flight: it must leave the completed run alone; instead it fails it again (status failed,
+    run.completed then run.failed), so the good run's cleanup refuses."""
+    scope = "reap"
+    seed(scope)
+    run = services.create_run(scope)
+    services.flush_projects(run, [{"key": f"p{i:04d}", "name": "x"} for i in range(TOTAL)])
+    RunState.objects.filter(run=run).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    holder = start_worker("hold", tmp_path, op="complete", run_id=run.pk)
+    wait_until(lambda: (tmp_path / "held").exists(), what="the completion holding its lock")
+    reaper = start_worker("op", tmp_path, op="reap", run_id=run.pk)
+    wait_until(waiting_on_a_lock, what="the reaper waiting for the run's lock")
+    (tmp_path / "go").write_text("1")
+    assert finish(holder)["status"] == RunStatus.COMPLETED
+    reaped = finish(reaper)["status"]
+    closing = list(
+        RunEvent.objects.filter(run=run, type__in=["run.completed", "run.failed"]).values_list(
+            "type", flat=True
+        )
+    )
+    status = RunState.objects.get(run=run).status
+    assert (reaped, status, closing) == (0, RunStatus.COMPLETED, ["run.completed"])
