@@ -19,7 +19,7 @@ from django.test import override_settings
 from runs_app import services
 from runs_app.db import table
 from runs_app.models import CleanupStatus, Project, Run, RunEvent, RunState
-from tests.helpers import InjectedFault
+from tests.helpers import InjectedFault, run_in_threads
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -209,3 +209,21 @@ def test_rows_restamped_by_a_newer_run_during_cleanup_are_kept() -> None:
     audited = [key for batch in removed_batches(run) for key in batch]
     assert len(audited) == result.removed == len(set(audited))
     assert not set(audited) & (set(restamped) - deleted_before)
+
+
+@pytest.mark.postgresql
+@override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": BATCH})
+def test_two_cleanups_of_one_run_at_once_remove_each_row_once() -> None:
+    run = seed(3000, 1600)
+
+    def cleanup(_: int) -> int:
+        return services.safe_cleanup_old_projects(run).removed
+
+    removed = run_in_threads(cleanup, 2)
+    assert sum(removed) == 1400
+    keys = [key for batch in removed_batches(run) for key in batch]
+    assert sorted(keys) == [f"k{i:05d}" for i in range(1600, 3000)]  # each row audited once
+    assert all(len(batch) <= BATCH for batch in removed_batches(run))
+    state = RunState.objects.get(run=run)
+    assert (state.cleanup_status, state.rows_removed) == (CleanupStatus.DONE, 1400)
+    assert Project.objects.filter(scope=SCOPE).count() == 1600
