@@ -624,21 +624,13 @@ def test_track_run_with_a_lone_surrogate_in_the_jobs_error() -> None:
     assert state(run).status == RunStatus.FAILED
 
 
-DURATION_INT_BUG = (
-    "BUG: runs_app/services/validation.py:352 validate_duration does float(value) on an int: "
-    "an int beyond float range (10**400) raises OverflowError, not InvalidInput"
-)
-
-
 @pytest.mark.parametrize(
     "duration",
     [
         1e300,
         timedelta.max,
         float("inf"),
-        pytest.param(
-            10**400, marks=pytest.mark.xfail(strict=True, reason=DURATION_INT_BUG), id="10**400"
-        ),
+        pytest.param(10**400, id="10**400"),
     ],
 )
 def test_overflowing_durations_are_invalid_input(duration: Any) -> None:
@@ -654,23 +646,14 @@ def test_overflowing_durations_are_invalid_input(duration: Any) -> None:
     assert state(run).status == RunStatus.ACTIVE
 
 
-COMMAND_BUG = (
-    "BUG: runs_app/management/argtypes.py:41 positive_seconds accepts any finite number; "
-    "a value over MAX_DURATION_SECONDS reaches the service, whose InvalidInput escapes handle() "
-    "as a traceback with exit status 1 (fail_stale_runs.py:29, prune_outbox.py:29)"
-)
-
-
 @pytest.mark.parametrize(
     "value",
     [
-        pytest.param("1e300", marks=pytest.mark.xfail(strict=True, reason=COMMAND_BUG)),
+        "1e300",
         "1e309",
         "inf",
         "nan",
-        pytest.param(
-            "99999999999999999999", marks=pytest.mark.xfail(strict=True, reason=COMMAND_BUG)
-        ),
+        "99999999999999999999",
     ],
 )
 @pytest.mark.parametrize("command", ["fail_stale_runs", "prune_outbox"])
@@ -689,16 +672,7 @@ def test_commands_refuse_overflowing_durations_with_exit_2(command: str, value: 
         1e300,
         float("inf"),
         timedelta.max,
-        pytest.param(
-            10**400,
-            id="10**400",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: runs_app/checks.py:27 _is_number calls math.isfinite on an int "
-                "beyond float range: RUN_STALE_AFTER=10**400 crashes the system check with "
-                "OverflowError instead of reporting runs_app.E008",
-            ),
-        ),
+        pytest.param(10**400, id="10**400"),
     ],
 )
 def test_run_stale_after_overflowing_fails_its_check(value: Any) -> None:
@@ -712,14 +686,6 @@ def test_run_stale_after_overflowing_fails_its_check(value: Any) -> None:
     assert messages[0].hint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (fail-safe, but not as documented): runs_app/services/flush.py FlushSession."
-    "__exit__ returns early on any RunClosed ('a closed run's ledger is never touched') without "
-    "checking that it is about the session's own run: a RunClosed of another run escaping the "
-    "block leaves the session open and the ledger in_progress instead of recording failed and "
-    "raising FlushFailed",
-)
 def test_a_run_closed_error_about_another_run_escaping_the_block_fails_the_flush() -> None:
     seed()
     old = services.latest_run(SCOPE)

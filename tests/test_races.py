@@ -233,11 +233,6 @@ def test_first_worker_completing_early_fails_the_run_and_deletes_nothing(tmp_pat
     assert Project.objects.filter(scope=scope, last_seen_run_id="early-1").count() == 600
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="a random interleaving of " + "test_closing_a_run_that_another_process_is_closing: "
-    "fails whenever both workers' complete_run calls meet on the run's lock",
-)
 def test_racing_workers_that_each_complete_never_lose_a_project(tmp_path: Path) -> None:
     """Both workers open, then flush and complete as fast as they can, over several rounds:
     whoever completes first, the run is completed only if both had closed, and cleanup removes
@@ -331,15 +326,6 @@ def test_create_run_in_another_scope_does_not_wait_for_an_open_creation(
     assert held.ordinal < services.create_run("scope-z").ordinal
 
 
-STALE_STATE_BUG = (
-    "BUG: runs_app/services/runs.py lock_state() locks only the Run row "
-    "(select_for_update(of=('run',))); a caller that waited for that lock gets the RunState row "
-    "as it was before the other transaction committed (READ COMMITTED re-checks the locked row "
-    "only), so it sees a run that was just closed as still active"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=STALE_STATE_BUG)
 @pytest.mark.parametrize(("first", "second"), [("fail", "complete"), ("complete", "fail")])
 def test_closing_a_run_that_another_process_is_closing(
     tmp_path: Path, first: str, second: str
@@ -388,7 +374,6 @@ def test_a_write_waiting_for_a_closing_run_writes_nothing(tmp_path: Path) -> Non
     )
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_STATE_BUG)
 def test_a_run_failed_by_one_worker_is_not_completed_by_the_other(tmp_path: Path) -> None:
     """Shape 3 with the stale read: worker B's source fails before its session opens, so B
     fails the shared run; worker A, whose half flushed cleanly, completes at the same moment.
@@ -412,7 +397,6 @@ def test_a_run_failed_by_one_worker_is_not_completed_by_the_other(tmp_path: Path
     assert (completed, removed, len(keys(scope))) == ("run_closed", 0, TOTAL)
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_STATE_BUG)
 def test_a_session_opening_while_the_run_completes_leaves_its_ledger_alone(
     tmp_path: Path,
 ) -> None:
@@ -460,7 +444,6 @@ def test_a_session_opening_on_an_ended_flush_while_the_run_completes(tmp_path: P
     assert services.safe_cleanup_old_projects(run).removed == 10
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_STATE_BUG)
 def test_reaping_a_run_that_is_being_completed(tmp_path: Path) -> None:
     """fail_stale_runs reads the run as stale before the lock, then waits for a completion in
     flight: it must leave the completed run alone; instead it fails it again (status failed,
