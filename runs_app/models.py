@@ -264,12 +264,7 @@ class Project(models.Model):
             models.UniqueConstraint(fields=["scope", "key"], name="runs_app_project_scope_key"),
         ]
         indexes = [
-            # Cleanup picks its batches through this index, in key order, whatever the
-            # statistics say (see services.cleanup._delete_statement); completion confirms
-            # through its (scope, last_seen_run) prefix.
-            models.Index(
-                fields=["scope", "last_seen_run", "key"], name="runs_app_project_seen_key"
-            ),
+            models.Index(fields=["scope", "last_seen_run"], name="runs_app_project_seen"),
         ]
 
     def __str__(self) -> str:

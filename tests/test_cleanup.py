@@ -465,7 +465,8 @@ def test_a_newer_runs_fresh_rows_survive_an_older_runs_cleanup() -> None:
                 cursor.execute("SELECT pg_stat_clear_snapshot()")
                 cursor.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE 'WITH older%%'"
+                    "AND wait_event_type = 'Lock' AND query LIKE '%%FOR UPDATE%%' "
+                    "AND query LIKE 'SELECT id FROM %%runs_app_project%%'"
                 )
                 return int(cursor.fetchone()[0]) >= count
 

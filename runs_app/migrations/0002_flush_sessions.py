@@ -78,13 +78,4 @@ class Migration(migrations.Migration):
                 'indexes': [models.Index(condition=models.Q(('status', 'open')), fields=['run'], name='runs_app_flushsession_open')],
             },
         ),
-        # The new index first, so cleanup and completion always have one.
-        migrations.AddIndex(
-            model_name='project',
-            index=models.Index(fields=['scope', 'last_seen_run', 'key'], name='runs_app_project_seen_key'),
-        ),
-        migrations.RemoveIndex(
-            model_name='project',
-            name='runs_app_project_seen',
-        ),
     ]

@@ -18,9 +18,10 @@ from django.db.models import F
 from django.utils import timezone
 
 from ..conf import runs_settings
-from ..db import connection_for_write, db_alias, is_postgresql, table
+from ..db import db_alias
 from ..exceptions import CleanupRefusalReason, CleanupRefused, RunNotFound
 from ..models import CleanupStatus, FlushStatus, Project, Run, RunState, RunStatus
+from .cleanup_batches import BatchCursor, batch_cursor, delete_batch
 from .events import insert_encoded_events, insert_events
 from .runs import lock_state
 from .validation import (
@@ -242,23 +243,22 @@ def _record_refusal(plan: Plan, refusal: Refusal) -> None:
 
 
 def _delete_in_batches(plan: Plan, forced: bool) -> int:
+    walk = batch_cursor(plan.scope, plan.ordinal)
     removed = 0
     while True:
-        count = _delete_batch(plan, forced)
+        count = _delete_batch(plan, forced, walk)
         if not count:
             return removed
         removed += count
 
 
-def _delete_batch(plan: Plan, forced: bool) -> int:
+def _delete_batch(plan: Plan, forced: bool, walk: BatchCursor | None) -> int:
     """One short transaction: delete up to ``CLEANUP_BATCH_SIZE`` rows, append their audit
     events and count them on the ledger (``cleanup_status = in_progress`` until the end, so a
     cleanup cut off half-way never reads as not run); when nothing is left, mark the cleanup
     done instead."""
     with transaction.atomic(using=db_alias()):
-        with connection_for_write().cursor() as cursor:
-            cursor.execute(*_delete_statement(plan))
-            deleted = cursor.fetchall()
+        deleted = delete_batch(walk, plan.scope, plan.ordinal)
         ledger = RunState.objects.using(db_alias()).filter(run_id=plan.run_id)
         if not deleted:
             ledger.update(
@@ -286,50 +286,6 @@ def _delete_batch(plan: Plan, forced: bool) -> int:
             cleanup_at=timezone.now(),
         )
     return len(deleted)
-
-
-def _delete_statement(plan: Plan) -> tuple[str, list[Any]]:
-    """The batch DELETE. Raw SQL: the ORM's delete() cannot return the deleted rows.
-
-    At most ``CLEANUP_BATCH_SIZE`` rows whatever the planner does (a fresh database has no
-    statistics): the batch is a materialised CTE with a LIMIT, and the DELETE joins it by id.
-
-    PostgreSQL picks the batch through the (scope, last_seen_run, key) index, run by run (a
-    LATERAL probe per older run of the scope, stopping at the batch size), never sorting the
-    scope's whole deletable set, so a batch costs the same at 2,000 or 2,000,000 rows. The
-    probe's ORDER BY key is what the index delivers as it is: with it, a sequential scan would
-    have to read and sort every match, so no statistics (or lack of them) make that plan look
-    cheaper, whereas without it a planner that believes the matches are spread evenly scans
-    the table from its start at every batch, through the dead rows of the batches before.
-    Only the picked rows are then sorted and locked, in key order (code point order: COLLATE
-    "C"), the order the flush writes in, so a cleanup and a flush never deadlock. The
-    allow-list of older runs is stated again on the lock and on the DELETE: PostgreSQL
-    re-evaluates them on the row version it finally locks, so a row that a newer run
-    re-stamped meanwhile is never deleted.
-    SQLite serialises writers, so its statement only picks and deletes.
-    """
-    project, run = table(Project), table(Run)
-    batch = runs_settings.CLEANUP_BATCH_SIZE
-    scope, ordinal = plan.scope, plan.ordinal
-    if is_postgresql():
-        sql = (
-            f"WITH older AS (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s), "
-            "picked AS MATERIALIZED (SELECT p.id FROM older o CROSS JOIN LATERAL "
-            f"(SELECT id FROM {project} WHERE scope = %s AND last_seen_run_id = o.id "
-            "ORDER BY key LIMIT %s) p LIMIT %s), "
-            f"locked AS MATERIALIZED (SELECT id FROM {project} "
-            "WHERE id IN (SELECT id FROM picked) AND scope = %s "
-            'AND last_seen_run_id IN (SELECT id FROM older) ORDER BY key COLLATE "C" FOR UPDATE) '
-            f"DELETE FROM {project} d USING locked l WHERE d.id = l.id AND d.scope = %s "
-            "AND d.last_seen_run_id IN (SELECT id FROM older) RETURNING d.key, d.name, d.data"
-        )
-        return sql, [scope, ordinal, scope, batch, batch, scope, scope]
-    older = f"last_seen_run_id IN (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s)"
-    sql = (
-        f"DELETE FROM {project} WHERE id IN (SELECT id FROM {project} "
-        f"WHERE scope = %s AND {older} LIMIT %s) RETURNING key, name, data"
-    )
-    return sql, [scope, scope, ordinal, batch]
 
 
 def json_size(value: Any) -> int:

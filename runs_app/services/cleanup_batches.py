@@ -1,0 +1,163 @@
+"""Deleting a cleanup plan's rows in bounded batches, with plans that statistics cannot spoil.
+
+Each batch is one short transaction (see ``cleanup.safe_cleanup_old_projects`` for what it
+writes besides the DELETE). This module only says *which* rows a batch deletes and how, per
+vendor. Raw SQL: the ORM's ``delete()`` can neither return the deleted rows nor say LATERAL.
+
+PostgreSQL, three single-table statements per batch, each bounded by the batch:
+
+1. **pick** up to ``CLEANUP_BATCH_SIZE`` row ids: a LATERAL probe of the ``last_seen_run``
+   index per older run of the scope (``LIMIT`` inside and outside), walking a window of the
+   older runs from a cursor kept between batches, so no batch re-reads what an earlier one
+   exhausted and none sorts the scope's whole deletable set;
+2. **lock** those rows in key order (code point order: ``COLLATE "C"``), the order the flush
+   writes in, so a cleanup and a flush never deadlock;
+3. **delete** the locked rows, ``RETURNING`` them for the audit.
+
+Lock and delete state the allow-list of older runs again: PostgreSQL re-evaluates it on the row
+version it finally locks, so a row that a newer run re-stamped meanwhile is never deleted.
+
+The statements join nothing the planner could join the wrong way (ids travel as arrays, the
+LATERAL is a nested loop by construction), and the batch transaction turns sequential and
+bitmap scans off for itself (``set_config(..., is_local => true)``, put back when the batch is
+a savepoint of a caller's transaction): on a freshly migrated database without statistics the
+planner believed the table tiny and chose nested loops over full scans (a batch of 1,000 rows
+took 19 s in a scope of 60,000); after ``ANALYZE`` it chose sequential scans that restart at
+the table's start, through the dead rows of the batches before. With index scans only, every
+statement costs its batch, whatever the statistics say.
+
+SQLite (its writers are serialised; its planner has no such statistics-driven turns): one
+``DELETE ... WHERE id IN (SELECT ... LIMIT n) RETURNING``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..conf import runs_settings
+from ..db import connection_for_write, db_alias, is_postgresql, table
+from ..models import Project, Run
+
+#: How many older runs one pick probes at most (their ids travel as one array parameter).
+RUN_WINDOW = 500
+
+# Index scans only, for the batch's own transaction.
+_PLANNER_SETTINGS = ("enable_seqscan", "enable_bitmapscan")
+
+
+@dataclass
+class BatchCursor:
+    """Where the next batch's pick starts among the scope's older runs (PostgreSQL)."""
+
+    scope: str
+    older_runs: list[str]  # ids of the scope's runs older than the cleaning run, oldest first
+    start: int = 0  # runs before it have no deletable row left
+    done: bool = False
+
+    @classmethod
+    def for_plan(cls, scope: str, ordinal: int) -> BatchCursor:
+        runs = list(
+            Run.objects.using(db_alias())
+            .filter(scope=scope, ordinal__lt=ordinal)
+            .order_by("ordinal")
+            .values_list("id", flat=True)
+        )
+        return cls(scope, runs, done=not runs)
+
+
+def delete_batch(cursor_state: BatchCursor | None, scope: str, ordinal: int) -> list[Any]:
+    """Delete the next batch; return its rows as ``(key, name, data text)``. An empty list
+    means nothing is left. Call inside the batch's transaction. ``cursor_state``: the
+    PostgreSQL walk (``BatchCursor.for_plan``), None on SQLite."""
+    if cursor_state is None:
+        return _delete_batch_sqlite(scope, ordinal)
+    with _index_scans_only():
+        while not cursor_state.done:
+            rows = _delete_batch_postgresql(cursor_state)
+            if rows is not None:
+                return rows
+    return []
+
+
+def _delete_batch_postgresql(walk: BatchCursor) -> list[Any] | None:
+    """One pick, lock and delete; None when the batch deleted nothing but rows may be left: the
+    window had nothing left (the walk moved on), or every picked row was re-stamped by a newer
+    run meanwhile (it no longer matches the pick)."""
+    size = runs_settings.CLEANUP_BATCH_SIZE
+    window = walk.older_runs[walk.start : walk.start + RUN_WINDOW]
+    project = table(Project)
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(
+            f"SELECT p.id, o.n FROM unnest(%s::text[]) WITH ORDINALITY AS o(run_id, n) "
+            f"CROSS JOIN LATERAL (SELECT id FROM {project} WHERE last_seen_run_id = o.run_id "
+            "LIMIT %s) p LIMIT %s",
+            [window, size, size],
+        )
+        picked = cursor.fetchall()
+        if not picked:
+            walk.start += len(window)
+            walk.done = walk.start >= len(walk.older_runs)
+            return None
+        # The runs before the first one a row came from are exhausted. (Not the last one: the
+        # probes' output order is not promised, and re-probing an exhausted run costs little.)
+        walk.start += min(int(n) for _, n in picked) - 1
+        ids = [int(row_id) for row_id, _ in picked]
+        cursor.execute(
+            f"SELECT id FROM {project} WHERE id = ANY(%s::bigint[]) "
+            'AND last_seen_run_id = ANY(%s::text[]) ORDER BY key COLLATE "C" FOR UPDATE',
+            [ids, window],
+        )
+        locked = [int(row_id) for (row_id,) in cursor.fetchall()]
+        if not locked:
+            return None
+        cursor.execute(
+            f"DELETE FROM {project} WHERE id = ANY(%s::bigint[]) "
+            "AND last_seen_run_id = ANY(%s::text[]) RETURNING key, name, data",
+            [locked, window],
+        )
+        return list(cursor.fetchall())
+
+
+@contextmanager
+def _index_scans_only() -> Iterator[None]:
+    """Sequential and bitmap scans off for the statements inside, then back to what they were
+    (SET LOCAL outlives a released savepoint: it must not change the plans of a caller's
+    own statements when the batch is a savepoint of the caller's transaction)."""
+    connection = connection_for_write()
+    columns = ", ".join(
+        f"current_setting('{name}'), set_config('{name}', 'off', true)"
+        for name in _PLANNER_SETTINGS
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {columns}")
+        row = cursor.fetchone()
+    previous = [row[2 * index] for index in range(len(_PLANNER_SETTINGS))]
+    yield
+    # Put back even at the end of a top-level transaction (one statement a batch): cheaper than
+    # telling every way a caller can hold a transaction open. An exception needs nothing: the
+    # rollback of the batch's transaction or savepoint undoes SET LOCAL.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name in _PLANNER_SETTINGS),
+            previous,
+        )
+
+
+def _delete_batch_sqlite(scope: str, ordinal: int) -> list[Any]:
+    project, run = table(Project), table(Run)
+    older = f"last_seen_run_id IN (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s)"
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {project} WHERE id IN (SELECT id FROM {project} "
+            f"WHERE scope = %s AND {older} LIMIT %s) RETURNING key, name, data",
+            [scope, scope, ordinal, runs_settings.CLEANUP_BATCH_SIZE],
+        )
+        return list(cursor.fetchall())
+
+
+def batch_cursor(scope: str, ordinal: int) -> BatchCursor | None:
+    """The walk a cleanup's batches share: a ``BatchCursor`` on PostgreSQL, None on SQLite."""
+    return BatchCursor.for_plan(scope, ordinal) if is_postgresql() else None
