@@ -1344,6 +1344,41 @@ def environment(url: str) -> dict[str, Any]:
     }
 
 
+def connection_lost(error: BaseException) -> bool:
+    """Whether ``error`` says the database connection failed or went away."""
+    import psycopg
+    from django.db import utils
+
+    lost = (psycopg.OperationalError, utils.OperationalError, utils.InterfaceError)
+    return isinstance(error, lost) or (
+        error.__cause__ is not None and connection_lost(error.__cause__)
+    )
+
+
+def wait_for_server(url: str, timeout: float = 120) -> bool:
+    """Poll until the server accepts connections again (True) or ``timeout`` passes."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+            return True
+        except psycopg.OperationalError:
+            time.sleep(1)
+    return False
+
+
+def close_django_connections() -> None:
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        try:
+            connection.close()
+        except Exception:  # already broken: nothing to close cleanly
+            connection.connection = None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     server_url = args.database_url or os.environ.get("DATABASE_URL") or DEFAULT_URL
@@ -1385,17 +1420,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     failed: list[str] = []
     for step in BENCHMARKS:
-        if step in selected:
-            log(f"{step} ...")
+        if step not in selected:
+            continue
+        result: Row | list[Row] | None = None
+        for attempt in (1, 2):
+            log(f"{step} ..." if attempt == 1 else f"{step} again ...")
             try:
                 result = steps[step]()
-            except Exception:
+                break
+            except Exception as error:
                 # One broken step (or a server restarted by someone else on a shared machine)
                 # must not cost the figures of the others; it still fails the run, smoke included.
                 log(traceback.format_exc())
-                failed.append(step)
                 bench.close_conn()
-                continue
+                close_django_connections()
+                if attempt == 1 and connection_lost(error) and wait_for_server(url):
+                    log("  lost the server (restarted by someone else?): the step runs again")
+                    continue
+                failed.append(step)
+                break
+        if result is not None:
             for row in result if isinstance(result, list) else [result]:
                 rows.append(row)
                 log(f"  {render_table([row]).splitlines()[2]}")
@@ -1406,6 +1450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         operations = [name for name in PEER_OPERATIONS if any(row.name == name for row in rows)]
         for peer in PEERS:
             log(f"peer {peer} ...")
+            wait_for_server(server_url, 60)
             peers.append(run_peer(peer, server_url, sizes, operations))
             log(f"  {peers[-1]}")
         attach_peers(rows, peers)
