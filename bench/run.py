@@ -1344,6 +1344,11 @@ def environment(url: str) -> dict[str, Any]:
     }
 
 
+# A step that loses the server (a shared machine's PostgreSQL restarted by someone else) runs
+# again once the server is back, up to this many times in all.
+STEP_ATTEMPTS = 3
+
+
 def connection_lost(error: BaseException) -> bool:
     """Whether ``error`` says the database connection failed or went away."""
     import psycopg
@@ -1423,8 +1428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if step not in selected:
             continue
         result: Row | list[Row] | None = None
-        for attempt in (1, 2):
-            log(f"{step} ..." if attempt == 1 else f"{step} again ...")
+        for attempt in range(1, STEP_ATTEMPTS + 1):
+            log(f"{step} ..." if attempt == 1 else f"{step} again ({attempt}) ...")
             try:
                 result = steps[step]()
                 break
@@ -1434,7 +1439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(traceback.format_exc())
                 bench.close_conn()
                 close_django_connections()
-                if attempt == 1 and connection_lost(error) and wait_for_server(url):
+                if attempt < STEP_ATTEMPTS and connection_lost(error) and wait_for_server(url):
                     log("  lost the server (restarted by someone else?): the step runs again")
                     continue
                 failed.append(step)
