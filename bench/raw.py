@@ -121,6 +121,7 @@ def confirm(conn: Connection, run_id: str, scope: str) -> int:
         )
         if cursor.fetchone() is None:
             raise RuntimeError(f"run {run_id} is not active")
+        cursor.execute(f"UPDATE {RUN} SET closed = true WHERE id = %s", (run_id,))
         cursor.execute(
             f"UPDATE {PROJECT} SET last_confirmed_run_id = %s"
             " WHERE scope = %s AND last_seen_run_id = %s",
@@ -196,11 +197,9 @@ def cleanup(conn: Connection, run_id: str, scope: str, batch_size: int) -> int:
 def reserve_seqs(cursor: psycopg.Cursor[Any], run_id: str, count: int, *, only_active: bool) -> int:
     """Bump the run's counter by ``count`` and return the new last seq. The UPDATE locks the run
     row until commit, so concurrent appenders get contiguous seqs that commit in order."""
-    active = (
-        f" AND EXISTS (SELECT 1 FROM {STATE} s WHERE s.run_id = r.id AND s.status = 'active')"
-        if only_active
-        else ""
-    )
+    # Open runs only: the flag on the row this UPDATE locks (runs_app's semantics: an append
+    # that waited for a closing transaction re-checks it on the committed row version).
+    active = " AND NOT r.closed" if only_active else ""
     cursor.execute(
         f"UPDATE {RUN} r SET last_seq = last_seq + %s WHERE id = %s{active} RETURNING last_seq",
         (count, run_id),
@@ -430,29 +429,44 @@ def seed_projects(
         return cursor.rowcount
 
 
-def seed_outbox(conn: Connection, runs: int, events_per_run: int, *, prefix: str = "drain") -> int:
+def seed_outbox(
+    conn: Connection,
+    runs: int,
+    events_per_run: int,
+    *,
+    prefix: str = "drain",
+    finished: bool = False,
+    with_events: bool = True,
+) -> int:
     """``runs`` active runs (one scope each) with ``events_per_run`` pending events each, as
-    runs_app writes them (run, state, outbox at seq 1). Returns the number of events."""
-    params = {"runs": runs, "per": events_per_run, "prefix": f"{prefix}-"}
+    runs_app writes them (run, state, outbox at seq 1). Returns the number of events.
+
+    ``finished``: completed runs whose outbox is past all of their ``events_per_run`` events
+    (cursor at ``events_per_run + 1``); their events, if ``with_events``, are published."""
+    params = {
+        "runs": runs,
+        "per": events_per_run,
+        "prefix": f"{prefix}-",
+        "status": "completed" if finished else "active",
+        "next_seq": events_per_run + 1 if finished else 1,
+    }
     with conn.transaction(), conn.cursor() as cursor:
-        cursor.execute(f"SELECT coalesce(max(ordinal), 0) FROM {RUN}")
-        row = cursor.fetchone()
-        assert row is not None
-        params["base"] = row[0]
+        # Ordinals from runs_app's sequence, as create_run draws them (they must not collide).
         cursor.execute(
             f"""
-            INSERT INTO {RUN} (id, scope, metadata, last_seq, ordinal, created_at)
-            SELECT %(prefix)s || g, %(prefix)s || g, '{{}}', %(per)s, %(base)s + g, now()
+            INSERT INTO {RUN} (id, scope, metadata, last_seq, ordinal, closed, created_at)
+            SELECT %(prefix)s || g, %(prefix)s || g, '{{}}', %(per)s,
+                   nextval('runs_app_run_ordinal_seq'), %(closed)s, now()
             FROM generate_series(1, %(runs)s) AS g
             """,
-            params,
+            {**params, "closed": finished},
         )
         cursor.execute(
             f"""
             INSERT INTO {STATE} (run_id, scope, status, error, started_at, heartbeat_at,
                 flush_status, flush_error, rows_seen, rows_created, rows_updated, rows_confirmed,
                 cleanup_status, cleanup_reason, cleanup_message, rows_removed, cleanup_forced)
-            SELECT %(prefix)s || g, %(prefix)s || g, 'active', '', now(), now(),
+            SELECT %(prefix)s || g, %(prefix)s || g, %(status)s, '', now(), now(),
                 'not_started', '', 0, 0, 0, 0, 'not_run', '', '', 0, false
             FROM generate_series(1, %(runs)s) AS g
             """,
@@ -461,19 +475,70 @@ def seed_outbox(conn: Connection, runs: int, events_per_run: int, *, prefix: str
         cursor.execute(
             f"""
             INSERT INTO {OUTBOX} (run_id, next_seq, attempts, last_error, leased_by)
-            SELECT %(prefix)s || g, 1, 0, '', '' FROM generate_series(1, %(runs)s) AS g
+            SELECT %(prefix)s || g, %(next_seq)s, 0, '', ''
+            FROM generate_series(1, %(runs)s) AS g
             """,
             params,
         )
+        if finished:
+            cursor.execute(
+                f"UPDATE {STATE} SET finished_at = now() WHERE run_id LIKE %(prefix)s || '%%'",
+                params,
+            )
+        if not with_events:
+            return 0
         cursor.execute(
             f"""
-            INSERT INTO {EVENT} (run_id, seq, type, payload, created_at)
-            SELECT %(prefix)s || g, s, 'bench.event', jsonb_build_object('n', s), now()
+            INSERT INTO {EVENT} (run_id, seq, type, payload, created_at, published_at)
+            SELECT %(prefix)s || g, s, 'bench.event', jsonb_build_object('n', s), now(),
+                   CASE WHEN %(status)s = 'completed' THEN now() END
             FROM generate_series(1, %(runs)s) AS g, generate_series(1, %(per)s) AS s
             """,
             params,
         )
         return cursor.rowcount
+
+
+def seed_history(conn: Connection, runs: int, events_per_run: int, *, with_events: bool) -> int:
+    """``runs`` finished runs (``hist-<n>``) whose outbox is past ``events_per_run`` events;
+    the events themselves (published) only ``with_events`` (see ``seed_history_events``)."""
+    seed_outbox(conn, runs, events_per_run, prefix="hist", finished=True, with_events=False)
+    return seed_history_events(conn, runs, events_per_run) if with_events else 0
+
+
+def seed_history_events(conn: Connection, runs: int, events_per_run: int) -> int:
+    """The published events of ``seed_history``'s runs, set-based (``generate_series``), a
+    transaction per 1,000,000 events or so, then VACUUM ANALYZE as autovacuum would leave the
+    table. Returns the number of events."""
+    chunk = max(1, 1_000_000 // events_per_run)
+    seeded = 0
+    with conn.cursor() as cursor:
+        for start in range(1, runs + 1, chunk):
+            cursor.execute(
+                f"""
+                INSERT INTO {EVENT} (run_id, seq, type, payload, created_at, published_at)
+                SELECT 'hist-' || g, s, 'bench.event', jsonb_build_object('n', s), now(), now()
+                FROM generate_series(%(start)s::int, %(stop)s::int) AS g,
+                     generate_series(1, %(per)s::int) AS s
+                """,
+                {"start": start, "stop": min(runs, start + chunk - 1), "per": events_per_run},
+            )
+            seeded += cursor.rowcount
+    conn.execute(f"VACUUM (ANALYZE) {EVENT}")
+    return seeded
+
+
+def delete_runs(conn: Connection, prefix: str) -> int:
+    """Delete the runs whose id starts with ``prefix``, with their events, outbox and state
+    (one transaction, by id so the event table's index is used). Returns how many runs."""
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {RUN} WHERE starts_with(id, %s)", (prefix,))
+        ids = [row[0] for row in cursor.fetchall()]
+        if ids:
+            for table in (EVENT, OUTBOX, STATE):
+                cursor.execute(f"DELETE FROM {table} WHERE run_id = ANY(%s)", (ids,))
+            cursor.execute(f"DELETE FROM {RUN} WHERE id = ANY(%s)", (ids,))
+    return len(ids)
 
 
 def count(conn: Connection, sql: str, params: Sequence[Any] = ()) -> int:

@@ -4,17 +4,22 @@
     DATABASE_URL=postgres://root@127.0.0.1:5432/postgres python bench/run.py
     python bench/run.py --only flush_insert,append_1 --rows 50000 --json bench.json
     python bench/run.py --smoke          # CI: tiny sizes, checks the harness end to end
+    python bench/run.py --peers          # also procrastinate, django-celery-outbox, ...
 
 The server comes from DATABASE_URL (PostgreSQL; default postgres://127.0.0.1:5432/postgres); the
 benchmark (re)creates its own database on it (``--database-name``, default ``bench_runs_app``,
-always ``bench_*``), migrates it and never touches another database.
+always ``bench_*``), migrates it and never touches another database; with ``--peers``, also one
+``bench_peer_<peer>`` database per peer.
 
 For each operation, raw psycopg and runs_app run alternately (the order flips every round) on the
 same freshly seeded tables; the table shows the median rate of each side, the ratio
 runs_app / raw (higher is better; for latency and memory raw / runs_app) and the target from
-issue 7. Exit status: 0 when every target is met (``--smoke``: whenever the harness ran end to
-end), 1 when a target is missed or a step raised (its row shows "n/a"; the other steps still
-run), 2 for bad usage.
+issues 7 and 14. With ``--peers`` (opt-in, never in CI: it installs each peer from PyPI into its
+own virtualenv under bench/.peers/ and runs bench/peers/<peer>_driver.py there), the outbox rows
+also show the best peer's median and runs_app / that peer, against issue 14's peer targets; a
+peer that cannot be installed or run shows "n/a" with the reason. Exit status: 0 when every
+target is met (``--smoke``: whenever the harness ran end to end), 1 when a target is missed or a
+step raised (its row shows "n/a"; the other steps still run), 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ BENCHMARKS = (
     "append_100",
     "drain",
     "drain_per_run",
+    "drain_backlog",
+    "drain_unpruned",
     "latency",
     "memory",
 )
@@ -75,6 +82,13 @@ class Sizes:
     memory_rows: int
     latency_samples: int
     rounds: int
+    backlog_runs: tuple[int, ...]  # drain_backlog: 1 event per run, one drain at each size
+    unpruned_events: int  # drain_unpruned: published events left in the table
+
+    @property
+    def unpruned_runs(self) -> int:
+        """The finished runs the unpruned events belong to (100 each)."""
+        return max(1, self.unpruned_events // 100)
 
     @property
     def stale_rows(self) -> int:
@@ -94,9 +108,25 @@ class Sizes:
 
 
 FULL = Sizes(
-    rows=200_000, events=100_000, runs=1_000, memory_rows=1_000_000, latency_samples=200, rounds=3
+    rows=200_000,
+    events=100_000,
+    runs=1_000,
+    memory_rows=1_000_000,
+    latency_samples=200,
+    rounds=3,
+    backlog_runs=(1_000, 10_000, 100_000),
+    unpruned_events=10_000_000,
 )
-SMOKE = Sizes(rows=2_000, events=2_000, runs=20, memory_rows=5_000, latency_samples=5, rounds=1)
+SMOKE = Sizes(
+    rows=2_000,
+    events=2_000,
+    runs=20,
+    memory_rows=5_000,
+    latency_samples=5,
+    rounds=1,
+    backlog_runs=(200, 400),
+    unpruned_events=20_000,
+)
 
 
 def positive_int(text: str) -> int:
@@ -107,6 +137,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    values = tuple(positive_int(item) for item in text.split(",") if item.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N[,N...]")
+    return values
 
 
 def benchmark_names(text: str) -> list[str]:
@@ -143,6 +180,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=positive_int, help=f"rounds per side ({FULL.rounds})")
     parser.add_argument(
+        "--backlog-runs",
+        type=int_list,
+        metavar="N[,N]",
+        help=f"drain_backlog sizes ({','.join(str(n) for n in FULL.backlog_runs)})",
+    )
+    parser.add_argument(
+        "--unpruned-events",
+        type=positive_int,
+        help=f"drain_unpruned: published events left in the table ({FULL.unpruned_events:,})",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure the peers (procrastinate, django-celery-outbox, django-outbox-pattern),"
+        " each installed from PyPI in its own virtualenv under bench/.peers/",
+    )
+    parser.add_argument(
         "--only",
         type=benchmark_names,
         action="extend",
@@ -175,6 +229,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         memory_rows=args.memory_rows or base.memory_rows,
         latency_samples=args.latency_samples or base.latency_samples,
         rounds=args.rounds or base.rounds,
+        backlog_runs=args.backlog_runs or base.backlog_runs,
+        unpruned_events=args.unpruned_events or base.unpruned_events,
     )
 
 
@@ -219,17 +275,24 @@ def load_average() -> str:
 
 @dataclass
 class Target:
-    kind: str  # "ratio_min" (runs_app/raw), "app_min", "app_max", "info"
+    # "ratio_min" (runs_app/raw, or raw/runs_app for lower-is-better rows), "slower_max"
+    # (lower-is-better: runs_app at most ``value`` times raw), "app_min", "app_max" (strict),
+    # "app_le", "info"
+    kind: str
     value: float = 0.0
     unit: str = ""
 
     def text(self) -> str:
         if self.kind == "ratio_min":
             return f">= {self.value:.2f}"
+        if self.kind == "slower_max":
+            return f"<= {self.value:g}x raw"
         if self.kind == "app_min":
             return f"runs_app >= {self.value:g}{self.unit}"
         if self.kind == "app_max":
             return f"runs_app < {self.value:g}{self.unit}"
+        if self.kind == "app_le":
+            return f"runs_app <= {self.value:g}{self.unit}"
         return "-"
 
 
@@ -245,6 +308,11 @@ class Row:
     note: str = ""
     raw_samples: list[float] = field(default_factory=list)
     app_samples: list[float] = field(default_factory=list)
+    # The peers (--peers): runs_app / best peer must be >= peer_target (None: no peer target).
+    peer_target: float | None = None
+    peer: float | None = None
+    peer_name: str = ""
+    peers: dict[str, str] = field(default_factory=dict)  # peer -> its median, or "n/a (why)"
 
     @property
     def ratio(self) -> float | None:
@@ -253,21 +321,47 @@ class Row:
         return self.app / self.raw if self.higher_is_better else self.raw / self.app
 
     @property
-    def status(self) -> str:
+    def peer_ratio(self) -> float | None:
+        if self.peer is None or self.app is None or not self.peer:
+            return None
+        return self.app / self.peer
+
+    def raw_status(self) -> str:
         if self.target.kind == "info":
             return "info"
         if self.app is None:
             return "n/a"
-        if self.target.kind == "ratio_min":
+        if self.target.kind in ("ratio_min", "slower_max"):
             ratio = self.ratio
-            return "n/a" if ratio is None else ("pass" if ratio >= self.target.value else "FAIL")
+            need = self.target.value if self.target.kind == "ratio_min" else 1 / self.target.value
+            return "n/a" if ratio is None else ("pass" if ratio >= need - 1e-9 else "FAIL")
         if self.target.kind == "app_min":
             return "pass" if self.app >= self.target.value else "FAIL"
+        if self.target.kind == "app_le":
+            return "pass" if self.app <= self.target.value else "FAIL"
         return "pass" if self.app < self.target.value else "FAIL"
+
+    def peer_status(self) -> str:
+        if self.peer_target is None or self.peer_ratio is None:
+            return "n/a"
+        return "pass" if self.peer_ratio >= self.peer_target else "FAIL"
+
+    @property
+    def status(self) -> str:
+        """The raw target's result; a FAIL against the best peer (when measured) fails it too."""
+        status = self.raw_status()
+        if self.peer_status() == "FAIL" and status in ("pass", "info", "n/a"):
+            return "FAIL"
+        return status
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(target=self.target.text(), ratio=self.ratio, status=self.status)
+        data.update(
+            target=self.target.text(),
+            ratio=self.ratio,
+            peer_ratio=self.peer_ratio,
+            status=self.status,
+        )
         return data
 
 
@@ -283,20 +377,9 @@ def number(value: float | None, unit: str) -> str:
     return f"{value:,.0f}"
 
 
-def render_table(rows: Sequence[Row]) -> str:
-    header = ("operation", "unit", "raw (median)", "runs_app (median)", "ratio", "target", "result")
-    lines = [
-        (
-            row.title,
-            row.unit,
-            number(row.raw, row.unit),
-            number(row.app, row.unit),
-            "n/a" if row.ratio is None else f"{row.ratio:.2f}",
-            row.target.text(),
-            row.status,
-        )
-        for row in rows
-    ]
+def markdown_table(
+    header: Sequence[str], lines: Sequence[Sequence[str]], right: Callable[[int], bool]
+) -> list[str]:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
     out = [
         "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
@@ -304,12 +387,59 @@ def render_table(rows: Sequence[Row]) -> str:
     ]
     for line in lines:
         cells = [
-            cell.ljust(width) if index < 2 or index > 4 else cell.rjust(width)
+            cell.rjust(width) if right(index) else cell.ljust(width)
             for index, (cell, width) in enumerate(zip(line, widths, strict=True))
         ]
         out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def render_table(rows: Sequence[Row], *, with_peers: bool = True) -> str:
+    """The main table: runs_app against raw psycopg and (when any row has one) the best peer."""
+    peers = with_peers and any(row.peer_target is not None or row.peers for row in rows)
+    header = ["operation", "unit", "raw (median)", "runs_app (median)", "ratio", "target"]
+    if peers:
+        header += ["best peer (median)", "vs peer", "peer target"]
+    header.append("result")
+    lines = []
+    for row in rows:
+        line = [
+            row.title,
+            row.unit,
+            number(row.raw, row.unit),
+            number(row.app, row.unit),
+            "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+            row.target.text(),
+        ]
+        if peers:
+            best = (
+                f"{number(row.peer, row.unit)} ({row.peer_name})"
+                if row.peer is not None
+                else ("n/a" if row.peers or row.peer_target is not None else "-")
+            )
+            line += [
+                best,
+                "-" if row.peer_ratio is None else f"{row.peer_ratio:.2f}",
+                "-" if row.peer_target is None else f">= {row.peer_target:g}x",
+            ]
+        line.append(row.status)
+        lines.append(line)
+    numeric = {2, 3, 4, 7} if peers else {2, 3, 4}
+    out = markdown_table(header, lines, lambda index: index in numeric)
     notes = [f"- {row.title}: {row.note}" for row in rows if row.note]
     return "\n".join(out + (["", *notes] if notes else []))
+
+
+def render_peer_table(rows: Sequence[Row], peer_names: Sequence[str]) -> str:
+    """Every contender's median per operation that has peers: runs_app, raw, each peer."""
+    header = ["operation", "unit", "runs_app", "raw", *peer_names]
+    lines = [
+        [row.title, row.unit, number(row.app, row.unit), number(row.raw, row.unit)]
+        + [row.peers.get(name, "-") for name in peer_names]
+        for row in rows
+        if row.peers
+    ]
+    return "\n".join(markdown_table(header, lines, lambda index: index >= 2))
 
 
 # --- Worker processes ------------------------------------------------------------------------
@@ -643,8 +773,9 @@ class Bench:
             f"append_{per_call}",
             f"append_events, {per_call} event{'s' if per_call > 1 else ''} per call ({total:,})",
             "events/s",
-            Target("ratio_min", 0.6),
+            Target("ratio_min", 0.8 if per_call == 1 else 0.6),
             note="raw appender NOTIFYs too, as runs_app does" if notify and per_call == 1 else "",
+            peer_target=1.0 if per_call == 1 else None,
         )
         return self.row(row, samples, "raw", "app")
 
@@ -671,9 +802,15 @@ class Bench:
 
         return prepare
 
-    def drain_round(self, side: str, processes: int, runs: int, per_run: int) -> float:
-        self.raw.reset(self.conn)
-        total = self.raw.seed_outbox(self.conn, runs, per_run)
+    def drain_round(
+        self, side: str, processes: int, runs: int, per_run: int, *, reset: bool = True
+    ) -> float:
+        """Seed ``runs`` x ``per_run`` pending events (unless ``reset`` is False: the caller
+        seeded them) and drain them with ``processes`` workers; returns events/s."""
+        if reset:
+            self.raw.reset(self.conn)
+            self.raw.seed_outbox(self.conn, runs, per_run)
+        total = runs * per_run
         self.raw.settle(self.conn)
         self.close_conn()
         published, elapsed = run_workers(self.drain_worker(side), processes)
@@ -701,7 +838,8 @@ class Bench:
                 "drain_1",
                 f"drain_outbox_once, 1 process, {what}",
                 "events/s",
-                Target("ratio_min", 0.4),
+                Target("ratio_min", 0.8),
+                peer_target=15.0,
             ),
             samples,
             "raw1",
@@ -736,9 +874,150 @@ class Bench:
             "drain_per_run",
             f"drain_outbox_once, 1 process, 1 event per run ({runs:,} runs)",
             "events/s",
-            Target("info"),
+            Target("ratio_min", 0.7),
+            peer_target=3.0,
         )
         return self.row(row, samples, "raw", "app")
+
+    def drain_passes(self, side: str) -> list[tuple[int, float]]:
+        """Drain in this process, pass by pass: (events published, seconds) per non-empty pass."""
+        from bench import app
+        from bench.publishers import NoopPublisher
+        from runs_app.conf import runs_settings
+
+        batch = int(runs_settings.DRAIN_BATCH_SIZE)
+        publisher = NoopPublisher()
+        passes: list[tuple[int, float]] = []
+        if side == "raw":
+            with self.raw.connect(self.url) as conn:
+                while True:
+                    began = time.perf_counter()
+                    published = self.raw.drain_pass(conn, publisher, runs=batch, events=batch)
+                    if not published:
+                        return passes
+                    passes.append((published, time.perf_counter() - began))
+        from django.db import connection
+
+        connection.ensure_connection()
+        while True:
+            began = time.perf_counter()
+            published = app.drain_pass(publisher)
+            if not published:
+                return passes
+            passes.append((published, time.perf_counter() - began))
+
+    def drain_backlog(self) -> list[Row]:
+        """A backlog of 1 event per run at each size: the rate, and how much slower the last
+        passes are than the first (a tenth of the passes at each end, at least one)."""
+        rows = []
+        for runs in self.sizes.backlog_runs:
+            rows += self.drain_backlog_at(runs)
+        return rows
+
+    def drain_backlog_at(self, runs: int) -> list[Row]:
+        slowdown: dict[str, list[float]] = {"raw": [], "app": []}
+        pass_ms: dict[str, list[tuple[float, float]]] = {"raw": [], "app": []}
+
+        def measure(side: str) -> float:
+            self.raw.reset(self.conn)
+            total: int = self.raw.seed_outbox(self.conn, runs, 1)
+            self.raw.settle(self.conn)
+            self.close_conn()
+            began = time.perf_counter()
+            passes = self.drain_passes(side)
+            elapsed = time.perf_counter() - began
+            self.expect("events published", sum(n for n, _ in passes), total)
+            self.expect(
+                "events left pending",
+                self.count("SELECT count(*) FROM runs_app_runevent WHERE published_at IS NULL"),
+                0,
+            )
+            edge = max(1, len(passes) // 10)
+            first = statistics.median(t for _, t in passes[:edge])
+            last = statistics.median(t for _, t in passes[-edge:])
+            slowdown[side].append(last / first)
+            pass_ms[side].append((first * 1000, last * 1000))
+            return total / elapsed
+
+        def ms(side: str) -> str:
+            first = statistics.median(f for f, _ in pass_ms[side])
+            last = statistics.median(la for _, la in pass_ms[side])
+            return f"{side} {first:.1f} -> {last:.1f} ms"
+
+        samples = self.alternate({"raw": partial(measure, "raw"), "app": partial(measure, "app")})
+        rate = self.row(
+            Row(
+                f"drain_backlog_{runs}",
+                f"drain backlog, 1 event per run, {runs:,} runs",
+                "events/s",
+                Target("ratio_min", 0.7),
+            ),
+            samples,
+            "raw",
+            "app",
+        )
+        passes = self.row(
+            Row(
+                f"drain_backlog_{runs}_slowdown",
+                f"drain backlog {runs:,} runs: last passes / first passes (time)",
+                "x",
+                Target("app_le", 2.0, "x"),
+                higher_is_better=False,
+                note=f"median pass, first -> last tenth of the passes: {ms('raw')}, {ms('app')}",
+            ),
+            slowdown,
+            "raw",
+            "app",
+        )
+        return [rate, passes]
+
+    def drain_unpruned(self) -> list[Row]:
+        """Drain 1 event per run with the outbox's history pruned (finished runs, no events) and
+        then with ``unpruned_events`` published events of those runs left in the table."""
+        runs = self.sizes.per_run_runs
+        history = self.sizes.unpruned_runs
+        per = self.sizes.unpruned_events // history
+        self.raw.reset(self.conn)
+        self.raw.seed_history(self.conn, history, per, with_events=False)
+
+        def measure(side: str) -> float:
+            self.raw.delete_runs(self.conn, "drain-")
+            self.raw.seed_outbox(self.conn, runs, 1)
+            return self.drain_round(side, 1, runs, 1, reset=False)
+
+        def rounds() -> dict[str, list[float]]:
+            return self.alternate({"raw": partial(measure, "raw"), "app": partial(measure, "app")})
+
+        empty = rounds()
+        log(f"    seeding {history * per:,} published events over {history:,} finished runs")
+        began = time.perf_counter()
+        self.raw.delete_runs(self.conn, "drain-")
+        self.raw.seed_history_events(self.conn, history, per)
+        log(f"    seeded in {time.perf_counter() - began:.0f} s")
+        loaded = rounds()
+        title = f"drain 1 event per run ({runs:,} runs), {history * per:,} events unpruned"
+        row = Row("drain_unpruned", title, "events/s", Target("info"))
+        rate = self.row(row, loaded, "raw", "app")
+        medians = {
+            side: (median_or_none(loaded[side]), median_or_none(empty[side]))
+            for side in ("raw", "app")
+        }
+        ratio = {
+            side: (full / none if full and none else None) for side, (full, none) in medians.items()
+        }
+        empty_text = ", ".join(
+            f"{side} {number(none, 'events/s')} events/s" for side, (_, none) in medians.items()
+        )
+        versus = Row(
+            "drain_unpruned_vs_empty",
+            f"drain with {history * per:,} published events unpruned / pruned table",
+            "x",
+            Target("app_min", 0.8, "x"),
+            raw=ratio["raw"],
+            app=ratio["app"],
+            note=f"pruned table (same {history:,} finished runs, no events): {empty_text}",
+        )
+        return [rate, versus]
 
     # latency ----------------------------------------------------------------------------------
 
@@ -831,7 +1110,7 @@ class Bench:
             return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
         rows = []
-        for q, target in ((50, Target("app_max", 50, " ms")), (99, Target("info"))):
+        for q, target in ((50, Target("slower_max", 2)), (99, Target("slower_max", 3))):
             rows.append(
                 Row(
                     f"latency_p{q}",
@@ -933,6 +1212,124 @@ def memory_child(side: str, url: str, rows: int) -> None:
     print(json.dumps(report))
 
 
+# --- Peers (--peers) -------------------------------------------------------------------------
+
+PEERS_DIR = HERE / ".peers"  # git-ignored: one virtualenv per peer
+PSYCOPG = "psycopg[binary]==3.3.9"
+# name -> (driver in bench/peers/, what pip installs into its virtualenv from PyPI)
+PEERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "procrastinate": ("procrastinate_driver.py", ("procrastinate==3.10.0", PSYCOPG)),
+    "django-celery-outbox": ("celery_outbox_driver.py", ("django-celery-outbox==0.4.3", PSYCOPG)),
+    "django-outbox-pattern": (
+        "outbox_pattern_driver.py",
+        ("django-outbox-pattern==3.2.1", PSYCOPG),
+    ),
+}
+# The rows the peers are measured for (same names in the drivers' reports).
+PEER_OPERATIONS = ("append_1", "drain_per_run", "drain_1")
+
+
+@dataclass
+class PeerResult:
+    name: str
+    version: str = ""
+    medians: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # operation (or "*") -> why n/a
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+def short_reason(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else "failed"
+    return reason if len(reason) <= 100 else reason[:97] + "..."
+
+
+def peer_python(name: str) -> Path:
+    """The peer's virtualenv (created, or re-created when its requirements changed); returns
+    its python. Raises RuntimeError with pip's last words when it cannot be installed."""
+    _, requirements = PEERS[name]
+    venv = PEERS_DIR / name
+    python = venv / "bin" / "python"
+    marker = venv / "bench-requirements.txt"
+    wanted = "\n".join(requirements) + "\n"
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
+        return python
+    log(f"  installing {name} into {venv} ({', '.join(requirements)})")
+    steps = [
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+    ]
+    for command in steps:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command[:4])}...: {short_reason(done.stderr)}")
+    marker.write_text(wanted)
+    return python
+
+
+def run_peer(name: str, server_url: str, sizes: Sizes, operations: Sequence[str]) -> PeerResult:
+    """Install the peer if needed, (re)create its database ``bench_peer_<name>`` and run its
+    driver there; whatever fails becomes an "n/a" with the reason, never an exception."""
+    import tempfile
+
+    result = PeerResult(name)
+    driver, _ = PEERS[name]
+    try:
+        python = peer_python(name)
+        url = recreate_database(server_url, "bench_peer_" + re.sub(r"\W", "_", name))
+    except Exception as error:
+        result.errors["*"] = short_reason(str(error))
+        return result
+    with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
+        out = Path(tmp) / "report.json"
+        command = [
+            str(python),
+            str(HERE / "peers" / driver),
+            *("--database-url", url, "--out", str(out), "--rounds", str(sizes.rounds)),
+            *("--enqueue", str(sizes.append_one_events)),
+            *("--per-run-runs", str(sizes.per_run_runs)),
+            *("--drain-runs", str(sizes.runs), "--drain-per-run", str(sizes.events_per_run)),
+            *("--only", ",".join(operations)),
+        ]
+        try:
+            done = subprocess.run(
+                command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, timeout=7200
+            )
+            failure = f"driver exited {done.returncode}: {short_reason(done.stderr)}"
+        except subprocess.TimeoutExpired:
+            done, failure = None, "driver timed out"
+        report = json.loads(out.read_text()) if out.exists() else {}
+    result.version = str(report.get("version", ""))
+    for operation in operations:
+        measured = report.get("results", {}).get(operation)
+        if measured and measured.get("samples"):
+            result.samples[operation] = [float(v) for v in measured["samples"]]
+            result.medians[operation] = statistics.median(result.samples[operation])
+        elif operation in report.get("errors", {}):
+            result.errors[operation] = short_reason(report["errors"][operation])
+        else:
+            result.errors[operation] = failure if done is None or done.returncode else "no result"
+    return result
+
+
+def attach_peers(rows: Sequence[Row], peers: Sequence[PeerResult]) -> None:
+    """Each peer's median (or "n/a (why)") on the rows it was measured for; the best one is
+    the row's peer."""
+    for row in rows:
+        if row.name not in PEER_OPERATIONS:
+            continue
+        for peer in peers:
+            label = f"{peer.name} {peer.version}".strip()
+            if row.name in peer.medians:
+                rate = peer.medians[row.name]
+                row.peers[label] = number(rate, row.unit)
+                if row.peer is None or rate > row.peer:
+                    row.peer, row.peer_name = rate, peer.name
+            else:
+                why = peer.errors.get(row.name) or peer.errors.get("*", "not run")
+                row.peers[label] = f"n/a ({why})"
+
+
 # --- Main ------------------------------------------------------------------------------------
 
 
@@ -950,6 +1347,46 @@ def environment(url: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "machine": platform.platform(),
     }
+
+
+# A step that loses the server (a shared machine's PostgreSQL restarted by someone else) runs
+# again once the server is back, up to this many times in all.
+STEP_ATTEMPTS = 3
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether ``error`` says the database connection failed or went away."""
+    import psycopg
+    from django.db import utils
+
+    lost = (psycopg.OperationalError, utils.OperationalError, utils.InterfaceError)
+    return isinstance(error, lost) or (
+        error.__cause__ is not None and connection_lost(error.__cause__)
+    )
+
+
+def wait_for_server(url: str, timeout: float = 120) -> bool:
+    """Poll until the server accepts connections again (True) or ``timeout`` passes."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+            return True
+        except psycopg.OperationalError:
+            time.sleep(1)
+    return False
+
+
+def close_django_connections() -> None:
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        try:
+            connection.close()
+        except Exception:  # already broken: nothing to close cleanly
+            connection.connection = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -985,32 +1422,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         "append_100": lambda: bench.append(100),
         "drain": bench.drain,
         "drain_per_run": bench.drain_per_run,
+        "drain_backlog": bench.drain_backlog,
+        "drain_unpruned": bench.drain_unpruned,
         "latency": bench.latency,
         "memory": bench.memory,
     }
     rows: list[Row] = []
     failed: list[str] = []
     for step in BENCHMARKS:
-        if step in selected:
-            log(f"{step} ...")
+        if step not in selected:
+            continue
+        result: Row | list[Row] | None = None
+        for attempt in range(1, STEP_ATTEMPTS + 1):
+            log(f"{step} ..." if attempt == 1 else f"{step} again ({attempt}) ...")
             try:
                 result = steps[step]()
-            except Exception:
+                break
+            except Exception as error:
                 # One broken step (or a server restarted by someone else on a shared machine)
                 # must not cost the figures of the others; it still fails the run, smoke included.
                 log(traceback.format_exc())
-                failed.append(step)
                 bench.close_conn()
-                continue
+                close_django_connections()
+                if attempt < STEP_ATTEMPTS and connection_lost(error) and wait_for_server(url):
+                    log("  lost the server (restarted by someone else?): the step runs again")
+                    continue
+                failed.append(step)
+                break
+        if result is not None:
             for row in result if isinstance(result, list) else [result]:
                 rows.append(row)
                 log(f"  {render_table([row]).splitlines()[2]}")
     bench.close_conn()
 
-    table = render_table(rows)
+    peers: list[PeerResult] = []
+    if args.peers:
+        operations = [name for name in PEER_OPERATIONS if any(row.name == name for row in rows)]
+        for peer in PEERS:
+            log(f"peer {peer} ...")
+            wait_for_server(server_url, 60)
+            peers.append(run_peer(peer, server_url, sizes, operations))
+            log(f"  {peers[-1]}")
+        attach_peers(rows, peers)
+
+    table = render_table(rows, with_peers=args.peers)
     load_after = load_average()
     elapsed = time.perf_counter() - started
     print(table)
+    if peers:
+        print("\nEvery contender (median of each; a peer's figure is its closest operation):\n")
+        print(render_peer_table(rows, [f"{p.name} {p.version}".strip() for p in peers]))
     print(
         f"\nPostgreSQL {env['postgresql']}, Python {env['python']}, Django {env['django']},"
         f" psycopg {env['psycopg']}, {env['cpus']} CPUs; {sizes.rounds} round(s) per side;"
@@ -1032,6 +1493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "load_average": [load_before, load_after],
                     "seconds": elapsed,
                     "results": [row.as_dict() for row in rows],
+                    "peers": [asdict(peer) for peer in peers],
                     "errors": failed,
                 },
                 indent=2,
