@@ -260,7 +260,8 @@ def close_run(
 
 
 def complete_run(run: Run | str) -> Run:
-    """Close an active run, fail-safe: a run whose flush failed or never finished is marked
+    """Close an active run, fail-safe: a run whose flush failed or never finished (a flush
+    session still open: another worker still flushing, or a process that died) is marked
     ``failed`` (event ``run.failed``), never ``completed``, and confirms nothing. Otherwise
     ``completed``: ``last_confirmed_run`` becomes this run for every project whose
     ``last_seen_run`` is this run, the ledger records that count (``rows_confirmed``) and the
