@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from django.db import InterfaceError, OperationalError, close_old_connections, connections
+from django.db import InterfaceError, OperationalError, connections
 
 from ..conf import runs_settings
 from ..publishers import Publisher
@@ -84,7 +84,7 @@ def run_relay(
     try:
         while not stop.is_set():
             # Drops connections that the database closed or that outlived CONN_MAX_AGE.
-            close_old_connections()
+            _drop_unusable_connections()
             remaining = None if max_messages is None else max_messages - total.published
             try:
                 result = drain_until_idle(
@@ -132,3 +132,15 @@ def _close_connections() -> None:
             connection.close()
         except Exception:  # a connection the server already dropped may fail to close
             logger.debug("closing a broken connection failed", exc_info=True)
+
+
+def _drop_unusable_connections() -> None:
+    """Before each wake-up: close a connection that failed and is no longer usable, and keep
+    the others open. Not ``close_old_connections``: under the default ``CONN_MAX_AGE = 0`` it
+    closes every connection each time, and a new connection on every wake-up was most of the
+    relay's append-to-publish latency (20 ms against the raw listener's 4 ms)."""
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None and connection.errors_occurred:
+            if not connection.is_usable():
+                connection.close()
+            connection.errors_occurred = False
