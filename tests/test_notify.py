@@ -67,9 +67,10 @@ def test_notify_is_a_no_op_on_sqlite_and_with_notify_false(setting: bool) -> Non
             services.create_run("b")
         notifying = [query["sql"] for query in captured if "pg_notify" in query["sql"]]
         if expected_on:
-            # One per transaction: folded into the UPDATE ... RETURNING of the append.
+            # One per transaction: folded into the append's UPDATE ... RETURNING (the counter
+            # CTE of its one statement).
             assert len(notifying) == 3, notifying
-            assert any(sql.startswith("UPDATE") for sql in notifying)
+            assert any(sql.startswith("WITH r AS (UPDATE") for sql in notifying)
             assert notify.returning_clause() == (", pg_notify(%s, '')", [CHANNEL])
         else:
             assert notifying == []

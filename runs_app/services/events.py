@@ -55,9 +55,8 @@ def insert_events(
     if not events:
         ensure_run_accepts_events(run_id, allow_closed=allow_closed)
         return []
-    last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed, close=close)
     now = timezone.now()
-    ids = insert_event_rows(run_id, last_seq - len(events) + 1, events, now)
+    ids = append_rows(run_id, events, now, allow_closed=allow_closed, close=close)
     alias = db_alias()
     rows = []
     for (seq, event_id), event in zip(sorted(ids), events, strict=True):
@@ -80,10 +79,61 @@ def insert_encoded_events(
 ) -> None:
     """``insert_events`` for events already encoded as JSON text (the app's own audit events):
     seqs reserved and rows inserted, no ``RunEvent`` built. Call inside a transaction."""
-    if not events:
-        return
-    last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed)
-    insert_event_rows(run_id, last_seq - len(events) + 1, events, timezone.now())
+    if events:
+        append_rows(run_id, events, timezone.now(), allow_closed=allow_closed)
+
+
+def append_rows(
+    run_id: str,
+    events: Sequence[PreparedEvent] | Sequence[EncodedEvent],
+    now: datetime,
+    *,
+    allow_closed: bool,
+    close: bool = False,
+) -> list[tuple[int, int]]:
+    """Reserve seqs for ``events`` (``reserve_seqs``) and insert them; return their
+    ``(seq, id)``. Call inside a transaction.
+
+    PostgreSQL: one statement, the counter's ``UPDATE ... RETURNING`` as a data-modifying CTE
+    feeding the ``INSERT`` (an append costs one round trip besides BEGIN and COMMIT). The
+    UPDATE keeps all its guarantees inside the CTE: it locks the run row, re-checks
+    ``NOT closed`` on the row version a closing transaction committed, and NOTIFYs. No row
+    comes back when it matched no run; the caller then learns why (``RunClosed`` /
+    ``RunNotFound``). SQLite (no DML in a CTE): the two statements.
+    """
+    if not is_postgresql():
+        last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed, close=close)
+        return insert_event_rows(run_id, last_seq - len(events) + 1, events, now)
+    count = len(events)
+    closing = ", closed = true" if close else ""
+    where = "" if allow_closed else " AND NOT closed"
+    notify_sql, notify_params = returning_clause()
+    sql = (
+        f"WITH r AS (UPDATE {table(Run)} SET last_seq = last_seq + %s{closing}"
+        f" WHERE id = %s{where} RETURNING last_seq{notify_sql})"
+        f" INSERT INTO {table(RunEvent)} (run_id, seq, type, payload, created_at)"
+        " SELECT %s, r.last_seq - %s + e.i, e.j ->> 0, e.j -> 1, %s"
+        " FROM r, jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, i)"
+        " RETURNING seq, id"
+    )
+    params = [count, run_id, *notify_params, run_id, count, now, _events_json(events)]
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = [(int(seq), int(event_id)) for seq, event_id in cursor.fetchall()]
+    if not rows:
+        ensure_run_accepts_events(run_id, allow_closed=allow_closed)
+        raise RunNotFound(run_id)  # a run row without its state: not a run the app knows
+    return rows
+
+
+def _events_json(events: Sequence[PreparedEvent] | Sequence[EncodedEvent]) -> str:
+    """The events as one JSON array ``[[type, payload], ...]``, built from the texts
+    validation produced (never re-encoded)."""
+    return (
+        "["
+        + ",".join(f"[{encode_json_string(event.type)},{event.payload_text()}]" for event in events)
+        + "]"
+    )
 
 
 def insert_event_rows(
@@ -101,11 +151,7 @@ def insert_event_rows(
     every row in Python (and split the insert on SQLite's variable limit). RETURNING order is not
     guaranteed: the ids come with their seqs.
     """
-    batch = (
-        "["
-        + ",".join(f"[{encode_json_string(event.type)},{event.payload_text()}]" for event in events)
-        + "]"
-    )
+    batch = _events_json(events)
     columns = f"INSERT INTO {table(RunEvent)} (run_id, seq, type, payload, created_at) "
     if is_postgresql():
         sql = (
