@@ -28,7 +28,7 @@ from django.db.models import DateTimeField, ExpressionWrapper
 from django.db.models.functions import Now
 
 from ..conf import runs_settings
-from ..db import connection_for_write, db_alias, table
+from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..models import RunEvent, RunOutbox
 from ..publishers import Message
 from ..services.outbox import NO_LEASE
@@ -65,7 +65,8 @@ def acknowledge_batches(
     """Record published batches ``(run_id, first_seq, last_seq)`` (each contiguous from the run's
     ``next_seq``) as delivered; return the run ids acknowledged.
 
-    One short transaction, two set-based statements whatever the number of runs:
+    One short transaction, two set-based statements whatever the number of runs (on
+    PostgreSQL sent as one, the first a data-modifying CTE of the second):
 
     1. ``UPDATE outbox ... FROM (VALUES ...)``, fenced per run by the lease token and the cursor
        (``next_seq = first_seq``): advance ``next_seq``, reset attempts and backoff, clear the
@@ -95,16 +96,34 @@ def acknowledge_batches(
     for run_id, first, last in batches:
         params += [run_id, first, last, int(run_id in keep)]
     params.append(token_value)
+    set_outbox = (
+        "next_seq = a.column3 + 1, attempts = 0, last_error = '', next_attempt_at = NULL,"
+        f" lease_until = CASE WHEN a.column4 = 1 THEN {lease_sql} ELSE NULL END,"
+        " lease_token = CASE WHEN a.column4 = 1 THEN lease_token ELSE NULL END,"
+        " leased_by = CASE WHEN a.column4 = 1 THEN leased_by ELSE '' END"
+    )
+    fence = (
+        f" WHERE {outbox}.run_id = a.column1 AND {outbox}.lease_token = %s"
+        f" AND {outbox}.next_seq = a.column2"
+    )
+    pending = f"{event}.published_at IS NULL AND {event}.skipped_at IS NULL"
     with transaction.atomic(using=alias), connection.cursor() as cursor:
+        if is_postgresql():
+            # Both statements in one, as data-modifying CTEs: the events are marked for
+            # exactly the runs the fenced outbox UPDATE changed (one round trip a pass).
+            cursor.execute(
+                f"WITH acked AS (UPDATE {outbox} SET {set_outbox}"
+                f" FROM (VALUES {values}) AS a{fence}"
+                f" RETURNING {outbox}.run_id, a.column2 AS first_seq, a.column3 AS last_seq),"
+                f" marked AS (UPDATE {event} SET published_at = {now_sql} FROM acked"
+                f" WHERE {event}.run_id = acked.run_id AND {event}.seq >= acked.first_seq"
+                f" AND {event}.seq <= acked.last_seq AND {pending})"
+                " SELECT run_id FROM acked",
+                [*params, *now_params],
+            )
+            return {str(run_id) for (run_id,) in cursor.fetchall()}
         cursor.execute(
-            f"UPDATE {outbox} SET next_seq = a.column3 + 1, attempts = 0, last_error = '',"
-            " next_attempt_at = NULL,"
-            f" lease_until = CASE WHEN a.column4 = 1 THEN {lease_sql} ELSE NULL END,"
-            " lease_token = CASE WHEN a.column4 = 1 THEN lease_token ELSE NULL END,"
-            " leased_by = CASE WHEN a.column4 = 1 THEN leased_by ELSE '' END"
-            f" FROM (VALUES {values}) AS a"
-            f" WHERE {outbox}.run_id = a.column1 AND {outbox}.lease_token = %s"
-            f" AND {outbox}.next_seq = a.column2"
+            f"UPDATE {outbox} SET {set_outbox} FROM (VALUES {values}) AS a{fence}"
             f" RETURNING {outbox}.run_id",
             params,
         )
@@ -115,8 +134,7 @@ def acknowledge_batches(
                 f"UPDATE {event} SET published_at = {now_sql}"
                 f" FROM (VALUES {', '.join(['(%s, %s, %s)'] * len(marked))}) AS a"
                 f" WHERE {event}.run_id = a.column1"
-                f" AND {event}.seq >= a.column2 AND {event}.seq <= a.column3"
-                f" AND {event}.published_at IS NULL AND {event}.skipped_at IS NULL",
+                f" AND {event}.seq >= a.column2 AND {event}.seq <= a.column3 AND {pending}",
                 [*now_params, *(value for batch in marked for value in batch)],
             )
     return acked
