@@ -105,18 +105,15 @@ def append_rows(
         last_seq = reserve_seqs(run_id, len(events), allow_closed=allow_closed, close=close)
         return insert_event_rows(run_id, last_seq - len(events) + 1, events, now)
     count = len(events)
-    closing = ", closed = true" if close else ""
-    where = "" if allow_closed else " AND NOT closed"
-    notify_sql, notify_params = returning_clause()
+    counter_sql, counter_params = _counter_update(run_id, count, allow_closed, close)
     sql = (
-        f"WITH r AS (UPDATE {table(Run)} SET last_seq = last_seq + %s{closing}"
-        f" WHERE id = %s{where} RETURNING last_seq{notify_sql})"
+        f"WITH r AS ({counter_sql})"
         f" INSERT INTO {table(RunEvent)} (run_id, seq, type, payload, created_at)"
         " SELECT %s, r.last_seq - %s + e.i, e.j ->> 0, e.j -> 1, %s"
         " FROM r, jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e(j, i)"
         " RETURNING seq, id"
     )
-    params = [count, run_id, *notify_params, run_id, count, now, _events_json(events)]
+    params = [*counter_params, run_id, count, now, _events_json(events)]
     with connection_for_write().cursor() as cursor:
         cursor.execute(sql, params)
         rows = [(int(seq), int(event_id)) for seq, event_id in cursor.fetchall()]
@@ -188,20 +185,28 @@ def reserve_seqs(run_id: str, count: int, *, allow_closed: bool, close: bool = F
     The same statement wakes the listening relays at commit (``pg_notify`` as an extra RETURNING
     column, see :mod:`runs_app.notify`): no extra round trip per append.
     """
-    closing = ", closed = true" if close else ""
-    where = "" if allow_closed else " AND NOT closed"
-    notify_sql, notify_params = returning_clause()
     with connection_for_write().cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table(Run)} SET last_seq = last_seq + %s{closing} WHERE id = %s{where}"
-            f" RETURNING last_seq{notify_sql}",
-            [count, run_id, *notify_params],
-        )
+        cursor.execute(*_counter_update(run_id, count, allow_closed, close))
         row = cursor.fetchone()
     if row is None:
         ensure_run_accepts_events(run_id, allow_closed=allow_closed)
         raise RunNotFound(run_id)  # a run row without its state: not a run the app knows
     return int(row[0])
+
+
+def _counter_update(
+    run_id: str, count: int, allow_closed: bool, close: bool
+) -> tuple[str, list[Any]]:
+    """The counter's ``UPDATE ... RETURNING last_seq`` (see ``reserve_seqs``), alone on SQLite
+    or as the CTE of an append on PostgreSQL."""
+    closing = ", closed = true" if close else ""
+    where = "" if allow_closed else " AND NOT closed"
+    notify_sql, notify_params = returning_clause()
+    sql = (
+        f"UPDATE {table(Run)} SET last_seq = last_seq + %s{closing} WHERE id = %s{where}"
+        f" RETURNING last_seq{notify_sql}"
+    )
+    return sql, [count, run_id, *notify_params]
 
 
 def ensure_run_accepts_events(run_id: str, *, allow_closed: bool) -> None:

@@ -43,7 +43,7 @@ from ..models import (
 )
 from .cleanup import RECORD_OVERHEAD, removal_record_budget, removal_record_size
 from .events import insert_events
-from .runs import lock_state
+from .runs import lock_active_state, lock_state
 from .validation import (
     PreparedEvent,
     encode_json_object,
@@ -259,8 +259,8 @@ class FlushSession:
         now = timezone.now()
         alias = db_alias()
         with transaction.atomic(using=alias):
-            state = lock_state(self.run_id)
-            _check_writable(state)
+            state = lock_active_state(self.run_id)
+            _check_not_failed(state)
             created, updated = _upsert(state.scope, self.run_id, rows, now)
             seen = created + updated
             RunState.objects.using(alias).filter(run_id=self.run_id).update(
@@ -302,13 +302,8 @@ class FlushSession:
         alias = db_alias()
         ended = False
         with transaction.atomic(using=alias, durable=True):
-            state = lock_state(self.run_id)
-            if state.status != RunStatus.ACTIVE:
-                raise RunClosed(self.run_id, state.status)
-            if state.flush_status == FlushStatus.FAILED:
-                raise FlushFailed(
-                    self.run_id, f"its flush failed already ({state.flush_error or 'failed'})"
-                )
+            state = lock_active_state(self.run_id)
+            _check_not_failed(state)
             if state.flush_status == FlushStatus.SUCCEEDED:
                 ended = True
                 _fail_flush(state, "a flush was started after the run's flush had ended", None)
@@ -351,9 +346,7 @@ class FlushSession:
         alias = db_alias()
         failure: str | None = None
         with transaction.atomic(using=alias):
-            state = lock_state(self.run_id)
-            if state.status != RunStatus.ACTIVE:
-                raise RunClosed(self.run_id, state.status)
+            state = lock_active_state(self.run_id)
             session = RunFlushSession.objects.using(alias).get(pk=self._session_id)
             if session.status != FlushSessionStatus.OPEN:
                 failure = session.error or f"this flush session is {session.status}"
@@ -440,9 +433,7 @@ def _batch_size(batch_size: int | None) -> int:
     return size
 
 
-def _check_writable(state: RunState) -> None:
-    if state.status != RunStatus.ACTIVE:
-        raise RunClosed(state.run_id, state.status)
+def _check_not_failed(state: RunState) -> None:
     if state.flush_status == FlushStatus.FAILED:
         raise FlushFailed(
             state.run_id, f"its flush failed already ({state.flush_error or 'failed'})"
