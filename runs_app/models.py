@@ -1,4 +1,5 @@
-"""The data model: a Run, its state ledger, its outbox cursor, its events, and its projects.
+"""The data model: a Run, its state ledger (and one per model it flushed), its outbox cursor, its
+events, and the built-in tracked model, Project.
 
 Rows are written by :mod:`runs_app.services`, which keeps them consistent with each other (a run
 always has its state, its outbox row and its ``run.started`` event). Write through the services.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+from .tracking import TrackedModel
 
 RUN_ID_MAX_LENGTH = 64
 SCOPE_MAX_LENGTH = 200
@@ -70,6 +74,7 @@ class Run(models.Model):
 
     state: RunState
     outbox: RunOutbox
+    # model_states, flush_sessions, events: reverse accessors of the models below.
 
     class Meta:
         ordering = ["-ordinal"]
@@ -146,7 +151,7 @@ class RunFlushSession(models.Model):
     """
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="flush_sessions")
-    # The model flushed, as "app_label.model_name" (today always runs_app.project).
+    # The model flushed, as "app_label.model_name".
     model = models.CharField(max_length=100, default="runs_app.project")
     status = models.CharField(
         max_length=16, choices=FlushSessionStatus.choices, default=FlushSessionStatus.OPEN
@@ -171,6 +176,45 @@ class RunFlushSession(models.Model):
 
     def __str__(self) -> str:
         return f"flush session {self.pk} of {self.run_id}: {self.status}"
+
+
+class RunModelState(models.Model):
+    """A run's ledger for one tracked model it flushed (or tried to clean up): the per-model
+    lines under the run-level summary on ``RunState``.
+
+    ``flush_status`` is the model's: ``in_progress`` while a session of this model is open,
+    ``succeeded`` when they all closed cleanly, ``failed`` once one failed. Counts: rows the
+    run's flushes of this model upserted (``seen`` = ``created`` + ``updated``), confirmed by
+    completion, removed by cleanup. The cleanup fields are this model's cleanup's outcome.
+    """
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="model_states")
+    model = models.CharField(max_length=100)  # "app_label.model_name"
+    flush_status = models.CharField(
+        max_length=16, choices=FlushStatus.choices, default=FlushStatus.NOT_STARTED
+    )
+    rows_seen = models.PositiveBigIntegerField(default=0)
+    rows_created = models.PositiveBigIntegerField(default=0)
+    rows_updated = models.PositiveBigIntegerField(default=0)
+    rows_confirmed = models.PositiveBigIntegerField(default=0)
+    cleanup_status = models.CharField(
+        max_length=16, choices=CleanupStatus.choices, default=CleanupStatus.NOT_RUN
+    )
+    cleanup_reason = models.CharField(max_length=32, blank=True, default="")
+    cleanup_message = models.TextField(blank=True, default="")
+    rows_removed = models.PositiveBigIntegerField(default=0)
+    cleanup_forced = models.BooleanField(default=False)
+    cleanup_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "id"]
+        verbose_name = "run model state"
+        constraints = [
+            models.UniqueConstraint(fields=["run", "model"], name="runs_app_modelstate_run_model"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id} / {self.model}: {self.flush_status}"
 
 
 class RunOutbox(models.Model):
@@ -241,22 +285,26 @@ class RunEvent(models.Model):
         return f"{self.run_id}#{self.seq} {self.type}"
 
 
-class Project(models.Model):
-    """A synced item, unique by (scope, key), stamped with the last run that saw it."""
+def json_object(value: Any) -> None:
+    """A ``Project.data`` value must be a JSON object (a mapping), not a list or a scalar."""
+    if not isinstance(value, dict):
+        raise ValidationError(
+            "must be a JSON object, not %(type)s", params={"type": type(value).__name__}
+        )
+
+
+class Project(TrackedModel):
+    """The built-in tracked model: an item of a scope, unique by (scope, key), with a name and
+    free-form JSON ``data``. Stamped with the last run that saw it (see ``TrackedModel``)."""
 
     scope = models.CharField(max_length=SCOPE_MAX_LENGTH)
     key = models.CharField(max_length=PROJECT_KEY_MAX_LENGTH)
     name = models.CharField(max_length=PROJECT_NAME_MAX_LENGTH)
-    data = models.JSONField(default=empty_object, blank=True)
-    # SET_NULL: deleting a run never deletes projects.
-    last_seen_run = models.ForeignKey(
-        Run, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
-    )
-    last_confirmed_run = models.ForeignKey(
-        Run, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
-    )
-    created_at = models.DateTimeField(default=timezone.now)
-    updated_at = models.DateTimeField(default=timezone.now)
+    data = models.JSONField(default=empty_object, blank=True, validators=[json_object])
+
+    sync_key = ("key",)
+    sync_scope = "scope"
+    sync_name = "projects"
 
     class Meta:
         ordering = ["scope", "key"]

@@ -1,0 +1,281 @@
+"""Tracked models: any model of a project, synced by runs.
+
+A model inherits :class:`TrackedModel` and declares its **sync key** (``sync_key``: one or more
+of its own fields, covered, with the scope field, by a unique constraint) and its **scope**
+(``sync_scope``: a text field that holds the run's scope, or None: the whole table is one
+scope). The base adds the run stamps and timestamps that flush, completion and cleanup keep::
+
+    class Repository(TrackedModel):
+        github_id = models.BigIntegerField(unique=True)
+        name = models.CharField(max_length=200)
+        owner = models.ForeignKey(Owner, on_delete=models.PROTECT)
+
+        sync_key = ("github_id",)
+
+:func:`sync_spec` reads the declaration once per model; the system checks
+(``runs_app.E030``–``E033``) refuse a declaration the services could not honour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar
+
+from django.core import checks
+from django.db import models
+from django.db.models import Field
+from django.utils import timezone
+
+#: The fields the base adds; a model's own field of one of these names is refused (E033).
+STAMPS = ("last_seen_run", "last_confirmed_run", "created_at", "updated_at")
+
+#: Fields a scope may be held in: the run's scope is a string.
+SCOPE_FIELD_TYPES = (models.CharField, models.TextField)
+
+
+class TrackedModel(models.Model):
+    """Abstract base of a model synced by runs (see the module's docstring).
+
+    Class attributes (the declaration):
+      * ``sync_key``: names of the fields that identify a row in the source.
+      * ``sync_scope``: name of the text field holding the run's scope (set by the flush from
+        the run, never by the rows), or None (default): the whole table is one scope.
+      * ``sync_fields``: the fields the source owns (written by every flush: a field a row
+        leaves out gets its default); None (default): every field of the model but the
+        automatic primary key, the scope and the stamps. Other fields are the project's own:
+        a flush inserts them with their default and never updates them.
+      * ``sync_name``: how events and errors call these rows (``<sync_name>.flushed``,
+        ``<sync_name>[i].field``); None (default): events are named after the model's label
+        (``app_label.model_name.flushed``) and errors say ``rows[i].field``.
+    """
+
+    sync_key: ClassVar[tuple[str, ...]] = ()
+    sync_scope: ClassVar[str | None] = None
+    sync_fields: ClassVar[tuple[str, ...] | None] = None
+    sync_name: ClassVar[str | None] = None
+
+    # SET_NULL: deleting a run never deletes rows. No reverse accessor: a run is not the
+    # place to list every tracked model's rows.
+    last_seen_run = models.ForeignKey(
+        "runs_app.Run", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    last_confirmed_run = models.ForeignKey(
+        "runs_app.Run", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        abstract = True
+
+    @classmethod
+    def check(cls, **kwargs: Any) -> list[checks.CheckMessage]:
+        errors = super().check(**kwargs)
+        if not cls._meta.abstract:
+            errors.extend(check_declaration(cls))
+        return errors
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """A tracked model's declaration, resolved to fields (see :class:`TrackedModel`)."""
+
+    model: type[TrackedModel]
+    label: str  # "app_label.model_name", as stored in the ledgers
+    key: tuple[Field[Any, Any], ...]
+    scope: Field[Any, Any] | None
+    owned: tuple[Field[Any, Any], ...]  # what rows may set, key fields first
+    defaulted: tuple[Field[Any, Any], ...]  # inserted with their default, never updated
+    rows_name: str  # "rows" or sync_name, in error messages
+    event_prefix: str  # events "<prefix>.flushed", "<prefix>.removed"
+
+    @property
+    def key_names(self) -> tuple[str, ...]:
+        return tuple(field.name for field in self.key)
+
+
+def model_label(model: type[models.Model]) -> str:
+    return f"{model._meta.app_label}.{model._meta.model_name}"
+
+
+def is_tracked(model: Any) -> bool:
+    return (
+        isinstance(model, type)
+        and issubclass(model, TrackedModel)
+        and not model._meta.abstract
+        and not model._meta.proxy
+    )
+
+
+def _is_automatic(field: Field[Any, Any]) -> bool:
+    return bool(field.primary_key and isinstance(field, models.AutoField))
+
+
+def _syncable(model: type[models.Model]) -> list[Field[Any, Any]]:
+    """The model's own columns: concrete, stored, not the automatic primary key, not a stamp."""
+    return [
+        field
+        for field in model._meta.concrete_fields
+        if not _is_automatic(field)
+        and field.name not in STAMPS
+        and not getattr(field, "generated", False)
+    ]
+
+
+@cache
+def sync_spec(model: type[TrackedModel]) -> SyncSpec:
+    """The resolved declaration of a tracked model. Assumes it passed the system checks."""
+    meta = model._meta
+    key = tuple(meta.get_field(name) for name in model.sync_key)
+    scope = meta.get_field(model.sync_scope) if model.sync_scope else None
+    syncable = [field for field in _syncable(model) if field is not scope]
+    if model.sync_fields is None:
+        owned_names = {field.name for field in syncable}
+    else:
+        owned_names = set(model.sync_fields) | set(model.sync_key)
+    owned = key + tuple(f for f in syncable if f.name in owned_names and f not in key)
+    defaulted = tuple(f for f in syncable if f.name not in owned_names)
+    label = model_label(model)
+    return SyncSpec(
+        model=model,
+        label=label,
+        key=key,
+        scope=scope,
+        owned=owned,
+        defaulted=defaulted,
+        rows_name=model.sync_name or "rows",
+        event_prefix=model.sync_name or label,
+    )
+
+
+def _unique_sets(model: type[models.Model]) -> list[frozenset[str]]:
+    meta = model._meta
+    sets = [frozenset(c.fields) for c in meta.total_unique_constraints]
+    sets += [frozenset(fields) for fields in meta.unique_together]
+    sets += [frozenset({f.name}) for f in meta.concrete_fields if f.unique]
+    return sets
+
+
+def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
+    """The checks of a tracked model's declaration (ids ``runs_app.E030``–``E033``)."""
+    errors: list[checks.CheckMessage] = []
+    meta = model._meta
+    names = {field.name for field in meta.get_fields()}
+    label = model_label(model)
+
+    for stamp in STAMPS:
+        field = meta.get_field(stamp) if stamp in names else None
+        if field is None or not _is_stamp(stamp, field):
+            errors.append(
+                checks.Error(
+                    f"{label} defines its own field {stamp!r}, which TrackedModel keeps",
+                    hint=f"Rename the field: {', '.join(STAMPS)} are the run stamps.",
+                    obj=model,
+                    id="runs_app.E033",
+                )
+            )
+
+    key = model.sync_key
+    if isinstance(key, str) or not isinstance(key, (tuple, list)) or not key:
+        errors.append(
+            checks.Error(
+                f"{label}.sync_key must be a non-empty tuple of field names, not {key!r}",
+                hint='Declare the fields that identify a row, e.g. sync_key = ("github_id",).',
+                obj=model,
+                id="runs_app.E030",
+            )
+        )
+        key = ()
+    syncable = {field.name for field in _syncable(model)}
+    listed = [("sync_key", name) for name in key]
+    sync_fields = model.sync_fields
+    if sync_fields is not None:
+        if isinstance(sync_fields, str) or not isinstance(sync_fields, (tuple, list)):
+            errors.append(
+                checks.Error(
+                    f"{label}.sync_fields must be a tuple of field names or None, "
+                    f"not {sync_fields!r}",
+                    hint="List the fields the source owns, or leave it None for all.",
+                    obj=model,
+                    id="runs_app.E030",
+                )
+            )
+        else:
+            listed += [("sync_fields", name) for name in sync_fields]
+    for attribute, name in listed:
+        if name in STAMPS:
+            errors.append(
+                checks.Error(
+                    f"{label}.{attribute} names {name!r}, a run stamp kept by TrackedModel",
+                    hint="Stamps are written by the services, never by rows.",
+                    obj=model,
+                    id="runs_app.E033",
+                )
+            )
+        elif name not in syncable:
+            errors.append(
+                checks.Error(
+                    f"{label}.{attribute} names {name!r}, which is not a field of the model "
+                    "that rows can set",
+                    hint="Name concrete fields of the model (not the automatic primary key, "
+                    "not a relation's reverse side).",
+                    obj=model,
+                    id="runs_app.E030",
+                )
+            )
+
+    scope = model.sync_scope
+    scope_ok = True
+    if scope is not None:
+        field = meta.get_field(scope) if isinstance(scope, str) and scope in names else None
+        if field is None or not isinstance(field, SCOPE_FIELD_TYPES) or scope in STAMPS:
+            scope_ok = False
+            errors.append(
+                checks.Error(
+                    f"{label}.sync_scope must name a CharField or TextField of the model, "
+                    f"or be None, not {scope!r}",
+                    hint="The scope field holds the run's scope (a string); None makes the "
+                    "whole table one scope.",
+                    obj=model,
+                    id="runs_app.E032",
+                )
+            )
+        elif scope in key or (sync_fields is not None and scope in sync_fields):
+            scope_ok = False
+            errors.append(
+                checks.Error(
+                    f"{label}.sync_scope {scope!r} is also listed in sync_key or sync_fields",
+                    hint="The flush sets the scope field from the run: leave it out of both; "
+                    "the unique constraint covers it together with the key.",
+                    obj=model,
+                    id="runs_app.E032",
+                )
+            )
+
+    if key and scope_ok and all(name in syncable for name in key):
+        wanted = frozenset(key) | ({scope} if scope else frozenset())
+        if wanted not in _unique_sets(model):
+            errors.append(
+                checks.Error(
+                    f"{label}: no unique constraint covers exactly the sync key "
+                    f"({', '.join(sorted(wanted))})",
+                    hint="Add models.UniqueConstraint(fields=[...]) on the key fields and the "
+                    "scope field (or unique=True on a one-field key of a whole-table model): "
+                    "the flush upserts ON CONFLICT on it.",
+                    obj=model,
+                    id="runs_app.E031",
+                )
+            )
+    return errors
+
+
+def _is_stamp(name: str, field: Any) -> bool:
+    if name in ("created_at", "updated_at"):
+        return isinstance(field, models.DateTimeField) and field.concrete
+    return (
+        isinstance(field, models.ForeignKey)
+        and field.remote_field.model._meta.label_lower == "runs_app.run"
+        and field.null
+        and field.remote_field.on_delete is models.SET_NULL
+    )
