@@ -32,7 +32,7 @@ SQLite (its writers are serialised; its planner has no such statistics-driven tu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -202,7 +202,7 @@ def _delete_batch_sqlite(
         return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
 
 
-def _sqlite_json_value(field: Any, quote: Any) -> str:
+def _sqlite_json_value(field: Any, quote: Callable[[str], str]) -> str:
     """A column as the audit record holds it: JSON as JSON (not a string of it), and a
     datetime in ISO 8601 with its UTC offset, as PostgreSQL's ``row_to_json`` writes it (SQLite
     stores ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC when ``USE_TZ``)."""
