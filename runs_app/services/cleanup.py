@@ -138,6 +138,10 @@ def safe_cleanup(
     forced = False
     if refusal is not None and (force or plan.resumes_forced) and refusal.reason in FORCEABLE:
         refusal, forced = None, True
+    elif refusal is None and plan.resumes_forced:
+        # The rest of a forced cleanup cut off half-way may be under the guards: it is still
+        # that forced cleanup, and its ledger must keep saying so.
+        forced = True
     if dry_run:
         return CleanupResult(
             True,
