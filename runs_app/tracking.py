@@ -295,11 +295,13 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
 
 
 def _is_stamp(name: str, field: Any) -> bool:
+    # The services write the stamps by their column names: a redeclared stamp must keep it.
     if name in ("created_at", "updated_at"):
-        return isinstance(field, models.DateTimeField) and field.concrete
+        return isinstance(field, models.DateTimeField) and field.concrete and field.column == name
     return (
         isinstance(field, models.ForeignKey)
         and field.remote_field.model._meta.label_lower == "runs_app.run"
         and field.null
         and field.remote_field.on_delete is models.SET_NULL
+        and field.column == f"{name}_id"
     )
