@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from django.core.exceptions import ValidationError
@@ -262,6 +263,14 @@ def _cleaner(field: Field[Any, Any], is_key: bool) -> Cleaner:
             raise InvalidInput(where, "must not be null")
         if isinstance(converted, float) and not math.isfinite(converted):
             raise InvalidInput(where, f"is {converted!r}, which the database cannot compare")
+        if (
+            isinstance(value, float | Decimal)
+            and isinstance(converted, int)
+            and not isinstance(converted, bool)
+            and converted != value
+        ):
+            # to_python is int(value): 7.9 would silently become 7, another row's key.
+            raise InvalidInput(where, f"is {value!r}, not a whole number", limit="whole numbers")
         validate(converted, where)
         return converted
 
