@@ -102,12 +102,16 @@ def _delete_batch_postgresql(walk: BatchCursor) -> list[tuple[tuple[Any, ...], s
     rows = table(spec.model)
     pk = quote(column(spec.model._meta.pk))
     pk_array = f"%s::{spec.model._meta.pk.cast_db_type(connection)}[]"
+    # A row the project moved to another scope keeps its run stamp: the scope is stated too.
+    in_scope, scoped = "", []
+    if spec.scope is not None:
+        in_scope, scoped = f" AND {quote(column(spec.scope))} = %s", [walk.scope]
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT p.{pk}, o.n FROM unnest(%s::text[]) WITH ORDINALITY AS o(run_id, n) "
-            f"CROSS JOIN LATERAL (SELECT {pk} FROM {rows} WHERE last_seen_run_id = o.run_id "
-            "LIMIT %s) p LIMIT %s",
-            [window, size, size],
+            f"CROSS JOIN LATERAL (SELECT {pk} FROM {rows} WHERE last_seen_run_id = o.run_id"
+            f"{in_scope} LIMIT %s) p LIMIT %s",
+            [window, *scoped, size, size],
         )
         picked = cursor.fetchall()
         if not picked:
@@ -120,9 +124,9 @@ def _delete_batch_postgresql(walk: BatchCursor) -> list[tuple[tuple[Any, ...], s
         ids = [row_id for row_id, _ in picked]
         cursor.execute(
             f"SELECT {pk} FROM {rows} WHERE {pk} = ANY({pk_array}) "
-            f"AND last_seen_run_id = ANY(%s::text[]) ORDER BY {_key_order(spec, quote)} "
-            "FOR UPDATE",
-            [ids, window],
+            f"AND last_seen_run_id = ANY(%s::text[]){in_scope} "
+            f"ORDER BY {_key_order(spec, quote)} FOR UPDATE",
+            [ids, window, *scoped],
         )
         locked = [row_id for (row_id,) in cursor.fetchall()]
         if not locked:
@@ -130,8 +134,9 @@ def _delete_batch_postgresql(walk: BatchCursor) -> list[tuple[tuple[Any, ...], s
         keys = ", ".join(f"d.{quote(column(field))}" for field in spec.key)
         cursor.execute(
             f"DELETE FROM {rows} AS d WHERE {pk} = ANY({pk_array}) "
-            f"AND last_seen_run_id = ANY(%s::text[]) RETURNING {keys}, row_to_json(d)::text",
-            [locked, window],
+            f"AND last_seen_run_id = ANY(%s::text[]){in_scope} "
+            f"RETURNING {keys}, row_to_json(d)::text",
+            [locked, window, *scoped],
         )
         count = len(spec.key)
         return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
