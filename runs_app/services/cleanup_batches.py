@@ -208,12 +208,16 @@ def _delete_batch_sqlite(
 
 
 def _sqlite_json_value(field: Any, quote: Callable[[str], str]) -> str:
-    """A column as the audit record holds it: JSON as JSON (not a string of it), and a
-    datetime in ISO 8601 with its UTC offset, as PostgreSQL's ``row_to_json`` writes it (SQLite
-    stores ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC when ``USE_TZ``)."""
+    """A column as the audit record holds it, as PostgreSQL's ``row_to_json`` writes it: JSON
+    as JSON (not a string of it), bytes as ``\\x`` and their hex digits, a datetime in ISO 8601
+    with its UTC offset (SQLite stores ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC when ``USE_TZ``)."""
     name = quote(column(field))
     if isinstance(field, models.JSONField):
         return f"json({name})"
+    if isinstance(field, models.BinaryField):
+        # JSON cannot hold a BLOB: hex text, as row_to_json writes a bytea ("\\x..."). typeof,
+        # not IS NULL: in a DELETE's RETURNING, SQLite 3.40 answers IS NULL false for a NULL.
+        return f"CASE typeof({name}) WHEN 'null' THEN NULL ELSE '\\x' || lower(hex({name})) END"
     if isinstance(field, models.DateTimeField) and settings.USE_TZ:
         return f"replace({name}, ' ', 'T') || '+00:00'"
     return name

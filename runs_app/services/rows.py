@@ -131,6 +131,8 @@ class RowSchema:
                 bound += 6 * len(value) + 2
             elif kind == "json":
                 bound += 4 * len(value)
+            elif kind == "binary":
+                bound += 2 * len(value) + 6
             else:
                 bound += SCALAR_BOUND
         if bound <= self.budget:
@@ -176,12 +178,16 @@ def _value_size(value: Any, kind: str) -> int:
         return len(encode_json_string(value).encode())
     if kind == "json":
         return len(value.encode())
+    if kind == "binary":
+        return 2 * len(value) + 6  # "\\x" and two hex digits a byte, quoted
     return len(str(value)) + 2
 
 
 def _kind(field: Field[Any, Any]) -> str:
     if isinstance(field, models.JSONField):
         return "json"
+    if isinstance(field, models.BinaryField):
+        return "binary"  # in an audit record: hex text, two characters a byte
     if isinstance(field, models.CharField | models.TextField):
         return "text"
     return "other"

@@ -207,6 +207,10 @@ def _json_encoder(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Ca
         return str
     if isinstance(field, models.ForeignKey) and isinstance(field.target_field, models.IntegerField):
         return str
+    if isinstance(field, models.BinaryField):
+        # Not get_db_prep_save: on PostgreSQL it wraps the bytes in psycopg's Binary adapter,
+        # whose text is "Binary(b'...')", not the bytes.
+        return lambda value: encode_json_string(_pg_text(bytes(value)))
 
     def encode(value: Any) -> str:
         return encode_json_string(_pg_text(field.get_db_prep_save(value, connection)))
