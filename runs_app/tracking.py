@@ -45,8 +45,10 @@ class TrackedModel(models.Model):
         the run, never by the rows), or None (default): the whole table is one scope.
       * ``sync_fields``: the fields the source owns (written by every flush: a field a row
         leaves out gets its default); None (default): every field of the model but the
-        automatic primary key, the scope and the stamps. Other fields are the project's own:
-        a flush inserts them with their default and never updates them.
+        automatic primary key, the scope, the stamps and ``auto_now_add`` times. Other fields
+        are the project's own: a flush inserts them as ``create()`` would (their default, the
+        time for ``auto_now``/``auto_now_add``, the database's ``db_default``) and never
+        updates them.
       * ``sync_name``: how events and errors call these rows (``<sync_name>.flushed``,
         ``<sync_name>[i].field``); None (default): events are named after the model's label
         (``app_label.model_name.flushed``) and errors say ``rows[i].field``.
@@ -138,7 +140,8 @@ def _sync_spec(model: Any) -> SyncSpec:
     scope = fields[model.sync_scope] if model.sync_scope else None
     syncable = [field for field in _syncable(model) if field is not scope]
     if model.sync_fields is None:
-        owned_names = {field.name for field in syncable}
+        # An auto_now_add time is the project's bookkeeping, set once when the row is created.
+        owned_names = {f.name for f in syncable if not getattr(f, "auto_now_add", False)}
     else:
         owned_names = set(model.sync_fields) | set(model.sync_key)
     owned = key + tuple(f for f in syncable if f.name in owned_names and f not in key)

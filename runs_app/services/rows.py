@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxLengthValidator, ProhibitNullCharactersValidator
 from django.db import models
-from django.db.models import Field
+from django.db.models import Field, Value
 
 from ..conf import runs_settings
 from ..db import column
@@ -68,12 +69,17 @@ class RowSchema:
         self.model = spec.model
         self.rows_name = spec.rows_name
         self.payload_limit = runs_settings.MAX_PAYLOAD_BYTES
+        #: The project's fields an insert writes: all but those only the database has a default
+        #: for (``db_default``), which the insert leaves to the database.
+        self.defaulted = tuple(field for field in spec.defaulted if not _database_fills(field))
         #: Columns written by an insert: the owned fields (keys first), then the defaulted ones.
-        self.columns: tuple[Field[Any, Any], ...] = spec.owned + spec.defaulted
+        self.columns: tuple[Field[Any, Any], ...] = spec.owned + self.defaulted
         self.kinds = tuple(_kind(field) for field in self.columns)
         self.key_count = len(spec.key)
         self._cleaners = [_cleaner(field, i < self.key_count) for i, field in enumerate(spec.owned)]
-        self._default_cleaners = [_cleaner(field, False) for field in spec.defaulted]
+        # The project's own values, as Django's create() would insert them: "" for a text
+        # field without a default is one, even if the field is not blank=True.
+        self._default_cleaners = [_cleaner(field, False, empty=True) for field in self.defaulted]
         # A row's names: a field's name, and a foreign key's attname too ("owner" or "owner_id").
         self._names = [
             (field.name, field.attname if field.attname != field.name else None)
@@ -114,8 +120,8 @@ class RowSchema:
             if item is MISSING or (item is None and not field.null and field.has_default()):
                 item = _default(field, f"{where}.{name}", len(values) < self.key_count)
             values.append(clean(item, f"{where}.{name}"))
-        for clean, field in zip(self._default_cleaners, self.spec.defaulted, strict=True):
-            values.append(clean(field.get_default(), f"{where}.{field.name}"))
+        for clean, field in zip(self._default_cleaners, self.defaulted, strict=True):
+            values.append(clean(_insert_default(field), f"{where}.{field.name}"))
         self._check_record_size(where, values)
         return PreparedRow(tuple(values[: self.key_count]), tuple(values))
 
@@ -196,11 +202,30 @@ def _kind(field: Field[Any, Any]) -> str:
 def _default(field: Field[Any, Any], where: str, is_key: bool) -> Any:
     if is_key:
         raise InvalidInput(where, "is missing: every row must give its key")
-    if field.has_default():
-        return field.get_default()
+    if field.has_default() or _is_automatic_time(field):
+        return _insert_default(field)
+    if field.has_db_default() and isinstance(field.db_default, Value):
+        return field.db_default.value
     if field.null:
         return None
     raise InvalidInput(where, "is missing (the field has no default and is not nullable)")
+
+
+def _is_automatic_time(field: Field[Any, Any]) -> bool:
+    return bool(getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False))
+
+
+def _insert_default(field: Field[Any, Any]) -> Any:
+    """What Django's ``create()`` inserts for a field it is not given: the time for an
+    ``auto_now``/``auto_now_add`` field, else the field's default."""
+    if _is_automatic_time(field):
+        return field.pre_save(SimpleNamespace(), True)  # type: ignore[arg-type]
+    return field.get_default()
+
+
+def _database_fills(field: Field[Any, Any]) -> bool:
+    """A field whose only default is the database's (``db_default``)."""
+    return field.has_db_default() and not field.has_default() and not _is_automatic_time(field)
 
 
 def _messages(exc: ValidationError) -> str:
@@ -234,11 +259,12 @@ def _validated(field: Field[Any, Any], validators: list[Any]) -> Callable[[Any, 
     return validate
 
 
-def _cleaner(field: Field[Any, Any], is_key: bool) -> Cleaner:
+def _cleaner(field: Field[Any, Any], is_key: bool, *, empty: bool = False) -> Cleaner:
+    """``empty``: an empty text is accepted whatever ``blank`` says (a project's default)."""
     kind = _kind(field)
     null = field.null and not is_key
     if kind == "text":
-        return _text_cleaner(field, is_key, null)
+        return _text_cleaner(field, is_key, null, empty)
     validate = _validated(field, list(field.validators))
     if kind == "json":
         limit = runs_settings.MAX_PAYLOAD_BYTES
@@ -283,9 +309,9 @@ def _cleaner(field: Field[Any, Any], is_key: bool) -> Cleaner:
     return clean
 
 
-def _text_cleaner(field: Field[Any, Any], is_key: bool, null: bool) -> Cleaner:
+def _text_cleaner(field: Field[Any, Any], is_key: bool, null: bool, empty: bool) -> Cleaner:
     max_length = getattr(field, "max_length", None)
-    may_be_empty = field.blank and not is_key
+    may_be_empty = (field.blank or empty) and not is_key
     # Length and NUL are checked below, with the limit in the message; the rest (an email, a
     # URL, a slug, the project's own) by the field's validators.
     others = [
