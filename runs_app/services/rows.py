@@ -65,6 +65,16 @@ class RowSchema:
     """How rows of one tracked model are checked. Built once per flush session."""
 
     def __init__(self, spec: SyncSpec, scope: str, run_id: str) -> None:
+        scope_field = spec.scope
+        scope_length = getattr(scope_field, "max_length", None)
+        if scope_field is not None and scope_length is not None and len(scope) > scope_length:
+            # SQLite would store it anyway, PostgreSQL fail the first batch: refuse it here.
+            raise InvalidInput(
+                "scope",
+                f"is {len(scope)} characters; {spec.label}.{scope_field.name} holds at most "
+                f"{scope_length}",
+                limit=scope_length,
+            )
         self.spec = spec
         self.model = spec.model
         self.rows_name = spec.rows_name
