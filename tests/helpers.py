@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from django.apps import apps
 from django.db import OperationalError, connection, connections
+from django.db.models import Model
 
 from runs_app.models import (
     Project,
@@ -18,6 +20,7 @@ from runs_app.models import (
     RunModelState,
     RunOutbox,
     RunState,
+    TrackedModel,
 )
 from tests.tracked_app.models import Device, Membership, Site
 
@@ -220,3 +223,32 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+@contextmanager
+def temporary_tracked_model(
+    name: str, attributes: dict[str, Any], meta: dict[str, Any] | None = None
+) -> Iterator[type[Model]]:
+    """A tracked model of the suite's ``tracked_app`` that exists for one block: its class
+    (``TrackedModel`` with ``attributes``: fields and the sync declaration), then its table;
+    afterwards the table is dropped and the model unregistered, so no other test sees it. For
+    models a test needs once (a declaration the suite's own models do not have). Needs
+    ``django_db(transaction=True)`` (a schema change cannot run inside the test's transaction on
+    SQLite)."""
+    options = type("Meta", (), {"app_label": "tracked_app", **(meta or {})})
+    model = type(
+        name,
+        (TrackedModel,),
+        {"__module__": "tests.tracked_app.models", "Meta": options, **attributes},
+    )
+    try:
+        with connection.schema_editor() as editor:
+            editor.create_model(model)
+        try:
+            yield model
+        finally:
+            with connection.schema_editor() as editor:
+                editor.delete_model(model)
+    finally:
+        del apps.all_models["tracked_app"][model._meta.model_name]
+        apps.clear_cache()
