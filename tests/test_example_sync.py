@@ -244,6 +244,44 @@ def test_owners_are_cleaned_up_after_their_repositories(tmp_path: Path) -> None:
     assert Repository.objects.count() == len(smaller["repositories"])
 
 
+def write_source(tmp_path: Path, repositories: list[dict[str, Any]]) -> str:
+    path = tmp_path / "source.json"
+    path.write_text(
+        json.dumps({"owners": SAMPLE["owners"], "repositories": repositories}), encoding="utf-8"
+    )
+    return str(path)
+
+
+def test_a_value_the_field_refuses_fails_the_flush_naming_the_row(tmp_path: Path) -> None:
+    sync()
+    before = content()
+    repositories = [dict(record) for record in SAMPLE["repositories"]]
+    repositories[149]["stargazers_count"] = -1  # page 2, row 49: a PositiveIntegerField
+    repositories[149]["name"] = "renamed"
+
+    error, out = sync_failing("--source", write_source(tmp_path, repositories))
+
+    assert "  page 2: FLUSH FAILED: " in out
+    assert "InvalidInput: repositories[49].stars: " in out
+    assert str(error).startswith("sync incomplete: repositories flush failed; run failed; ")
+    assert content() == before  # nothing of that batch was written, nothing deleted
+
+
+def test_a_repository_of_an_unknown_owner_fails_the_flush(tmp_path: Path) -> None:
+    sync()
+    before = content()
+    repositories = [dict(record) for record in SAMPLE["repositories"]]
+    repositories[120] = {**repositories[120], "owner": {"id": 1, "login": "nobody"}}
+    repositories[121] = {**repositories[121], "name": "renamed"}
+
+    error, out = sync_failing("--source", write_source(tmp_path, repositories))
+
+    assert "  page 2: FLUSH FAILED: " in out
+    assert "IntegrityError" in out
+    assert error.returncode == 1
+    assert content() == before  # the batch rolled back as a whole, nothing deleted
+
+
 def test_dry_run_plans_and_deletes_nothing() -> None:
     sync()
     before = content()

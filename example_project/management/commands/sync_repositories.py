@@ -201,17 +201,18 @@ class Command(BaseCommand):
         ``FlushFailed``. Returns whether the flush succeeded."""
         name = str(model._meta.verbose_name_plural)
         self.stdout.write(f"{name.capitalize()}:")
-        number = 0
+        written = 0  # pages written: a failure is on the next one (fetching or writing it)
         try:
             with services.flush(run_id, model) as flush:
                 for number, page in enumerate(source_pages, 1):
                     result = flush.write([to_row(record) for record in page])
+                    written = number
                     self.stdout.write(
                         f"  page {number}: {result.seen} flushed ({result.created} created, "
                         f"{result.updated} updated), {flush.result.seen} so far"
                     )
         except FlushFailed as exc:
-            self.stdout.write(f"  page {number + 1}: FLUSH FAILED: {exc}")
+            self.stdout.write(f"  page {written + 1}: FLUSH FAILED: {exc}")
             problems.append(f"{name} flush failed")
             return False
         return True
