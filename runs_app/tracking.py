@@ -297,9 +297,12 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
 def _is_stamp(name: str, field: Any) -> bool:
     if name in ("created_at", "updated_at"):
         return isinstance(field, models.DateTimeField) and field.concrete
+    if not isinstance(field, models.ForeignKey):
+        return False
+    target = field.remote_field.model  # a "app_label.Model" string until the registry resolves it
+    label = target.lower() if isinstance(target, str) else target._meta.label_lower
     return (
-        isinstance(field, models.ForeignKey)
-        and field.remote_field.model._meta.label_lower == "runs_app.run"
+        label == "runs_app.run"
         and field.null
         and field.remote_field.on_delete is models.SET_NULL
     )
