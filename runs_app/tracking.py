@@ -302,7 +302,5 @@ def _is_stamp(name: str, field: Any) -> bool:
     target = field.remote_field.model  # a "app_label.Model" string until the registry resolves it
     label = target.lower() if isinstance(target, str) else target._meta.label_lower
     return (
-        label == "runs_app.run"
-        and field.null
-        and field.remote_field.on_delete is models.SET_NULL
+        label == "runs_app.run" and field.null and field.remote_field.on_delete is models.SET_NULL
     )
