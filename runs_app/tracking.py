@@ -13,7 +13,7 @@ scope). The base adds the run stamps and timestamps that flush, completion and c
         sync_key = ("github_id",)
 
 :func:`sync_spec` reads the declaration once per model; the system checks
-(``runs_app.E030`` to ``E033``) refuse a declaration the services could not honour.
+(``runs_app.E030`` to ``E034``) refuse a declaration the services could not honour.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _unique_sets(model: type[models.Model]) -> list[frozenset[str]]:
 
 
 def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
-    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E033``)."""
+    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E034``)."""
     errors: list[checks.CheckMessage] = []
     meta = model._meta
     names = {field.name for field in meta.get_fields()}
@@ -248,6 +248,22 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
                     id="runs_app.E030",
                 )
             )
+
+    if sync_fields is not None and not isinstance(sync_fields, str):
+        owned = set(sync_fields) | set(key)
+        for field in _syncable(model):
+            if field.name in owned or field.name == model.sync_scope:
+                continue
+            if not (field.has_default() or field.null or field.has_db_default()):
+                errors.append(
+                    checks.Error(
+                        f"{label}.{field.name} is not in sync_fields and has no default",
+                        hint="A flush inserts the fields the source does not own with their "
+                        "default: give it a default (or null=True), or list it in sync_fields.",
+                        obj=model,
+                        id="runs_app.E034",
+                    )
+                )
 
     scope = model.sync_scope
     scope_ok = True

@@ -1,4 +1,4 @@
-"""The checks of a tracked model's declaration, one test per id (runs_app.E030 to E033), and
+"""The checks of a tracked model's declaration, one test per id (runs_app.E030 to E034), and
 the declarations they accept."""
 
 from __future__ import annotations
@@ -122,6 +122,30 @@ def test_e033_a_field_clashing_with_a_stamp(body: dict[str, Any]) -> None:
         {"code": models.CharField(max_length=10, unique=True), "sync_key": ("code",), **body}
     )
     assert "runs_app.E033" in [m.id for m in tracked_messages(model)]
+
+
+@isolate_apps("tests.tracked_app")
+def test_e034_a_field_the_source_does_not_own_needs_a_default() -> None:
+    body = {
+        "code": models.CharField(max_length=10, unique=True),
+        "name": models.CharField(max_length=10),
+        "local": models.IntegerField(),
+        "sync_key": ("code",),
+        "sync_fields": ("name",),
+    }
+    (message,) = assert_ids(declare(body), "runs_app.E034")
+    assert "local" in message.msg
+
+
+@isolate_apps("tests.tracked_app")
+def test_a_field_the_source_does_not_own_with_a_default_passes() -> None:
+    body = {
+        "code": models.CharField(max_length=10, unique=True),
+        "local": models.IntegerField(default=0),
+        "sync_key": ("code",),
+        "sync_fields": (),
+    }
+    assert_ids(declare(body))
 
 
 def test_the_resolved_declaration() -> None:
