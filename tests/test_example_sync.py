@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.utils import timezone
 
 from example_project.data import generate_repositories
 from example_project.management.commands import sync_repositories
@@ -75,13 +74,12 @@ def content() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
 def restore(record: dict[str, Any]) -> Repository:
     """A deleted repository put back from its audit record (column -> value), each value
     through the model's field."""
-    values = {}
-    for field in Repository._meta.concrete_fields:
-        value = field.to_python(record[field.column])
-        if isinstance(value, datetime) and timezone.is_naive(value):
-            value = timezone.make_aware(value, UTC)  # SQLite's audit holds its stored UTC text
-        values[field.attname] = value
-    return Repository(**values)
+    return Repository(
+        **{
+            field.attname: field.to_python(record[field.column])
+            for field in Repository._meta.concrete_fields
+        }
+    )
 
 
 def test_the_sample_is_a_few_hundred_repositories_of_a_few_dozen_owners() -> None:
@@ -280,6 +278,27 @@ def test_a_repository_of_an_unknown_owner_fails_the_flush(tmp_path: Path) -> Non
     assert "IntegrityError" in out
     assert error.returncode == 1
     assert content() == before  # the batch rolled back as a whole, nothing deleted
+
+
+def test_an_owner_still_referenced_is_not_deleted(tmp_path: Path) -> None:
+    """An inconsistent source: it lists repositories of an owner it no longer lists. The
+    owners' cleanup would delete a row a repository still points at: the database's foreign
+    key (PROTECT) fails that batch, which rolls back; the job says so."""
+    sync()
+    before = content()
+    orphaned = SAMPLE["repositories"][0]["owner"]["id"]
+    path = tmp_path / "source.json"
+    owners = [owner for owner in SAMPLE["owners"] if owner["id"] != orphaned]
+    path.write_text(
+        json.dumps({"owners": owners, "repositories": SAMPLE["repositories"]}), encoding="utf-8"
+    )
+
+    error, out = sync_failing("--source", str(path))
+
+    assert "Cleanup of repositories: removed 0 no longer in the source." in out
+    assert "Cleanup of owners failed after removing 0: a row the source no longer lists " in out
+    assert str(error) == "sync incomplete: owners cleanup failed (IntegrityError)"
+    assert content() == before
 
 
 def test_dry_run_plans_and_deletes_nothing() -> None:
