@@ -22,6 +22,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from runs_app import services, tracking, tracking_admin
+from runs_app.exceptions import FlushFailed
 from runs_app.models import CleanupStatus, FlushStatus, Project, Run
 from runs_app.tracked_queries import TrackedQuerySet
 from runs_app.tracking import sync_spec
@@ -204,6 +205,49 @@ def test_the_predicate_is_part_of_one_statement(
     with django_assert_num_queries(1):
         many = list(getattr(projects(), method)())
     assert len(many) > 10 * len(few)
+
+
+class SourceDown(Exception):
+    pass
+
+
+def flushed_run(scope: str, run_id: str, *pages: list[str], fail_after: int | None = None) -> Run:
+    """A run that flushes projects page by page through a flush session, then completes (the
+    fail-safe completion fails it when the source failed after ``fail_after`` pages)."""
+    run = services.create_run(scope, run_id=run_id)
+    try:
+        with services.flush(run, Project, batch_size=2) as session:
+            for index, page in enumerate(pages):
+                if index == fail_after:
+                    raise SourceDown("the source went away between two pages")
+                session.write([{"key": key, "name": f"Project {key}"} for key in page])
+    except FlushFailed as exc:
+        assert isinstance(exc.__cause__, SourceDown) and fail_after is not None
+    return services.complete_run(run)
+
+
+def test_through_the_services_flush_completion_and_cleanup(viewer: Client) -> None:
+    """The ledger lines and stamps written by the real flush, completion and cleanup."""
+    flushed_run("live", "live-1", ["k1", "k2"], ["k3", "k4"])
+    assert keys(projects().seen_by_latest_run()) == {"k1", "k2", "k3", "k4"}
+    flushed_run("live", "live-2", ["k1", "k2"], ["k3"])
+    assert keys(projects().not_seen_by_latest_run()) == {"k4"}
+    result = services.safe_cleanup("live-2", Project)
+    assert result.removed == 1
+    # A run whose source failed between two pages: failed, k1 and k2 stamped by it.
+    failed = flushed_run("live", "live-3", ["k1", "k2"], ["k3"], fail_after=1)
+    assert failed.state.status == "failed"
+    assert keys(projects().seen_by_latest_run()) == {"k3"}
+    assert keys(projects().not_seen_by_latest_run()) == {"k1", "k2"}
+    assert listed(viewer, "?not_seen_by_latest_run=yes") == {"k1", "k2"}
+
+    html = viewer.get(run_url("live-2")).content.decode()
+    line = html[html.index("<td>runs_app.project</td>") :]
+    line = re.sub(r"<[^>]+>", "|", line[: line.index("</tr>")])
+    cells = [cell for cell in line.split("|") if cell.strip()]
+    assert cells[:8] == ["runs_app.project", "succeeded", "3", "0", "3", "3", "1", "done"]
+    html = viewer.get(run_url("live-3")).content.decode()
+    assert "<td>runs_app.project</td>" in html and ">failed</span>" in html
 
 
 # ---------------------------------------------------------------------------------------------
