@@ -13,7 +13,7 @@ scope). The base adds the run stamps and timestamps that flush, completion and c
         sync_key = ("github_id",)
 
 :func:`sync_spec` reads the declaration once per model; the system checks
-(``runs_app.E030`` to ``E033``) refuse a declaration the services could not honour.
+(``runs_app.E030`` to ``E034``) refuse a declaration the services could not honour.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _unique_sets(model: type[models.Model]) -> list[frozenset[str]]:
 
 
 def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
-    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E033``)."""
+    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E034``)."""
     errors: list[checks.CheckMessage] = []
     meta = model._meta
     names = {field.name for field in meta.get_fields()}
@@ -249,6 +249,22 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
                 )
             )
 
+    if sync_fields is not None and not isinstance(sync_fields, str):
+        owned = set(sync_fields) | set(key)
+        for field in _syncable(model):
+            if field.name in owned or field.name == model.sync_scope:
+                continue
+            if not (field.has_default() or field.null or field.has_db_default()):
+                errors.append(
+                    checks.Error(
+                        f"{label}.{field.name} is not in sync_fields and has no default",
+                        hint="A flush inserts the fields the source does not own with their "
+                        "default: give it a default (or null=True), or list it in sync_fields.",
+                        obj=model,
+                        id="runs_app.E034",
+                    )
+                )
+
     scope = model.sync_scope
     scope_ok = True
     if scope is not None:
@@ -297,9 +313,10 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
 def _is_stamp(name: str, field: Any) -> bool:
     if name in ("created_at", "updated_at"):
         return isinstance(field, models.DateTimeField) and field.concrete
+    if not isinstance(field, models.ForeignKey):
+        return False
+    target = field.remote_field.model  # a "app_label.Model" string until the registry resolves it
+    label = target.lower() if isinstance(target, str) else target._meta.label_lower
     return (
-        isinstance(field, models.ForeignKey)
-        and field.remote_field.model._meta.label_lower == "runs_app.run"
-        and field.null
-        and field.remote_field.on_delete is models.SET_NULL
+        label == "runs_app.run" and field.null and field.remote_field.on_delete is models.SET_NULL
     )
