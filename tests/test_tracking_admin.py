@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -21,14 +22,14 @@ from django.test import Client, RequestFactory
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from runs_app import services, tracking, tracking_admin
+from runs_app import services
 from runs_app.exceptions import FlushFailed
 from runs_app.models import CleanupStatus, FlushStatus, Project, Run
 from runs_app.tracked_queries import TrackedQuerySet
-from runs_app.tracking import sync_spec
 from runs_app.tracking_admin import NotSeenByLatestRunFilter, TrackedModelAdminMixin
 from tests.factories import ProjectFactory, RunFactory, RunModelStateFactory
 from tests.scenarios import ESCAPED_SCRIPT, SCRIPT, make_staff
+from tests.tracked_app.models import Device, Site
 
 pytestmark = pytest.mark.django_db
 
@@ -172,21 +173,33 @@ def test_a_deleted_run_leaves_its_rows_not_seen(scopes: Scopes) -> None:
     assert keys(projects().filter(scope="beta").seen_by_latest_run()) == {"b-old"}
 
 
-def test_a_whole_table_model_compares_with_the_latest_run_of_any_scope(
-    scopes: Scopes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """sync_scope = None: the newest completed run that flushed the model, whatever its scope
-    (here b2). Project declared scope-less for the test."""
-    whole_table = dataclasses.replace(sync_spec(Project), scope=None)
-    monkeypatch.setattr(tracking, "sync_spec", lambda model: whole_table)
-    monkeypatch.setattr(tracking_admin, "sync_spec", lambda model: whole_table)
-    assert keys(projects().seen_by_latest_run()) == {"b-seen"}
-    assert keys(projects().not_seen_by_latest_run()) == (scopes.seen | scopes.not_seen) - {"b-seen"}
-    # The admin filter says so.
-    request = RequestFactory().get("/")
-    model_admin = admin.site.get_model_admin(Project)
-    spec = NotSeenByLatestRunFilter(request, {}, Project, model_admin)
-    assert spec.title == "not seen by the latest completed run"
+def flush_run(scope: str, run_id: str, model: Any, rows: list[dict[str, Any]]) -> Run:
+    """A run of ``scope`` flushing ``rows`` of ``model`` through a flush session, completed."""
+    run = services.create_run(scope, run_id=run_id)
+    with services.flush(run, model) as session:
+        session.write(rows)
+    return services.complete_run(run)
+
+
+def sites(*ids: int) -> list[dict[str, Any]]:
+    return [{"id": site_id, "name": f"site {site_id}"} for site_id in ids]
+
+
+def site_ids(queryset: Any) -> set[int]:
+    return set(queryset.values_list("id", flat=True))
+
+
+def test_a_whole_table_model_compares_with_the_latest_run_of_any_scope() -> None:
+    """sync_scope = None (Site): the newest completed run that flushed the model, whatever the
+    run's scope; runs that flushed other models do not count."""
+    flush_run("east", "e1", Site, sites(1, 2, 3))
+    flush_run("west", "w1", Site, sites(2, 3))
+    assert site_ids(TrackedQuerySet(Site).seen_by_latest_run()) == {2, 3}
+    assert site_ids(TrackedQuerySet(Site).not_seen_by_latest_run()) == {1}
+    flush_run("east", "e2", Project, [{"key": "p", "name": "p"}])  # another model: no move
+    assert site_ids(TrackedQuerySet(Site).seen_by_latest_run()) == {2, 3}
+    flush_run("east", "e3", Site, sites(3))
+    assert site_ids(TrackedQuerySet(Site).seen_by_latest_run()) == {3}
 
 
 @pytest.mark.parametrize("method", ["seen_by_latest_run", "not_seen_by_latest_run"])
@@ -353,94 +366,170 @@ def test_the_project_admin_stays_read_only(admin_client: Client, scopes: Scopes)
 
 
 # ---------------------------------------------------------------------------------------------
-# The mixin on a user's own, editable admin (tests/tracking_admin_site.py)
+# The mixin on a project's own models, in an editable admin (tests/tracking_admin_site.py)
+
+OWN_DEVICES = "/tracked-admin/tracked_app/device/"
+OWN_SITES = "/tracked-admin/tracked_app/site/"
+UIDS = [uuid.UUID(int=n) for n in range(8)]
+
+
+def devices(*numbers: int, site: int | None = 1) -> list[dict[str, Any]]:
+    return [{"uid": UIDS[n], "name": f"device {n}", "site": site} for n in numbers]
 
 
 @pytest.fixture
-def own_site() -> str:
-    """The changelist of the user's own admin site; run links still go to runs_app's admin."""
-    return "/tracked-admin/runs_app/project/"
+def fleet() -> dict[str, set[uuid.UUID]]:
+    """Devices of two tenants flushed by real runs; tenant "acme"'s latest run missed 2 and 3."""
+    flush_run("any", "sites-1", Site, sites(1, 2))
+    flush_run("acme", "acme-1", Device, devices(0, 1, 2, 3))
+    flush_run("acme", "acme-2", Device, devices(0, 1, site=2))
+    flush_run("initech", "initech-1", Device, devices(0, 4))
+    return {
+        "seen": {UIDS[0], UIDS[1], UIDS[4]},
+        "not_seen": {UIDS[2], UIDS[3]},
+    }
+
+
+def uids(response: Any) -> set[uuid.UUID]:
+    return {row.uid for row in response.context["cl"].result_list}
 
 
 @pytest.mark.urls("tests.tracking_admin_site")
-def test_a_users_admin_gains_columns_filter_and_read_only_stamps(
-    admin_client: Client, scopes: Scopes, own_site: str
+def test_a_projects_admin_gains_columns_filter_and_read_only_stamps(
+    admin_client: Client, fleet: dict[str, set[uuid.UUID]]
 ) -> None:
     from tests.tracking_admin_site import site
 
-    model_admin = site.get_model_admin(Project)
-    request = admin_client.get(own_site).wsgi_request
+    model_admin = site.get_model_admin(Device)
+    request = admin_client.get(OWN_DEVICES).wsgi_request
     assert model_admin.get_list_display(request) == [
-        "key",
+        "uid",
+        "tenant",
         "name",
+        "site",
         "last_seen_run_link",
         "last_confirmed_run_link",
     ]
     filters = model_admin.get_list_filter(request)
-    assert [f.__name__ for f in filters] == ["NotSeenByLatestRunFilter"]
-    assert model_admin.get_list_select_related(request) == ["last_seen_run", "last_confirmed_run"]
-    assert model_admin.get_readonly_fields(request) == [
+    assert filters == ["tenant", NotSeenByLatestRunFilter]
+    assert model_admin.get_list_select_related(request) == [
+        "site",
         "last_seen_run",
         "last_confirmed_run",
-        "created_at",
-        "updated_at",
-        "last_seen_run_link",
-        "last_confirmed_run_link",
     ]
+    stamps = ["last_seen_run", "last_confirmed_run", "created_at", "updated_at"]
+    links = ["last_seen_run_link", "last_confirmed_run_link"]
+    assert model_admin.get_readonly_fields(request) == [*stamps, *links]
+    own = ["tenant", "uid", "name", "site", "port", "online", "price", "seen_on", "attrs", "kind"]
     assert model_admin.get_fields(request) == [
-        "scope",
-        "key",
-        "name",
-        "data",
-        "last_seen_run_link",
-        "last_confirmed_run_link",
+        *own,
+        "note",
+        "token",
+        *links,
         "created_at",
         "updated_at",
     ]
 
-    response = admin_client.get(own_site + "?not_seen_by_latest_run=no")
-    assert {row.key for row in response.context["cl"].result_list} == scopes.seen
+    response = admin_client.get(OWN_DEVICES + "?not_seen_by_latest_run=yes")
+    assert uids(response) == fleet["not_seen"]
+    assert "By not seen by the scope&#x27;s latest completed run" in response.content.decode()
+    response = admin_client.get(OWN_DEVICES + "?not_seen_by_latest_run=no&tenant=initech")
+    assert uids(response) == {UIDS[0], UIDS[4]}
     html = response.content.decode()
-    assert f'<a href="{run_url("a2")}">a2</a>' in html  # runs_app's admin, not this site's
+    assert f'<a href="{run_url("initech-1")}">initech-1</a>' in html  # runs_app's admin
 
 
 @pytest.mark.urls("tests.tracking_admin_site")
-def test_a_users_admin_edits_its_fields_never_the_stamps(
-    admin_client: Client, scopes: Scopes, own_site: str
+def test_a_whole_table_models_admin_says_latest_completed_run(admin_client: Client) -> None:
+    flush_run("east", "e1", Site, sites(1, 2))
+    flush_run("west", "w1", Site, sites(2))
+    response = admin_client.get(OWN_SITES + "?not_seen_by_latest_run=yes")
+    assert [row.pk for row in response.context["cl"].result_list] == [1]
+    html = response.content.decode()
+    assert "By not seen by the latest completed run" in html
+    assert f'<a href="{run_url("w1")}">w1</a>' in admin_client.get(OWN_SITES).content.decode()
+
+
+@pytest.mark.urls("tests.tracking_admin_site")
+@pytest.mark.parametrize("query", ["", "?not_seen_by_latest_run=yes", "?_facets=True"])
+def test_a_projects_list_costs_the_same_queries_for_4_rows_or_40(
+    admin_client: Client, django_assert_num_queries: NumQueries, query: str
 ) -> None:
-    project = Project.objects.get(key="a-seen")
-    page = admin_client.get(f"{own_site}{project.pk}/change/")
+    """The rows' own foreign key (site) and both run stamps come with the rows."""
+
+    def page() -> Any:
+        response = admin_client.get(OWN_DEVICES + query)
+        assert response.status_code == 200
+        return response
+
+    flush_run("any", "sites-1", Site, sites(1, 2))
+    flush_run("t0", "t0-1", Device, devices(0, 1, 2, 3))
+    with CaptureQueriesContext(connection) as few:
+        page()
+    for tenant in range(1, 10):
+        flush_run(f"t{tenant}", f"t{tenant}-1", Device, devices(0, 1, 2, 3, site=2))
+        flush_run(f"t{tenant}", f"t{tenant}-2", Device, devices(0, 1))
+    with django_assert_num_queries(len(few)):
+        response = page()
+    assert len(response.context["cl"].result_list) >= (40 if not query else 18)
+
+
+@pytest.mark.urls("tests.tracking_admin_site")
+def test_a_projects_admin_edits_its_fields_never_the_stamps(
+    admin_client: Client, fleet: dict[str, set[uuid.UUID]]
+) -> None:
+    device = Device.objects.get(tenant="acme", uid=UIDS[0])
+    change_url = f"{OWN_DEVICES}{device.pk}/change/"
+    page = admin_client.get(change_url)
     assert page.status_code == 200
-    form_fields = set(page.context["adminform"].form.fields)
-    assert form_fields == {"scope", "key", "name", "data"}
-    assert page.content.decode().count(f'<a href="{run_url("a2")}">a2</a>') == 2
+    # Every field of the model is editable but the stamps.
+    assert list(page.context["adminform"].form.fields) == [
+        "tenant",
+        "uid",
+        "name",
+        "site",
+        "port",
+        "online",
+        "price",
+        "seen_on",
+        "attrs",
+        "kind",
+        "note",
+        "token",
+    ]
+    assert page.content.decode().count(f'<a href="{run_url("acme-2")}">acme-2</a>') == 2
 
     response = admin_client.post(
-        f"{own_site}{project.pk}/change/",
+        change_url,
         {
-            "scope": "alpha",
-            "key": "a-seen",
-            "name": "renamed",
-            "data": "{}",
-            "last_seen_run": "a1",
+            "tenant": "acme",
+            "uid": str(UIDS[0]),
+            "name": "device 0",
+            "site": "2",
+            "port": "0",
+            "attrs": "{}",
+            "kind": "phone",
+            "note": "in the basement",
+            "token": str(device.token),
+            "last_seen_run": "acme-1",
             "last_confirmed_run": "",
             "created_at_0": "2000-01-01",
             "created_at_1": "00:00:00",
         },
     )
-    assert response.status_code == 302, response.content.decode()[:2000]
-    after = Project.objects.get(pk=project.pk)
-    assert after.name == "renamed"
-    assert (after.last_seen_run_id, after.last_confirmed_run_id) == ("a2", "a2")
-    assert after.created_at == project.created_at
+    assert response.status_code == 302, response.content.decode()[:3000]
+    after = Device.objects.get(pk=device.pk)
+    assert (after.note, after.site_id) == ("in the basement", 2)
+    assert (after.last_seen_run_id, after.last_confirmed_run_id) == ("acme-2", "acme-2")
+    assert after.created_at == device.created_at
 
 
 @pytest.mark.urls("tests.tracking_admin_site_alone")
 def test_without_runs_app_admin_the_stamps_are_plain_run_ids(
-    admin_client: Client, scopes: Scopes, own_site: str
+    admin_client: Client, fleet: dict[str, set[uuid.UUID]]
 ) -> None:
-    html = admin_client.get(own_site + "?q=a-seen").content.decode()
-    assert '<td class="field-last_seen_run_link">a2 <span class="quiet">' in html
+    html = admin_client.get(OWN_DEVICES + "?tenant=initech").content.decode()
+    assert '<td class="field-last_seen_run_link">initech-1 <span class="quiet">' in html
     assert "/runs_app/run/" not in html
 
 
