@@ -11,7 +11,7 @@
 
 The list gains the columns "last seen" and "last confirmed" (links to the run's admin page,
 sorted by the runs' creation order) and the filter "not seen by the scope's latest completed
-run" (yes / no; see :mod:`runs_app.tracked_queries` for its exact meaning). The two run stamps
+run" (yes / no; see :mod:`runs_app.tracking` for its exact meaning). The two run stamps
 are fetched with the rows (``list_select_related``), so a page of the list costs the same number
 of queries for 1 row or 100. On the change form the stamps (``last_seen_run``,
 ``last_confirmed_run``, ``created_at``, ``updated_at``) are read-only, the two runs shown as the
@@ -37,8 +37,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from .tracked_queries import seen_by_latest_run
-from .tracking import STAMPS, TrackedModel, sync_spec
+from .tracking import STAMPS, TrackedModel, seen_by_latest_run, sync_spec
 
 if TYPE_CHECKING:
     from .models import Run

@@ -25,7 +25,7 @@ from django.urls import reverse
 from runs_app import services
 from runs_app.exceptions import FlushFailed
 from runs_app.models import CleanupStatus, FlushStatus, Project, Run
-from runs_app.tracked_queries import TrackedQuerySet
+from runs_app.tracking import TrackedQuerySet
 from runs_app.tracking_admin import NotSeenByLatestRunFilter, TrackedModelAdminMixin
 from tests.factories import ProjectFactory, RunFactory, RunModelStateFactory
 from tests.scenarios import ESCAPED_SCRIPT, SCRIPT, make_staff
