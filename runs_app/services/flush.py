@@ -91,8 +91,8 @@ def flush_projects(
     time. Returns the counts.
 
     One call is the run's whole flush of projects: a second call (or session of ``Project``)
-    on the run raises ``FlushEnded`` and writes nothing. For a source read page by page, use the session form,
-    :func:`flush`.
+    on the run raises ``FlushEnded`` and writes nothing. For a source read page by page, use
+    the session form, :func:`flush`.
 
     Raises ``InvalidInput`` (a malformed ``run`` or ``batch_size``; nothing written),
     ``FlushInTransaction``, ``RunClosed`` (the run is completed or failed; nothing written, its
@@ -117,8 +117,8 @@ class FlushSession:
         after the batch was read and validated: lock the run, check it is active and its flush
         not failed, one upsert statement (keys sorted; a key repeated in the batch keeps its
         last value), the counts of the ledger, the model's line and the session, the
-        heartbeat, a ``<sync_name>.flushed`` event. A constant number of statements per batch. Inside the
-        caller's ``atomic()`` the batches are savepoints of it.
+        heartbeat, a ``<sync_name>.flushed`` event. A constant number of statements per
+        batch. Inside the caller's ``atomic()`` the batches are savepoints of it.
       * **close** (the block exits normally): one transaction: checks that every batch this
         session wrote is still there (a batch rolled back by the caller's transaction fails
         the session), marks it succeeded and, when no other session of the model (of the run)
@@ -137,8 +137,8 @@ class FlushSession:
     cleanly; completing the run while one is still open fails it. Once every session of a model
     closed cleanly, that model's flush has ended: a new session of it raises ``FlushEnded``
     (a source read twice is a job bug; several workers must open their sessions before the
-    first one closes). Other models may still be flushed. A completed or failed run is never written to: its
-    ledger is left as it is and ``RunClosed`` is raised.
+    first one closes). Other models may still be flushed. A completed or failed run is never
+    written to: its ledger is left as it is and ``RunClosed`` is raised.
     """
 
     def __init__(self, run_id: str, spec: SyncSpec, batch_size: int) -> None:
