@@ -165,6 +165,6 @@ class Command(BaseCommand):
 
     def _step(self, title: str, scope: str, *arguments: str) -> None:
         self.stdout.write(
-            self.style.MIGRATE_HEADING(f"\n{title} (sync_projects {' '.join(arguments)})")
+            self.style.MIGRATE_HEADING(f"\n{title} ({' '.join(('sync_projects', *arguments))})")
         )
         call_command("sync_projects", "--scope", scope, *arguments, stdout=self.stdout)
