@@ -283,7 +283,7 @@ def test_a_repository_of_an_unknown_owner_fails_the_flush(tmp_path: Path) -> Non
 def test_an_owner_still_referenced_is_not_deleted(tmp_path: Path) -> None:
     """An inconsistent source: it lists repositories of an owner it no longer lists. The
     owners' cleanup would delete a row a repository still points at: the database's foreign
-    key (PROTECT) fails that batch, which rolls back; the job says so."""
+    key (PROTECT) fails that batch, which rolls back: cleanup refuses with rows_referenced."""
     sync()
     before = content()
     orphaned = SAMPLE["repositories"][0]["owner"]["id"]
@@ -296,8 +296,10 @@ def test_an_owner_still_referenced_is_not_deleted(tmp_path: Path) -> None:
     error, out = sync_failing("--source", str(path))
 
     assert "Cleanup of repositories: removed 0 no longer in the source." in out
-    assert "Cleanup of owners failed after removing 0: a row the source no longer lists " in out
-    assert str(error) == "sync incomplete: owners cleanup failed (IntegrityError)"
+    assert (
+        "Cleanup of owners refused: rows_referenced: a batch of owners to delete holds a row" in out
+    )
+    assert str(error) == "sync incomplete: owners cleanup refused (rows_referenced)"
     assert content() == before
 
 

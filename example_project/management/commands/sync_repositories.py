@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import IntegrityError
 
 from example_project.models import Owner, Repository
 from runs_app import services
@@ -250,18 +249,6 @@ class Command(BaseCommand):
             self.stdout.write(f"Cleanup of {name} refused: {exc.reason}: {exc.message}")
             problems.append(f"{name} cleanup refused ({exc.reason})")
             return 0, exc.reason
-        except IntegrityError as exc:
-            # A row the run did not see is still referenced (PROTECT): e.g. the source lists a
-            # repository but no longer its owner. The failing batch rolled back as a whole.
-            line = RunModelState.objects.filter(run_id=run_id, model=model_label(model)).first()
-            removed = line.rows_removed if line is not None else 0
-            self.stdout.write(
-                f"Cleanup of {name} failed after removing {removed}: a row the source no longer "
-                f"lists is still referenced ({type(exc).__name__}: {exc}); the failing batch "
-                "rolled back."
-            )
-            problems.append(f"{name} cleanup failed ({type(exc).__name__})")
-            return removed, type(exc).__name__
         if not dry_run:
             self.stdout.write(
                 f"Cleanup of {name}: removed {result.removed} no longer in the source."
