@@ -1,10 +1,13 @@
-"""The example project's own tracked models in the admin (plain ``ModelAdmin`` for now)."""
+"""The example project's own tracked models in the admin, with runs_app's tracked-model mixin:
+last seen / last confirmed run as links, and the "not seen by the latest run" filter."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from django.contrib import admin
+
+from runs_app.tracking_admin import TrackedModelAdminMixin
 
 from .models import Owner, Repository
 
@@ -16,25 +19,15 @@ else:  # ModelAdmin is generic only in django-stubs
 
 
 @admin.register(Owner)
-class OwnerAdmin(OwnerAdminBase):
-    list_display = ["login", "id", "kind", "last_seen_run", "last_confirmed_run", "updated_at"]
+class OwnerAdmin(TrackedModelAdminMixin, OwnerAdminBase):
+    list_display = ["login", "id", "kind", "updated_at"]
     list_filter = ["kind"]
-    list_select_related = ["last_seen_run", "last_confirmed_run"]
     search_fields = ["login"]
 
 
 @admin.register(Repository)
-class RepositoryAdmin(RepositoryAdminBase):
-    list_display = [
-        "name",
-        "github_id",
-        "owner",
-        "stars",
-        "archived",
-        "last_seen_run",
-        "last_confirmed_run",
-        "updated_at",
-    ]
+class RepositoryAdmin(TrackedModelAdminMixin, RepositoryAdminBase):
+    list_display = ["name", "github_id", "owner", "stars", "archived", "updated_at"]
     list_filter = ["archived", "language"]
-    list_select_related = ["owner", "last_seen_run", "last_confirmed_run"]
+    list_select_related = ["owner"]
     search_fields = ["name", "owner__login"]
