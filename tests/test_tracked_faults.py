@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import IntegrityError, connection, models
+from django.db import connection, models
 from django.db.models import Model
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -613,15 +613,16 @@ def flushed_run_of(model: type[Model], scope: str, rows: list[Any], **options: A
 
 def test_fields_the_project_owns_get_what_django_would_insert_and_are_never_updated() -> None:
     """Fields outside ``sync_fields`` are the project's: a flush inserts them as Django's own
-    ``create()`` would and never updates them. An ``auto_now_add`` time, a text field without a
-    default and a field with only a database default were each refused (``rows[0].added: must
-    not be null``, ``rows[0].note: must not be empty``, ``rows[0].flag: must be a string, not
+    ``create()`` would and never updates them. An ``auto_now_add`` time (refused by E034 too), a
+    text field whose default is "" without ``blank=True`` and a field with only a database
+    default (both passing E034) were each refused (``rows[0].added: must not be null``,
+    ``rows[0].note: must not be empty``, ``rows[0].flag: must be a string, not
     DatabaseDefault``), so such a model could not be synced at all."""
     attributes = {
         "code": models.IntegerField(unique=True),
         "name": models.CharField(max_length=20),
         "added": models.DateTimeField(auto_now_add=True),
-        "note": models.CharField(max_length=20),
+        "note": models.CharField(max_length=20, default=""),  # not blank=True
         "flag": models.CharField(max_length=5, db_default="yes"),
         "sync_key": ("code",),
         "sync_fields": ("name",),
@@ -1008,10 +1009,10 @@ def test_a_scope_longer_than_the_scope_field_is_refused_when_the_session_opens()
         assert model._base_manager.get().tenant == "acme"  # type: ignore[attr-defined]
 
 
-def test_cleanup_of_rows_another_model_references_fails_whole_batches() -> None:
+def test_cleanup_of_rows_another_model_references_refuses_and_undoes_the_batch() -> None:
     """Sites a Device still references (``on_delete=PROTECT``) cannot be deleted: the database
-    refuses the batch holding one. The batch is undone whole: no row gone without its audit,
-    ledgers equal to the rows gone."""
+    refuses the batch holding one, which is undone whole, and the cleanup refuses
+    ``rows_referenced``. No row gone without its audit; ledgers equal to the rows gone."""
     geo = services.create_run("geo")
     with services.flush(geo, Site) as flush:
         flush.write({"id": index, "name": f"site {index}"} for index in range(1, 11))
@@ -1021,15 +1022,26 @@ def test_cleanup_of_rows_another_model_references_fails_whole_batches() -> None:
     with services.flush(run, Site) as flush:
         flush.write({"id": index, "name": f"site {index}"} for index in range(1, 8))
     run = services.complete_run(run)
-    with override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": 1}), pytest.raises(IntegrityError):
+    with override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": 1}):
+        with pytest.raises(CleanupRefused) as refused:
+            services.safe_cleanup(run, Site)
+        assert refused.value.reason == "rows_referenced"
+        left = set(Site.objects.values_list("id", flat=True))
+        assert 9 in left
+        gone = set(range(1, 11)) - left
+        records = [r["id"] for e in events(run, "removed", Site) for r in e.payload["rows"]]
+        assert sorted(records) == sorted(gone)
+        ledger = line(run, Site)
+        assert ledger is not None and ledger.rows_removed == len(gone) == state(run).rows_removed
+        assert (ledger.cleanup_status, ledger.cleanup_reason) == ("refused", "rows_referenced")
+        # The reference gone, a rerun finishes: every row gone once, with its audit.
+        Device.objects.all().delete()
         services.safe_cleanup(run, Site)
-    left = set(Site.objects.values_list("id", flat=True))
-    assert 9 in left
-    gone = set(range(1, 11)) - left
+    assert set(Site.objects.values_list("id", flat=True)) == set(range(1, 8))
     records = [r["id"] for e in events(run, "removed", Site) for r in e.payload["rows"]]
-    assert sorted(records) == sorted(gone)
+    assert sorted(records) == [8, 9, 10]
     ledger = line(run, Site)
-    assert ledger is not None and ledger.rows_removed == len(gone) == state(run).rows_removed
+    assert ledger is not None and (ledger.rows_removed, ledger.cleanup_status) == (3, "done")
 
 
 def test_an_owned_field_a_row_leaves_out_is_written_with_its_default() -> None:
