@@ -329,7 +329,8 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
         for field in _syncable(model):
             if field.name in owned or field.name == model.sync_scope:
                 continue
-            if not (field.has_default() or field.null or field.has_db_default()):
+            automatic = getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False)
+            if not (field.has_default() or field.null or field.has_db_default() or automatic):
                 errors.append(
                     checks.Error(
                         f"{label}.{field.name} is not in sync_fields and has no default",
