@@ -628,6 +628,9 @@ def test_fields_the_project_owns_get_what_django_would_insert_and_are_never_upda
         "sync_fields": ("name",),
     }
     with temporary_tracked_model("ProjectOwned", attributes) as model:
+        from runs_app.tracking import check_declaration
+
+        assert check_declaration(model) == []  # type: ignore[arg-type]
         start = timezone.now()
         flushed_run_of(model, "s", [{"code": 1, "name": "first"}])
         first = model._base_manager.values().get()
