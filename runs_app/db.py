@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import connections, router
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Model
+from django.db.models import Field, Model
 
 from .models import Run
 
@@ -25,3 +27,10 @@ def table(model: type[Model]) -> str:
 
 def is_postgresql() -> bool:
     return connection_for_write().vendor == "postgresql"
+
+
+def column(field: Field[Any, Any]) -> str:
+    """A concrete field's column name (``Field.column`` is None only for fields without one)."""
+    if field.column is None:
+        raise ValueError(f"{field!r} has no column")
+    return field.column

@@ -13,7 +13,7 @@ scope). The base adds the run stamps and timestamps that flush, completion and c
         sync_key = ("github_id",)
 
 :func:`sync_spec` reads the declaration once per model; the system checks
-(``runs_app.E030``–``E033``) refuse a declaration the services could not honour.
+(``runs_app.E030`` to ``E033``) refuse a declaration the services could not honour.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from django.core import checks
 from django.db import models
 from django.db.models import Field
 from django.utils import timezone
+
+from .exceptions import InvalidInput
 
 #: The fields the base adds; a model's own field of one of these names is refused (E033).
 STAMPS = ("last_seen_run", "last_confirmed_run", "created_at", "updated_at")
@@ -123,12 +125,17 @@ def _syncable(model: type[models.Model]) -> list[Field[Any, Any]]:
     ]
 
 
-@cache
-def sync_spec(model: type[TrackedModel]) -> SyncSpec:
+def sync_spec(model: type[models.Model]) -> SyncSpec:
     """The resolved declaration of a tracked model. Assumes it passed the system checks."""
+    return _sync_spec(model)
+
+
+@cache
+def _sync_spec(model: Any) -> SyncSpec:
     meta = model._meta
-    key = tuple(meta.get_field(name) for name in model.sync_key)
-    scope = meta.get_field(model.sync_scope) if model.sync_scope else None
+    fields = {field.name: field for field in meta.concrete_fields}
+    key = tuple(fields[name] for name in model.sync_key)
+    scope = fields[model.sync_scope] if model.sync_scope else None
     syncable = [field for field in _syncable(model) if field is not scope]
     if model.sync_fields is None:
         owned_names = {field.name for field in syncable}
@@ -149,6 +156,23 @@ def sync_spec(model: type[TrackedModel]) -> SyncSpec:
     )
 
 
+def tracked_spec(model: Any) -> SyncSpec:
+    """The declaration of ``model``; ``InvalidInput`` if it is not a concrete ``TrackedModel``."""
+    if not is_tracked(model):
+        name = getattr(model, "__name__", repr(model))
+        raise InvalidInput(
+            "model", f"{name} is not a tracked model: it must be a concrete TrackedModel subclass"
+        )
+    return sync_spec(model)
+
+
+def json_key(key: tuple[Any, ...]) -> Any:
+    """A row's key as event payloads and plans show it: the value of a one-field key, else a
+    list; values JSON has no type for (a UUID, a date...) as text."""
+    values = [value if isinstance(value, str | int | float) else str(value) for value in key]
+    return values[0] if len(values) == 1 else values
+
+
 def _unique_sets(model: type[models.Model]) -> list[frozenset[str]]:
     meta = model._meta
     sets = [frozenset(c.fields) for c in meta.total_unique_constraints]
@@ -158,7 +182,7 @@ def _unique_sets(model: type[models.Model]) -> list[frozenset[str]]:
 
 
 def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
-    """The checks of a tracked model's declaration (ids ``runs_app.E030``–``E033``)."""
+    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E033``)."""
     errors: list[checks.CheckMessage] = []
     meta = model._meta
     names = {field.name for field in meta.get_fields()}

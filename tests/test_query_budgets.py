@@ -69,7 +69,8 @@ def test_flush_costs_a_constant_number_of_statements_per_batch() -> None:
     assert per_batch > 0
     assert three - one == five - three == 2 * per_batch, (one, three, five)
     # The fixed part (opening the session, closing it) is small, and so is each batch.
-    assert one - per_batch <= 16, f"fixed part of a flush: {one - per_batch} statements"
+    # (The model's ledger line is written when the session opens and when it closes.)
+    assert one - per_batch <= 18, f"fixed part of a flush: {one - per_batch} statements"
     assert per_batch <= 10, f"{per_batch} statements per batch"
 
 

@@ -13,8 +13,9 @@ from runs_app import services
 from runs_app.exceptions import InvalidEvent, InvalidInput, RunNotFound, RunsError
 from runs_app.models import Project, Run, RunEvent
 from runs_app.services import Event
-from runs_app.services.flush import validate_project
+from runs_app.services.rows import RowSchema
 from runs_app.services.validation import JSON_MAX_DEPTH
+from runs_app.tracking import sync_spec
 from tests.factories import RunFactory
 from tests.helpers import snapshot
 
@@ -205,7 +206,9 @@ def test_values_json_would_encode_are_still_refused(run: Run, payload: Any, limi
     # The flush's own validation (flush_projects records the failure on the ledger, see
     # test_flush.test_bad_input_fails_the_flush_and_writes_nothing_of_its_batch).
     with pytest.raises(InvalidInput) as info:
-        validate_project({"key": "k", "name": "n", "data": payload}, 0, budget=10**9)
+        RowSchema(sync_spec(Project), "default", "run").prepare(
+            {"key": "k", "name": "n", "data": payload}, 0
+        )
     assert (info.value.field, info.value.limit) == ("projects[0].data", limit)
 
 

@@ -7,7 +7,7 @@ built on these services and never imported by them.
 
 from __future__ import annotations
 
-from .cleanup import CleanupResult, safe_cleanup_old_projects
+from .cleanup import CleanupResult, safe_cleanup, safe_cleanup_old_projects
 from .events import append_events, list_events
 from .flush import FlushResult, FlushSession, flush, flush_projects
 from .outbox import prune_outbox, retry_outbox, skip_outbox_event
@@ -43,6 +43,7 @@ __all__ = [
     "list_events",
     "prune_outbox",
     "retry_outbox",
+    "safe_cleanup",
     "safe_cleanup_old_projects",
     "skip_outbox_event",
     "track_run",

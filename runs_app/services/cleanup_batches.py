@@ -1,7 +1,7 @@
 """Deleting a cleanup plan's rows in bounded batches, with plans that statistics cannot spoil.
 
-Each batch is one short transaction (see ``cleanup.safe_cleanup_old_projects`` for what it
-writes besides the DELETE). This module only says *which* rows a batch deletes and how, per
+Each batch is one short transaction (see ``cleanup.safe_cleanup`` for what it writes besides
+the DELETE). This module only says *which* rows a batch deletes and how, per
 vendor. Raw SQL: the ORM's ``delete()`` can neither return the deleted rows nor say LATERAL.
 
 PostgreSQL, three single-table statements per batch, each bounded by the batch:
@@ -10,9 +10,9 @@ PostgreSQL, three single-table statements per batch, each bounded by the batch:
    index per older run of the scope (``LIMIT`` inside and outside), walking a window of the
    older runs from a cursor kept between batches, so no batch re-reads what an earlier one
    exhausted and none sorts the scope's whole deletable set;
-2. **lock** those rows in key order (code point order: ``COLLATE "C"``), the order the flush
+2. **lock** those rows in key order (text by code point: ``COLLATE "C"``), the order the flush
    writes in, so a cleanup and a flush never deadlock;
-3. **delete** the locked rows, ``RETURNING`` them for the audit.
+3. **delete** the locked rows, ``RETURNING`` each as JSON (``row_to_json``) for the audit.
 
 Lock and delete state the allow-list of older runs again: PostgreSQL re-evaluates it on the row
 version it finally locks, so a row that a newer run re-stamped meanwhile is never deleted.
@@ -27,7 +27,7 @@ the table's start, through the dead rows of the batches before. With index scans
 statement costs its batch, whatever the statistics say.
 
 SQLite (its writers are serialised; its planner has no such statistics-driven turns): one
-``DELETE ... WHERE id IN (SELECT ... LIMIT n) RETURNING``.
+``DELETE ... WHERE pk IN (SELECT ... LIMIT n) RETURNING``, each row as ``json_object(...)``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from django.db import models
+
 from ..conf import runs_settings
-from ..db import connection_for_write, db_alias, is_postgresql, table
-from ..models import Project, Run
+from ..db import column, connection_for_write, db_alias, is_postgresql, table
+from ..models import Run
+from ..tracking import SyncSpec
 
 #: How many older runs one pick probes at most (their ids travel as one array parameter).
 RUN_WINDOW = 500
@@ -52,28 +55,32 @@ _PLANNER_SETTINGS = ("enable_seqscan", "enable_bitmapscan")
 class BatchCursor:
     """Where the next batch's pick starts among the scope's older runs (PostgreSQL)."""
 
+    spec: SyncSpec
     scope: str
     older_runs: list[str]  # ids of the scope's runs older than the cleaning run, oldest first
     start: int = 0  # runs before it have no deletable row left
     done: bool = False
 
     @classmethod
-    def for_plan(cls, scope: str, ordinal: int) -> BatchCursor:
+    def for_plan(cls, spec: SyncSpec, scope: str, ordinal: int) -> BatchCursor:
         runs = list(
             Run.objects.using(db_alias())
             .filter(scope=scope, ordinal__lt=ordinal)
             .order_by("ordinal")
             .values_list("id", flat=True)
         )
-        return cls(scope, runs, done=not runs)
+        return cls(spec, scope, runs, done=not runs)
 
 
-def delete_batch(cursor_state: BatchCursor | None, scope: str, ordinal: int) -> list[Any]:
-    """Delete the next batch; return its rows as ``(key, name, data text)``. An empty list
-    means nothing is left. Call inside the batch's transaction. ``cursor_state``: the
-    PostgreSQL walk (``BatchCursor.for_plan``), None on SQLite."""
+def delete_batch(
+    cursor_state: BatchCursor | None, spec: SyncSpec, scope: str, ordinal: int
+) -> list[tuple[tuple[Any, ...], str]]:
+    """Delete the next batch; return its rows as ``(key, record)``: the key's values and the
+    row's columns as a JSON text. An empty list means nothing is left. Call inside the batch's
+    transaction. ``cursor_state``: the PostgreSQL walk (``BatchCursor.for_plan``), None on
+    SQLite."""
     if cursor_state is None:
-        return _delete_batch_sqlite(scope, ordinal)
+        return _delete_batch_sqlite(spec, scope, ordinal)
     with _index_scans_only():
         while not cursor_state.done:
             rows = _delete_batch_postgresql(cursor_state)
@@ -82,17 +89,22 @@ def delete_batch(cursor_state: BatchCursor | None, scope: str, ordinal: int) -> 
     return []
 
 
-def _delete_batch_postgresql(walk: BatchCursor) -> list[Any] | None:
+def _delete_batch_postgresql(walk: BatchCursor) -> list[tuple[tuple[Any, ...], str]] | None:
     """One pick, lock and delete; None when the batch deleted nothing but rows may be left: the
     window had nothing left (the walk moved on), or every picked row was re-stamped by a newer
     run meanwhile (it no longer matches the pick)."""
     size = runs_settings.CLEANUP_BATCH_SIZE
     window = walk.older_runs[walk.start : walk.start + RUN_WINDOW]
-    project = table(Project)
-    with connection_for_write().cursor() as cursor:
+    connection = connection_for_write()
+    spec = walk.spec
+    quote = connection.ops.quote_name
+    rows = table(spec.model)
+    pk = quote(column(spec.model._meta.pk))
+    pk_array = f"%s::{spec.model._meta.pk.cast_db_type(connection)}[]"
+    with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT p.id, o.n FROM unnest(%s::text[]) WITH ORDINALITY AS o(run_id, n) "
-            f"CROSS JOIN LATERAL (SELECT id FROM {project} WHERE last_seen_run_id = o.run_id "
+            f"SELECT p.{pk}, o.n FROM unnest(%s::text[]) WITH ORDINALITY AS o(run_id, n) "
+            f"CROSS JOIN LATERAL (SELECT {pk} FROM {rows} WHERE last_seen_run_id = o.run_id "
             "LIMIT %s) p LIMIT %s",
             [window, size, size],
         )
@@ -104,21 +116,33 @@ def _delete_batch_postgresql(walk: BatchCursor) -> list[Any] | None:
         # The runs before the first one a row came from are exhausted. (Not the last one: the
         # probes' output order is not promised, and re-probing an exhausted run costs little.)
         walk.start += min(int(n) for _, n in picked) - 1
-        ids = [int(row_id) for row_id, _ in picked]
+        ids = [row_id for row_id, _ in picked]
         cursor.execute(
-            f"SELECT id FROM {project} WHERE id = ANY(%s::bigint[]) "
-            'AND last_seen_run_id = ANY(%s::text[]) ORDER BY key COLLATE "C" FOR UPDATE',
+            f"SELECT {pk} FROM {rows} WHERE {pk} = ANY({pk_array}) "
+            f"AND last_seen_run_id = ANY(%s::text[]) ORDER BY {_key_order(spec, quote)} "
+            "FOR UPDATE",
             [ids, window],
         )
-        locked = [int(row_id) for (row_id,) in cursor.fetchall()]
+        locked = [row_id for (row_id,) in cursor.fetchall()]
         if not locked:
             return None
+        keys = ", ".join(f"d.{quote(column(field))}" for field in spec.key)
         cursor.execute(
-            f"DELETE FROM {project} WHERE id = ANY(%s::bigint[]) "
-            "AND last_seen_run_id = ANY(%s::text[]) RETURNING key, name, data",
+            f"DELETE FROM {rows} AS d WHERE {pk} = ANY({pk_array}) "
+            f"AND last_seen_run_id = ANY(%s::text[]) RETURNING {keys}, row_to_json(d)::text",
             [locked, window],
         )
-        return list(cursor.fetchall())
+        count = len(spec.key)
+        return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
+
+
+def _key_order(spec: SyncSpec, quote: Any) -> str:
+    """``ORDER BY`` of the key: text by code point, as the flush sorts its batches."""
+    return ", ".join(
+        quote(column(field))
+        + (' COLLATE "C"' if isinstance(field, models.CharField | models.TextField) else "")
+        for field in spec.key
+    )
 
 
 @contextmanager
@@ -146,18 +170,42 @@ def _index_scans_only() -> Iterator[None]:
         )
 
 
-def _delete_batch_sqlite(scope: str, ordinal: int) -> list[Any]:
-    project, run = table(Project), table(Run)
+def _delete_batch_sqlite(
+    spec: SyncSpec, scope: str, ordinal: int
+) -> list[tuple[tuple[Any, ...], str]]:
+    connection = connection_for_write()
+    quote = connection.ops.quote_name
+    rows, run = table(spec.model), table(Run)
+    pk = quote(column(spec.model._meta.pk))
     older = f"last_seen_run_id IN (SELECT id FROM {run} WHERE scope = %s AND ordinal < %s)"
-    with connection_for_write().cursor() as cursor:
-        cursor.execute(
-            f"DELETE FROM {project} WHERE id IN (SELECT id FROM {project} "
-            f"WHERE scope = %s AND {older} LIMIT %s) RETURNING key, name, data",
-            [scope, scope, ordinal, runs_settings.CLEANUP_BATCH_SIZE],
+    params: list[Any] = [scope, ordinal]
+    if spec.scope is not None:
+        older = f"{quote(column(spec.scope))} = %s AND {older}"
+        params.insert(0, scope)
+    keys = ", ".join(quote(column(field)) for field in spec.key)
+    record = (
+        "json_object("
+        + ", ".join(
+            f"'{column(field)}', "
+            + (
+                f"json({quote(column(field))})"
+                if isinstance(field, models.JSONField)
+                else quote(column(field))
+            )
+            for field in spec.model._meta.concrete_fields
         )
-        return list(cursor.fetchall())
+        + ")"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {rows} WHERE {pk} IN (SELECT {pk} FROM {rows} WHERE {older} LIMIT %s) "
+            f"RETURNING {keys}, {record}",
+            [*params, runs_settings.CLEANUP_BATCH_SIZE],
+        )
+        count = len(spec.key)
+        return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
 
 
-def batch_cursor(scope: str, ordinal: int) -> BatchCursor | None:
+def batch_cursor(spec: SyncSpec, scope: str, ordinal: int) -> BatchCursor | None:
     """The walk a cleanup's batches share: a ``BatchCursor`` on PostgreSQL, None on SQLite."""
-    return BatchCursor.for_plan(scope, ordinal) if is_postgresql() else None
+    return BatchCursor.for_plan(spec, scope, ordinal) if is_postgresql() else None

@@ -1,10 +1,11 @@
-"""Flushing projects: upserting what a run saw, in flush sessions whose ledger says whether the
-whole source was read.
+"""Flushing tracked models: upserting what a run saw, in flush sessions whose ledger says whether
+the whole source was read.
 
-A flush session (``with services.flush(run) as flush: flush.write(page)``) is the only way rows
-reach the table. The run's ledger (``RunState.flush_status``) is ``in_progress`` from the moment
-a session opens (committed before any row is read) and becomes ``succeeded`` only when every
-session of the run has left its block normally. Whatever escapes the block, whatever write
+A flush session (``with services.flush(run, Model) as flush: flush.write(page)``) is the only
+way rows reach a tracked model's table. The run's ledger (``RunState.flush_status``, and the
+model's line of it, ``RunModelState``) is ``in_progress`` from the moment a session opens
+(committed before any row is read) and becomes ``succeeded`` only when every session of the
+run (of the model) has left its block normally. Whatever escapes the block, whatever write
 failed (even if the caller caught the error), and a batch that the caller's own transaction
 rolled back, each leave the flush ``failed``; a process that dies leaves ``in_progress``. Both
 make ``complete_run`` fail the run and cleanup refuse, so a run that did not see its whole
@@ -14,13 +15,11 @@ source never deletes anything.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from itertools import islice
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -28,34 +27,26 @@ from django.db.models import F, Model
 from django.utils import timezone
 
 from ..conf import runs_settings
-from ..db import connection_for_write, db_alias, is_postgresql, table
+from ..db import connection_for_write, db_alias
 from ..exceptions import FlushEnded, FlushFailed, FlushInTransaction, InvalidInput, RunClosed
 from ..models import (
-    PROJECT_KEY_MAX_LENGTH,
-    PROJECT_NAME_MAX_LENGTH,
     FlushSessionStatus,
     FlushStatus,
     Project,
     Run,
     RunFlushSession,
+    RunModelState,
     RunState,
     RunStatus,
 )
-from .cleanup import RECORD_OVERHEAD, removal_record_budget, removal_record_size
+from ..tracking import SyncSpec, json_key, tracked_spec
 from .events import insert_events
+from .rows import PreparedRow, RowSchema
 from .runs import lock_active_state, lock_state
-from .validation import (
-    PreparedEvent,
-    encode_json_object,
-    encode_json_string,
-    internal_error_text,
-    run_id_of,
-    validate_text,
-)
+from .upsert import upsert
+from .validation import PreparedEvent, internal_error_text, run_id_of
 
 logger = logging.getLogger(__name__)
-
-PROJECT_FIELDS = frozenset({"key", "name", "data"})
 
 
 @dataclass(frozen=True)
@@ -73,22 +64,13 @@ class FlushResult:
         )
 
 
-class ProjectRow(NamedTuple):
-    """A validated project, ready to upsert; ``data`` is its compact JSON text. (A tuple: one is
-    built per input row, and a tuple builds several times faster than a frozen dataclass.)"""
-
-    key: str
-    name: str
-    data: str
-
-
 def flush(
     run: Run | str, model: type[Model] | None = None, *, batch_size: int | None = None
 ) -> FlushSession:
-    """A flush session of ``run`` for ``model`` (``Project``, the default and, in this release,
-    the only model), to use as a context manager::
+    """A flush session of ``run`` for the tracked model ``model`` (default ``Project``), to use
+    as a context manager::
 
-        with services.flush(run) as flush:
+        with services.flush(run, Repository) as flush:
             for page in source_pages():     # a source failing here fails the flush
                 flush.write(page)           # -> FlushResult of this write
 
@@ -96,12 +78,8 @@ def flush(
     the block is entered. See :class:`FlushSession` for the transactions and the guarantees.
     """
     run_id = run_id_of(run)
-    if model is not None and model is not Project:
-        name = getattr(model, "__name__", repr(model))
-        raise InvalidInput(
-            "model", f"{name} cannot be flushed: this release flushes runs_app.Project only"
-        )
-    return FlushSession(run_id, _batch_size(batch_size))
+    spec = tracked_spec(Project if model is None else model)
+    return FlushSession(run_id, spec, _batch_size(batch_size))
 
 
 def flush_projects(
@@ -158,11 +136,12 @@ class FlushSession:
     ledger is left as it is and ``RunClosed`` is raised.
     """
 
-    def __init__(self, run_id: str, batch_size: int) -> None:
+    def __init__(self, run_id: str, spec: SyncSpec, batch_size: int) -> None:
         self.run_id = run_id
+        self.spec = spec
         self.batch_size = batch_size
+        self._schema: RowSchema | None = None  # built when the session opens (needs the scope)
         self.id: int | None = None  # the FlushSession row, once open
-        self._scope = ""  # the run's, once open
         self.result = FlushResult()
         self._batches = 0
         self._failure: str | None = None
@@ -206,10 +185,11 @@ class FlushSession:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def write(self, rows: Iterable[Mapping[str, Any]]) -> FlushResult:
-        """Upsert ``rows`` (any iterable of project mappings, read lazily, ``batch_size`` at a
-        time) and return what this call wrote. Raises ``FlushFailed`` (chained to the cause:
-        bad input, the iterable raising, a database error; the session is failed for good),
+    def write(self, rows: Iterable[Mapping[str, Any] | Model]) -> FlushResult:
+        """Upsert ``rows`` (any iterable of mappings or model instances, see
+        :mod:`runs_app.services.rows`; read lazily, ``batch_size`` at a time) and return what
+        this call wrote. Raises ``FlushFailed`` (chained to the cause: bad input, the iterable
+        raising, a database error; the session is failed for good),
         ``RunClosed`` (the run was closed meanwhile, e.g. reaped as stale)."""
         if self.id is None or self._closed:
             raise RuntimeError("write() is only allowed inside the session's `with` block")
@@ -232,43 +212,48 @@ class FlushSession:
             self._failure = internal_error_text(f"{type(exc).__name__}: {exc}")
             raise
 
-    def _write_all(self, rows: Iterator[Mapping[str, Any]]) -> FlushResult:
+    def _write_all(self, rows: Iterator[Any]) -> FlushResult:
+        schema = self._schema
+        if schema is None:
+            raise RuntimeError("the flush session is not open")
         total = FlushResult()
-        budget = removal_record_budget(self._scope)
-        payload_limit = runs_settings.MAX_PAYLOAD_BYTES  # once: a settings lookup per row shows
         index = 0  # position in this call's input, for error messages
         while True:
-            # The batch is read and validated before its transaction opens: no input is read
+            # The batch is read and checked before its transaction opens: no input is read
             # while a transaction is open.
-            batch: dict[str, ProjectRow] = {}
+            batch: dict[tuple[Any, ...], PreparedRow] = {}
             read = 0
             for value in islice(rows, self.batch_size):
-                row = validate_project(value, index, budget, payload_limit)
+                row = schema.prepare(value, index)
                 batch[row.key] = row  # a key repeated in the batch: the last one wins
                 index += 1
                 read += 1
             if batch:
-                # Sorted by code point, the order cleanup locks rows in too.
-                written = self._write_batch(sorted(batch.values(), key=lambda r: r.key))
+                # Sorted by key (text by code point), the order cleanup locks rows in too.
+                written = self._write_batch([batch[key] for key in sorted(batch)])
                 total += written
                 self.result += written
             if read < self.batch_size:
                 return total
 
-    def _write_batch(self, rows: list[ProjectRow]) -> FlushResult:
+    def _write_batch(self, rows: list[PreparedRow]) -> FlushResult:
+        assert self._schema is not None
         now = timezone.now()
         alias = db_alias()
         with transaction.atomic(using=alias):
             state = lock_active_state(self.run_id)
             _check_not_failed(state)
-            created, updated = _upsert(state.scope, self.run_id, rows, now)
+            created, updated = upsert(self._schema, state.scope, self.run_id, rows, now)
             seen = created + updated
+            counts = {
+                "rows_seen": F("rows_seen") + seen,
+                "rows_created": F("rows_created") + created,
+                "rows_updated": F("rows_updated") + updated,
+            }
             RunState.objects.using(alias).filter(run_id=self.run_id).update(
-                rows_seen=F("rows_seen") + seen,
-                rows_created=F("rows_created") + created,
-                rows_updated=F("rows_updated") + updated,
-                heartbeat_at=now,
+                **counts, heartbeat_at=now
             )
+            self._model_state().update(**counts)
             counted = (
                 RunFlushSession.objects.using(alias)
                 .filter(pk=self._session_id, status=FlushSessionStatus.OPEN)
@@ -283,13 +268,15 @@ class FlushSession:
                 raise FlushFailed(self.run_id, "this flush session was failed meanwhile")
             payload: dict[str, Any] = {
                 "session": self.id,
+                "model": self.spec.label,
                 "seen": seen,
                 "created": created,
                 "updated": updated,
-                "first_key": rows[0].key,
-                "last_key": rows[-1].key,
+                "first_key": json_key(rows[0].key),
+                "last_key": json_key(rows[-1].key),
             }
-            insert_events(self.run_id, [PreparedEvent("projects.flushed", payload)])
+            event = f"{self.spec.event_prefix}.flushed"
+            insert_events(self.run_id, [PreparedEvent(event, payload)])
         self._batches += 1
         return FlushResult(seen, created, updated)
 
@@ -304,20 +291,37 @@ class FlushSession:
         with transaction.atomic(using=alias, durable=True):
             state = lock_active_state(self.run_id)
             _check_not_failed(state)
-            if state.flush_status == FlushStatus.SUCCEEDED:
+            # No get_or_create (and its savepoint): every writer of the line holds the run's
+            # lock, taken above, so nobody can insert it in between.
+            model_state = self._model_state().first()
+            if model_state is not None and model_state.flush_status == FlushStatus.SUCCEEDED:
                 ended = True
-                _fail_flush(state, "a flush was started after the run's flush had ended", None)
+                _fail_flush(
+                    state,
+                    f"a flush of {self.spec.label} was started after the run's flush of it had "
+                    "ended",
+                    None,
+                    self.spec.label,
+                )
             else:
                 now = timezone.now()
                 self.id = (
                     RunFlushSession.objects.using(alias)
-                    .create(run_id=self.run_id, opened_at=now)
+                    .create(run_id=self.run_id, model=self.spec.label, opened_at=now)
                     .pk
                 )
                 RunState.objects.using(alias).filter(run_id=self.run_id).update(
                     flush_status=FlushStatus.IN_PROGRESS, heartbeat_at=now
                 )
-                self._scope = state.scope
+                if model_state is None:
+                    RunModelState.objects.using(alias).create(
+                        run_id=self.run_id,
+                        model=self.spec.label,
+                        flush_status=FlushStatus.IN_PROGRESS,
+                    )
+                elif model_state.flush_status != FlushStatus.IN_PROGRESS:
+                    self._model_state().update(flush_status=FlushStatus.IN_PROGRESS)
+                self._schema = RowSchema(self.spec, state.scope, self.run_id)
         if ended:
             self._closed = True
             raise FlushEnded(self.run_id)
@@ -362,17 +366,22 @@ class FlushSession:
                 session.status = FlushSessionStatus.SUCCEEDED
                 session.closed_at = now
                 session.save(using=alias, update_fields=["status", "closed_at"])
-                others = (
+                still_open = set(
                     RunFlushSession.objects.using(alias)
                     .filter(run_id=self.run_id, status=FlushSessionStatus.OPEN)
-                    .exists()
+                    .values_list("model", flat=True)
+                    .distinct()
                 )
+                others = bool(still_open)
                 ledger: dict[str, Any] = {"heartbeat_at": now}
                 if not others:
                     ledger.update(flush_status=FlushStatus.SUCCEEDED, flushed_at=now)
                 RunState.objects.using(alias).filter(run_id=self.run_id).update(**ledger)
+                if self.spec.label not in still_open:
+                    self._model_state().update(flush_status=FlushStatus.SUCCEEDED)
                 payload = {
                     "session": self.id,
+                    "model": self.spec.label,
                     "seen": session.rows_seen,
                     "created": session.rows_created,
                     "updated": session.rows_updated,
@@ -389,9 +398,15 @@ class FlushSession:
             with transaction.atomic(using=db_alias()):
                 state = lock_state(self.run_id)
                 if state.status == RunStatus.ACTIVE:
-                    _fail_flush(state, error, self.id)
+                    _fail_flush(state, error, self.id, self.spec.label)
         except Exception:
             logger.exception("could not record the failed flush of run %s", self.run_id)
+
+    def _model_state(self) -> Any:
+        """This session's (run, model) ledger line, as a queryset to update."""
+        return RunModelState.objects.using(db_alias()).filter(
+            run_id=self.run_id, model=self.spec.label
+        )
 
 
 def _in_transaction(connection: BaseDatabaseWrapper) -> bool:
@@ -403,10 +418,10 @@ def _in_transaction(connection: BaseDatabaseWrapper) -> bool:
     return not connection.get_autocommit()
 
 
-def _fail_flush(state: RunState, error: str, session_id: int | None) -> None:
-    """Mark the session (if any) and the run's flush failed, with a ``flush.failed`` event.
-    Call inside a transaction with the run locked (``lock_state``) and the run active. Writes
-    nothing when both say failed already (the first error is kept)."""
+def _fail_flush(state: RunState, error: str, session_id: int | None, model: str) -> None:
+    """Mark the session (if any), the model's and the run's flush failed, with a
+    ``flush.failed`` event. Call inside a transaction with the run locked (``lock_state``) and
+    the run active. Writes nothing when all say failed already (the first error is kept)."""
     alias = db_alias()
     now = timezone.now()
     session_failed = 0
@@ -416,13 +431,19 @@ def _fail_flush(state: RunState, error: str, session_id: int | None) -> None:
             .filter(pk=session_id, status=FlushSessionStatus.OPEN)
             .update(status=FlushSessionStatus.FAILED, error=error, closed_at=now)
         )
-    if state.flush_status == FlushStatus.FAILED and not session_failed:
+    model_failed = (
+        RunModelState.objects.using(alias)
+        .filter(run_id=state.run_id, model=model)
+        .exclude(flush_status=FlushStatus.FAILED)
+        .update(flush_status=FlushStatus.FAILED)
+    )
+    if state.flush_status == FlushStatus.FAILED and not session_failed and not model_failed:
         return
     if state.flush_status != FlushStatus.FAILED:
         RunState.objects.using(alias).filter(run_id=state.run_id).update(
             flush_status=FlushStatus.FAILED, flush_error=error, heartbeat_at=now
         )
-    payload = {"session": session_id, "error": error}
+    payload = {"session": session_id, "model": model, "error": error}
     insert_events(state.run_id, [PreparedEvent("flush.failed", payload)])
 
 
@@ -438,143 +459,3 @@ def _check_not_failed(state: RunState) -> None:
         raise FlushFailed(
             state.run_id, f"its flush failed already ({state.flush_error or 'failed'})"
         )
-
-
-def validate_project(
-    value: Any, index: int, budget: int, payload_limit: int | None = None
-) -> ProjectRow:
-    """Check one input project; ``InvalidInput`` names ``projects[index].field`` and the limit.
-
-    ``budget``: ``removal_record_budget(scope)``. Besides its own limits, a project must fit in a
-    ``projects.removed`` event, so that removing it can always be audited. ``payload_limit``:
-    ``MAX_PAYLOAD_BYTES`` if the caller read it already.
-    """
-    field = f"projects[{index}]"
-    if type(value) is not dict and not isinstance(value, Mapping):
-        raise InvalidInput(
-            field, f"must be a mapping with key, name and data, not {type(value).__name__}"
-        )
-    if not PROJECT_FIELDS.issuperset(value):
-        unknown = sorted(str(name) for name in value if name not in PROJECT_FIELDS)
-        raise InvalidInput(
-            field, f"has unknown field(s) {', '.join(unknown)}; a project has key, name and data"
-        )
-    key = _required_text(value, field, "key", PROJECT_KEY_MAX_LENGTH)
-    name = _required_text(value, field, "name", PROJECT_NAME_MAX_LENGTH)
-    data = value.get("data")
-    data_text = encode_json_object(
-        f"{field}.data", {} if data is None else data, limit=payload_limit
-    )
-    # Cheap bound first (a character takes at most 6 bytes escaped in a JSON string, 4 in
-    # UTF-8): the exact size costs two more JSON encodings, worth it only near the limit.
-    bound = RECORD_OVERHEAD + 6 * (len(key) + len(name)) + 4 * len(data_text)
-    if bound > budget:
-        size = removal_record_size(key, name, data_text)
-        if size > budget:
-            limit = runs_settings.MAX_PAYLOAD_BYTES
-            raise InvalidInput(
-                f"{field}.data",
-                f"with its key and name makes a projects.removed audit record of {size} bytes, "
-                f"too big for one event: the limit is {limit} (RUNS_APP['MAX_PAYLOAD_BYTES'])",
-                limit=limit,
-            )
-    return ProjectRow(key, name, data_text)
-
-
-def _required_text(value: Mapping[str, Any], field: str, name: str, max_length: int) -> str:
-    if name not in value:
-        raise InvalidInput(f"{field}.{name}", "is missing", limit=max_length)
-    return validate_text(f"{field}.{name}", value[name], max_length)
-
-
-def _upsert(scope: str, run_id: str, rows: list[ProjectRow], now: datetime) -> tuple[int, int]:
-    """Upsert ``rows`` (distinct keys, sorted); return ``(created, updated)`` as the database
-    counted them. Raw SQL: the ORM's ``bulk_create(update_conflicts=True)`` cannot report which
-    rows were inserted and which updated."""
-    if is_postgresql():
-        return _upsert_postgresql(scope, run_id, rows, now)
-    return _upsert_sqlite(scope, run_id, rows, now)
-
-
-# The columns set on conflict: what the source says, and who saw it last. created_at and
-# last_confirmed_run are left alone (confirmation is complete_run's business).
-_ON_CONFLICT = (
-    "ON CONFLICT (scope, key) DO UPDATE SET name = excluded.name, data = excluded.data, "
-    "last_seen_run_id = excluded.last_seen_run_id, updated_at = excluded.updated_at"
-)
-
-
-def _upsert_postgresql(
-    scope: str, run_id: str, rows: list[ProjectRow], now: datetime
-) -> tuple[int, int]:
-    # One statement for the whole batch, its rows sent as one JSON array [[key, name, data],
-    # ...] and unnested server-side: close to COPY speed, yet visible to execute_wrapper (fault
-    # injection) and CaptureQueriesContext, unlike cursor.copy(). One JSON text rather than
-    # unnest(%s::text[], ...): psycopg quotes array elements one by one in Python, while the
-    # JSON array is built by joining texts we already hold.
-    # xmax = 0 holds for a freshly inserted row version only, so it tells inserts from updates.
-    sql = (
-        f"WITH up AS (INSERT INTO {table(Project)} "
-        "(scope, key, name, data, last_seen_run_id, created_at, updated_at) "
-        "SELECT %s, r ->> 0, r ->> 1, r -> 2, %s, %s, %s FROM jsonb_array_elements(%s::jsonb) r "
-        f"{_ON_CONFLICT} RETURNING (xmax = 0) AS inserted) "
-        "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
-    )
-    batch = (
-        "["
-        + ",".join(
-            f"[{encode_json_string(r.key)},{encode_json_string(r.name)},{r.data}]" for r in rows
-        )
-        + "]"
-    )
-    with connection_for_write().cursor() as cursor:
-        cursor.execute(sql, [scope, run_id, now, now, batch])
-        created, updated = cursor.fetchone()
-    return int(created), int(updated)
-
-
-def _sqlite_max_variables() -> int:
-    connection = connection_for_write()
-    connection.ensure_connection()
-    return int(connection.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
-
-
-def _upsert_sqlite(
-    scope: str, run_id: str, rows: list[ProjectRow], now: datetime
-) -> tuple[int, int]:
-    # SQLite cannot tell an insert from an update in RETURNING, so count the batch's existing
-    # keys first. Exact: this write transaction holds SQLite's write lock (IMMEDIATE mode), so no
-    # other writer can add or remove one of these keys in between. Chunked under the bound
-    # variable limit; all chunks stay in this transaction.
-    connection = connection_for_write()
-    max_vars = _sqlite_max_variables()
-    stamp = connection.ops.adapt_datetimefield_value(now)
-    project = table(Project)
-    existing = 0
-    with connection.cursor() as cursor:
-        per_count = max_vars - 1
-        for start in range(0, len(rows), per_count):
-            chunk = rows[start : start + per_count]
-            marks = ", ".join(["%s"] * len(chunk))
-            cursor.execute(
-                f"SELECT count(*) FROM {project} WHERE scope = %s AND key IN ({marks})",
-                [scope, *(row.key for row in chunk)],
-            )
-            existing += int(cursor.fetchone()[0])
-        # Three variables per row; scope, run and timestamps bound once per statement.
-        per_insert = (max_vars - 4) // 3
-        for start in range(0, len(rows), per_insert):
-            chunk = rows[start : start + per_insert]
-            values = ", ".join(["(%s, %s, %s)"] * len(chunk))
-            params: list[Any] = [scope, run_id, stamp, stamp]
-            for row in chunk:
-                params.extend((row.key, row.name, row.data))
-            # "WHERE true": SQLite's parser needs it between a SELECT and ON CONFLICT.
-            cursor.execute(
-                f"INSERT INTO {project} "
-                "(scope, key, name, data, last_seen_run_id, created_at, updated_at) "
-                "SELECT %s, column1, column2, column3, %s, %s, %s "
-                f"FROM (VALUES {values}) WHERE true {_ON_CONFLICT}",
-                params,
-            )
-    return len(rows) - existing, existing

@@ -15,6 +15,7 @@ from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.apps import apps
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
@@ -25,14 +26,15 @@ from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
 from ..models import (
     FlushSessionStatus,
     FlushStatus,
-    Project,
     Run,
     RunFlushSession,
+    RunModelState,
     RunOutbox,
     RunState,
     RunStatus,
 )
 from ..notify import notify_outbox
+from ..tracking import is_tracked, sync_spec
 from .events import ensure_run_accepts_events, insert_event_rows, insert_events
 from .validation import (
     PreparedEvent,
@@ -260,25 +262,29 @@ def close_run(
 
 
 def complete_run(run: Run | str) -> Run:
-    """Close an active run, fail-safe: a run whose flush failed or never finished (a flush
-    session still open: another worker still flushing, or a process that died) is marked
-    ``failed`` (event ``run.failed``), never ``completed``, and confirms nothing. Otherwise
-    ``completed``: ``last_confirmed_run`` becomes this run for every project whose
-    ``last_seen_run`` is this run, the ledger records that count (``rows_confirmed``) and the
+    """Close an active run, fail-safe across the models it flushed: a run whose flush failed or
+    never finished, for any model (a flush session still open: another worker still flushing,
+    or a process that died), is marked ``failed`` (event ``run.failed``), never ``completed``,
+    and confirms nothing. Otherwise ``completed``: for every model the run flushed,
+    ``last_confirmed_run`` becomes this run on each row whose ``last_seen_run`` is this run; the
+    ledgers record those counts (``rows_confirmed``, per model and in total) and the
     ``run.completed`` event carries the ledger counts.
 
-    One transaction with the state row locked: the status, the confirmation and the event commit
-    together or not at all. Short: one set-based UPDATE over the run's projects, no other I/O.
+    One transaction with the run locked: the status, the confirmations and the event commit
+    together or not at all. Short: one set-based UPDATE per model flushed, no other I/O.
 
     Raises ``RunNotFound``, ``RunClosed`` (already completed or failed).
     """
     run_id = run_id_of(run)
     with transaction.atomic(using=db_alias()):
         state = lock_active_state(run_id)
-        if state.flush_status == FlushStatus.FAILED:
+        models = list(RunModelState.objects.using(db_alias()).filter(run_id=run_id))
+        failed = [line.model for line in models if line.flush_status == FlushStatus.FAILED]
+        if state.flush_status == FlushStatus.FAILED or failed:
             error = f"flush_failed: {state.flush_error}" if state.flush_error else "flush_failed"
             return fail_locked(state, error, "flush_failed")
-        if state.flush_status == FlushStatus.IN_PROGRESS:
+        unfinished = [line.model for line in models if line.flush_status == FlushStatus.IN_PROGRESS]
+        if state.flush_status == FlushStatus.IN_PROGRESS or unfinished:
             # A session still open: another worker still flushing, or a process that died.
             # Either way this run has not seen its whole source.
             open_sessions = (
@@ -293,7 +299,20 @@ def complete_run(run: Run | str) -> Run:
                     "(a worker still flushing, or one that died)"
                 )
             return fail_locked(state, error, "flush_unfinished")
-        state.rows_confirmed = _confirm_projects(state)
+        unknown = [line.model for line in models if not _tracked_label(line.model)]
+        if unknown:
+            # The project no longer has the model (or it is no longer tracked): its rows cannot
+            # be confirmed, so the run cannot complete.
+            error = f"unknown_model: {', '.join(unknown)} is not a tracked model of the project"
+            return fail_locked(state, error, "unknown_model")
+        confirmed = 0
+        for line in models:
+            if line.flush_status != FlushStatus.SUCCEEDED:
+                continue
+            line.rows_confirmed = _confirm_rows(state, line.model)
+            line.save(using=db_alias(), update_fields=["rows_confirmed"])
+            confirmed += line.rows_confirmed
+        state.rows_confirmed = confirmed
         return close_run(
             state,
             RunStatus.COMPLETED,
@@ -303,18 +322,26 @@ def complete_run(run: Run | str) -> Run:
         )
 
 
-def _confirm_projects(state: RunState) -> int:
-    """Stamp ``last_confirmed_run`` on the projects this run saw; return how many.
+def _tracked_label(label: str) -> bool:
+    try:
+        return is_tracked(apps.get_model(label))
+    except (LookupError, ValueError):
+        return False
+
+
+def _confirm_rows(state: RunState, label: str) -> int:
+    """Stamp ``last_confirmed_run`` on the rows of model ``label`` this run saw; return how many.
 
     Part of completing a run (the confirmation means "seen by a run that completed with a
-    successful flush"), so it lives here rather than in the flush module. ``scope`` is redundant
-    with ``last_seen_run`` but lets the (scope, last_seen_run) index serve the UPDATE.
+    successful flush"), so it lives here rather than in the flush module. The scope filter is
+    redundant with ``last_seen_run`` but lets a (scope, last_seen_run) index serve the UPDATE.
     """
-    return (
-        Project.objects.using(db_alias())
-        .filter(scope=state.scope, last_seen_run_id=state.run_id)
-        .update(last_confirmed_run_id=state.run_id)
-    )
+    model = apps.get_model(label)
+    spec = sync_spec(model)
+    rows = model._base_manager.using(db_alias()).filter(last_seen_run_id=state.run_id)
+    if spec.scope is not None:
+        rows = rows.filter(**{spec.scope.name: state.scope})
+    return int(rows.update(last_confirmed_run_id=state.run_id))
 
 
 def ledger_counts(state: RunState) -> dict[str, Any]:

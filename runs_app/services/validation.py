@@ -229,6 +229,26 @@ def encode_json_object(
     return text
 
 
+def encode_json_value(
+    field_name: str,
+    value: Any,
+    *,
+    error: type[InvalidInput] = InvalidInput,
+    limit: int | None = None,
+) -> str:
+    """Validate any JSON value (object, array or scalar) and return its compact JSON text,
+    refused as ``encode_json_object`` refuses (NaN, sets, NUL, depth, size)."""
+    if type(value) is dict:
+        return encode_json_object(field_name, value, error=error, limit=limit)
+    plain = _plain_json_value(field_name, value, 1, error)
+    try:
+        text = encode_json(plain)
+    except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
+        raise error(field_name, f"cannot be written as JSON ({exc})") from exc
+    _check_size(field_name, text, error, limit)
+    return text
+
+
 def validate_json_object(
     field_name: str, value: Any, *, error: type[InvalidInput] = InvalidInput
 ) -> dict[str, Any]:
