@@ -643,13 +643,20 @@ class Bench:
         """What a successful flush leaves on the ledger, for setups that seed rows directly."""
         from django.utils import timezone
 
-        from runs_app.models import FlushStatus, RunState
+        from runs_app.models import FlushStatus, RunModelState, RunState
 
         RunState.objects.filter(run_id=run_id).update(
             flush_status=FlushStatus.SUCCEEDED,
             rows_seen=rows,
             rows_created=rows,
             flushed_at=timezone.now(),
+        )
+        RunModelState.objects.create(
+            run_id=run_id,
+            model="runs_app.project",
+            flush_status=FlushStatus.SUCCEEDED,
+            rows_seen=rows,
+            rows_created=rows,
         )
 
     # flush ------------------------------------------------------------------------------------

@@ -49,10 +49,12 @@ from .models import (
     Project,
     Run,
     RunEvent,
+    RunModelState,
     RunOutbox,
     RunState,
     RunStatus,
 )
+from .tracking_admin import NotSeenByLatestRunFilter, TrackedModelAdminMixin
 
 EMPTY = "-"
 #: The run page shows this many of the newest events; the event list has them all.
@@ -156,7 +158,8 @@ def lease_text(outbox: RunOutbox | None) -> str:
     return f"{'held' if held else 'expired'}{who} until {until} (token {outbox.lease_token})"
 
 
-def cleanup_result(state: RunState | None) -> SafeString | str:
+def cleanup_result(state: RunState | RunModelState | None) -> SafeString | str:
+    """A cleanup outcome as a badge: the run-level one (``RunState``) or one model's."""
     if state is None:
         return EMPTY
     status = CleanupStatus(state.cleanup_status)
@@ -435,6 +438,7 @@ class RunAdmin(DeliveryActions):
         "rows_removed",
         "cleanup_forced",
         "cleanup_at",
+        "model_lines",
         "delivered_up_to",
         "pending",
         "lag",
@@ -479,6 +483,7 @@ class RunAdmin(DeliveryActions):
                 ]
             },
         ),
+        ("Per model", {"fields": ["model_lines"]}),
         (
             "Delivery (outbox)",
             {
@@ -600,6 +605,45 @@ class RunAdmin(DeliveryActions):
         return preformatted(state.cleanup_message) if state is not None else EMPTY
 
     rows_removed = attribute("state.rows_removed", "rows removed")
+
+    @admin.display(description="models")
+    def model_lines(self, obj: Run) -> SafeString | str:
+        """The ledger of each model the run flushed or cleaned up (``RunModelState``), in the
+        order the run first touched them: the lines the run-level ledger above sums up. One
+        query, on the run's page only."""
+        lines = list(obj.model_states.order_by("id"))
+        if not lines:
+            return EMPTY
+        rows = format_html_join(
+            "",
+            "<tr>" + "<td>{}</td>" * 10 + "</tr>",
+            (
+                (
+                    line.model,
+                    badge(
+                        FlushStatus(line.flush_status).label,
+                        FLUSH_COLOURS[FlushStatus(line.flush_status)],
+                    ),
+                    display_for_value(line.rows_seen, EMPTY),
+                    display_for_value(line.rows_created, EMPTY),
+                    display_for_value(line.rows_updated, EMPTY),
+                    display_for_value(line.rows_confirmed, EMPTY),
+                    display_for_value(line.rows_removed, EMPTY),
+                    cleanup_result(line),
+                    line.cleanup_message or EMPTY,
+                    display_for_value(line.cleanup_at, EMPTY),
+                )
+                for line in lines
+            ),
+        )
+        return format_html(
+            '<table class="runs-model-lines"><thead><tr><th>model</th><th>flush</th>'
+            "<th>seen</th><th>created</th><th>updated</th><th>confirmed</th><th>removed</th>"
+            "<th>cleanup</th><th>cleanup message</th><th>cleanup at</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            rows,
+        )
+
     cleanup_forced = attribute("state.cleanup_forced", "cleanup forced")
     cleanup_at = attribute("state.cleanup_at", "cleanup at")
 
@@ -891,30 +935,31 @@ class RunEventAdmin(ReadOnlyAdmin):
 
 
 @admin.register(Project)
-class ProjectAdmin(ReadOnlyAdmin):
-    list_display = ["key", "scope", "name", "last_seen", "last_confirmed", "updated_at"]
-    list_filter = ["scope"]
+class ProjectAdmin(TrackedModelAdminMixin, ReadOnlyAdmin):
+    """The built-in tracked model, through the same mixin users add to their own models."""
+
+    list_display = [
+        "key",
+        "scope",
+        "name",
+        "last_seen_run_link",
+        "last_confirmed_run_link",
+        "updated_at",
+    ]
+    list_filter = ["scope", NotSeenByLatestRunFilter]
     search_fields = ["key", "name", "scope"]
     show_full_result_count = False
-    readonly_fields = ["last_seen", "last_confirmed", "pretty_data"]
+    readonly_fields = ["pretty_data"]
     fields = [
         "scope",
         "key",
         "name",
         "pretty_data",
-        "last_seen",
-        "last_confirmed",
+        "last_seen_run_link",
+        "last_confirmed_run_link",
         "created_at",
         "updated_at",
     ]
-
-    @admin.display(description="last seen by run", ordering="last_seen_run")
-    def last_seen(self, obj: Project) -> SafeString | str:
-        return run_link(obj.last_seen_run_id) if obj.last_seen_run_id else EMPTY
-
-    @admin.display(description="last confirmed by run", ordering="last_confirmed_run")
-    def last_confirmed(self, obj: Project) -> SafeString | str:
-        return run_link(obj.last_confirmed_run_id) if obj.last_confirmed_run_id else EMPTY
 
     @admin.display(description="data")
     def pretty_data(self, obj: Project) -> SafeString | str:

@@ -70,6 +70,7 @@ class InvalidInput(RunsError, ValueError):
 
     def __init__(self, field: str, message: str, *, limit: Any = None) -> None:
         self.field = field
+        self.message = message
         self.limit = limit
         super().__init__(f"{field}: {message}")
 

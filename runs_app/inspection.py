@@ -36,7 +36,7 @@ from django.utils import timezone
 
 from .conf import runs_settings
 from .db import db_alias
-from .models import Run, RunEvent, RunOutbox, RunState, RunStatus
+from .models import Run, RunEvent, RunModelState, RunOutbox, RunState, RunStatus
 
 
 def _pending_events(run_ref: str, next_seq_ref: str) -> QuerySet[RunEvent]:
@@ -113,8 +113,23 @@ def is_stale(state: RunState, now: datetime | None = None) -> bool:
 
 
 @dataclass(frozen=True)
+class ModelHealth:
+    """One model's line of a run's ledger (``RunModelState``)."""
+
+    model: str
+    flush_status: str
+    rows_seen: int
+    rows_created: int
+    rows_updated: int
+    rows_confirmed: int
+    rows_removed: int
+    cleanup_status: str
+    cleanup_reason: str
+
+
+@dataclass(frozen=True)
 class ScopeHealth:
-    """The latest run of one scope and its ledgers."""
+    """The latest run of one scope, its ledger (the summary) and its per-model lines."""
 
     scope: str
     run_id: str
@@ -131,6 +146,7 @@ class ScopeHealth:
     cleanup_status: str
     cleanup_reason: str
     runs: int
+    models: list[ModelHealth]
 
 
 @dataclass(frozen=True)
@@ -167,7 +183,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def health(scope: str | None = None, now: datetime | None = None) -> Health:
-    """Per-scope latest runs and outbox totals, in five queries whatever the number of runs."""
+    """Per-scope latest runs with their per-model lines, and outbox totals, in six queries
+    whatever the number of runs and models."""
     now = timezone.now() if now is None else now
     alias = db_alias()
     runs = Run.objects.using(alias)
@@ -177,9 +194,24 @@ def health(scope: str | None = None, now: datetime | None = None) -> Health:
     # Latest run of each scope: the highest ordinal (creation order, not clocks).
     per_scope = runs.values("scope").annotate(top=Max("ordinal"), runs=Count("pk"))
     counts = {row["scope"]: row["runs"] for row in per_scope}
-    latest = (
+    latest = list(
         runs.filter(ordinal__in=per_scope.values("top")).select_related("state").order_by("scope")
     )
+    lines: dict[str, list[ModelHealth]] = {run.pk: [] for run in latest}
+    for line in RunModelState.objects.using(alias).filter(run__in=latest).order_by("model"):
+        lines[line.run_id].append(
+            ModelHealth(
+                model=line.model,
+                flush_status=line.flush_status,
+                rows_seen=line.rows_seen,
+                rows_created=line.rows_created,
+                rows_updated=line.rows_updated,
+                rows_confirmed=line.rows_confirmed,
+                rows_removed=line.rows_removed,
+                cleanup_status=line.cleanup_status,
+                cleanup_reason=line.cleanup_reason,
+            )
+        )
     scopes = [
         ScopeHealth(
             scope=run.scope,
@@ -197,6 +229,7 @@ def health(scope: str | None = None, now: datetime | None = None) -> Health:
             cleanup_status=run.state.cleanup_status,
             cleanup_reason=run.state.cleanup_reason,
             runs=counts[run.scope],
+            models=lines[run.pk],
         )
         for run in latest
     ]

@@ -14,7 +14,23 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from .statuses import CleanupStatus, FlushSessionStatus, FlushStatus, RunStatus
 from .tracking import TrackedModel
+
+__all__ = [
+    "CleanupStatus",
+    "FlushSessionStatus",
+    "FlushStatus",
+    "Project",
+    "Run",
+    "RunEvent",
+    "RunFlushSession",
+    "RunModelState",
+    "RunOutbox",
+    "RunState",
+    "RunStatus",
+    "TrackedModel",
+]
 
 RUN_ID_MAX_LENGTH = 64
 SCOPE_MAX_LENGTH = 200
@@ -25,32 +41,6 @@ PROJECT_NAME_MAX_LENGTH = 255
 
 def empty_object() -> dict[str, Any]:
     return {}
-
-
-class RunStatus(models.TextChoices):
-    ACTIVE = "active", "active"
-    COMPLETED = "completed", "completed"
-    FAILED = "failed", "failed"
-
-
-class FlushStatus(models.TextChoices):
-    NOT_STARTED = "not_started", "not started"
-    IN_PROGRESS = "in_progress", "in progress"
-    SUCCEEDED = "succeeded", "succeeded"
-    FAILED = "failed", "failed"
-
-
-class CleanupStatus(models.TextChoices):
-    NOT_RUN = "not_run", "not run"
-    IN_PROGRESS = "in_progress", "in progress"
-    REFUSED = "refused", "refused"
-    DONE = "done", "done"
-
-
-class FlushSessionStatus(models.TextChoices):
-    OPEN = "open", "open"
-    SUCCEEDED = "succeeded", "succeeded"
-    FAILED = "failed", "failed"
 
 
 class Run(models.Model):

@@ -12,28 +12,98 @@ scope). The base adds the run stamps and timestamps that flush, completion and c
 
         sync_key = ("github_id",)
 
+**Seen by the latest run.** A row is *seen by the latest run* when its ``last_seen_run`` is the
+newest completed run that flushed the row's model: the newest by ``Run.ordinal`` (creation
+order, never clocks) among the runs whose state is ``completed`` and whose ledger line for this
+model (``RunModelState`` with ``model = sync_spec(model).label``) says the flush succeeded. For a
+model with a scope field the runs are those of the row's scope (``Run.scope`` equal to the row's
+scope field); for a whole-table model (``sync_scope = None``), every run that flushed the model.
+A ledger line written by a cleanup alone (``flush_status`` not succeeded) is not a flush.
+
+*Not seen by the latest run* is exactly the complement, so the two split the table:
+
+* ``last_seen_run`` NULL (the run that saw the row was deleted, or nothing ever stamped it):
+  not seen;
+* a row last seen by an older run, a failed run, an active run, or a run of another scope:
+  not seen;
+* **a scope (or a whole-table model) that no completed run ever flushed: every row is not
+  seen.** Nothing vouches for those rows: no completed run has said the source still has them.
+  The rows are listed, not judged: nothing here deletes anything, and ``safe_cleanup``'s
+  guards refuse on their own terms.
+
+Not seen is not "deletable": ``safe_cleanup`` deletes only rows last seen by an *older run of
+the scope*, never NULL-stamped rows, and only after its guards pass. This predicate is the
+operator's question "which rows did the newest good run not vouch for?".
+
+The predicate is one ``EXISTS`` over the ledger, correlated with the row's ``last_seen_run_id``
+(and scope), with a ``NOT EXISTS`` for a newer completed run: part of the statement that reads
+the rows, never a query per row. PostgreSQL plans both as (anti-)semi-joins; SQLite walks the
+``(run, model)`` unique index of the ledger and the ``(scope, ordinal)`` index of runs.
+
 :func:`sync_spec` reads the declaration once per model; the system checks
-(``runs_app.E030`` to ``E033``) refuse a declaration the services could not honour.
+(``runs_app.E030`` to ``E034``) refuse a declaration the services could not honour.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from django.apps import apps
 from django.core import checks
 from django.db import models
-from django.db.models import Field
+from django.db.models import Exists, Field, OuterRef
 from django.utils import timezone
 
 from .exceptions import InvalidInput
+from .statuses import FlushStatus, RunStatus
 
 #: The fields the base adds; a model's own field of one of these names is refused (E033).
 STAMPS = ("last_seen_run", "last_confirmed_run", "created_at", "updated_at")
 
 #: Fields a scope may be held in: the run's scope is a string.
 SCOPE_FIELD_TYPES = (models.CharField, models.TextField)
+
+
+_T = TypeVar("_T", bound="TrackedModel")
+
+
+def seen_by_latest_run(model: type[TrackedModel]) -> Exists:
+    """The predicate "seen by the latest completed run of the row's scope" for ``model``'s
+    rows, as an expression to filter on (``~`` negates it; see the module's docstring).
+
+    Usable in ``filter()``, ``exclude()``, ``annotate()`` and ``Count(filter=...)``.
+    """
+    # Through the registry: runs_app.models imports this module (for the base).
+    RunModelState = apps.get_model("runs_app", "RunModelState")
+    spec = sync_spec(model)
+    flushed = RunModelState.objects.filter(
+        model=spec.label,
+        flush_status=FlushStatus.SUCCEEDED,
+        run__state__status=RunStatus.COMPLETED,
+    )
+    newer = flushed.filter(run__ordinal__gt=OuterRef("run__ordinal"))
+    latest = flushed.filter(run_id=OuterRef("last_seen_run_id"))
+    if spec.scope is not None:
+        newer = newer.filter(run__scope=OuterRef("run__scope"))
+        latest = latest.filter(run__scope=OuterRef(spec.scope.attname))
+    return Exists(latest.filter(~Exists(newer)))
+
+
+class TrackedQuerySet(models.QuerySet[_T]):
+    """The query set of a tracked model's rows (``TrackedModel``'s default manager)."""
+
+    def seen_by_latest_run(self) -> TrackedQuerySet[_T]:
+        """Rows whose ``last_seen_run`` is the latest completed run (of the row's scope) that
+        flushed this model. The complement of :meth:`not_seen_by_latest_run`."""
+        return self.filter(seen_by_latest_run(self.model))
+
+    def not_seen_by_latest_run(self) -> TrackedQuerySet[_T]:
+        """Rows not seen by the latest completed run (of the row's scope) that flushed this
+        model: ``last_seen_run`` NULL, an older or unfinished run, or no completed run ever
+        flushed the scope (then every row). See the module's docstring."""
+        return self.filter(~seen_by_latest_run(self.model))
 
 
 class TrackedModel(models.Model):
@@ -67,6 +137,8 @@ class TrackedModel(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = TrackedQuerySet.as_manager()
 
     class Meta:
         abstract = True
@@ -182,7 +254,7 @@ def _unique_sets(model: type[models.Model]) -> list[frozenset[str]]:
 
 
 def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
-    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E033``)."""
+    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E034``)."""
     errors: list[checks.CheckMessage] = []
     meta = model._meta
     names = {field.name for field in meta.get_fields()}
@@ -249,6 +321,22 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
                 )
             )
 
+    if sync_fields is not None and not isinstance(sync_fields, str):
+        owned = set(sync_fields) | set(key)
+        for field in _syncable(model):
+            if field.name in owned or field.name == model.sync_scope:
+                continue
+            if not (field.has_default() or field.null or field.has_db_default()):
+                errors.append(
+                    checks.Error(
+                        f"{label}.{field.name} is not in sync_fields and has no default",
+                        hint="A flush inserts the fields the source does not own with their "
+                        "default: give it a default (or null=True), or list it in sync_fields.",
+                        obj=model,
+                        id="runs_app.E034",
+                    )
+                )
+
     scope = model.sync_scope
     scope_ok = True
     if scope is not None:
@@ -297,9 +385,10 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
 def _is_stamp(name: str, field: Any) -> bool:
     if name in ("created_at", "updated_at"):
         return isinstance(field, models.DateTimeField) and field.concrete
+    if not isinstance(field, models.ForeignKey):
+        return False
+    target = field.remote_field.model  # a "app_label.Model" string until the registry resolves it
+    label = target.lower() if isinstance(target, str) else target._meta.label_lower
     return (
-        isinstance(field, models.ForeignKey)
-        and field.remote_field.model._meta.label_lower == "runs_app.run"
-        and field.null
-        and field.remote_field.on_delete is models.SET_NULL
+        label == "runs_app.run" and field.null and field.remote_field.on_delete is models.SET_NULL
     )

@@ -10,9 +10,20 @@ from typing import Any
 
 from django.db import OperationalError, connection, connections
 
-from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState
+from runs_app.models import (
+    Project,
+    Run,
+    RunEvent,
+    RunFlushSession,
+    RunModelState,
+    RunOutbox,
+    RunState,
+)
+from tests.tracked_app.models import Device, Membership, Site
 
-ALL_MODELS = (Run, RunState, RunOutbox, RunEvent, Project)
+# The tracked models last: children before parents, the order reset_tables deletes in.
+TRACKED_MODELS = (Device, Membership, Site, Project)
+ALL_MODELS = (Run, RunState, RunModelState, RunFlushSession, RunOutbox, RunEvent, *TRACKED_MODELS)
 
 
 class InjectedFault(OperationalError):
@@ -20,7 +31,8 @@ class InjectedFault(OperationalError):
 
 
 def snapshot() -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the five tables, in primary-key order: equal snapshots mean nothing changed."""
+    """Every row of runs_app's tables and the tracked models', in primary-key order: equal
+    snapshots mean nothing changed."""
     return {
         model.__name__: sorted(
             (tuple(sorted(row.items())) for row in model.objects.values()), key=repr
@@ -117,8 +129,16 @@ def run_in_threads(target: Callable[[int], Any], count: int, timeout: float = 60
 
 
 def reset_tables() -> None:
-    """Delete every row of the five tables (children first)."""
-    for model in (Project, RunEvent, RunOutbox, RunState, Run):
+    """Delete every row of runs_app's tables and the tracked models' (children first)."""
+    for model in (
+        *TRACKED_MODELS,
+        RunEvent,
+        RunOutbox,
+        RunModelState,
+        RunFlushSession,
+        RunState,
+        Run,
+    ):
         model.objects.all().delete()
 
 

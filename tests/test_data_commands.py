@@ -21,6 +21,7 @@ from runs_app.management.commands import fail_stale_runs
 from runs_app.models import Project, RunEvent, RunState
 from tests.helpers import keys, snapshot, stored, synced_run
 from tests.test_stale import age
+from tests.tracked_app.models import Membership
 
 pytestmark = pytest.mark.django_db
 
@@ -48,6 +49,45 @@ def test_cleanup_by_run() -> None:
     out, _ = run_command("cleanup_old_projects", "--run", run.pk)
     assert out == f"Cleanup of run {run.pk} (scope 's'): removed 2 project(s).\n"
     assert sorted(stored("s")) == keys(0, 8)
+
+
+def test_cleanup_of_another_tracked_model() -> None:
+    def members(logins: str) -> Any:
+        run = services.create_run("org")
+        with services.flush(run, Membership) as flush:
+            flush.write({"repo_id": 1, "login": login, "role": "r"} for login in logins)
+        return services.complete_run(run)
+
+    members("abcdef")
+    run = members("abcde")
+    out, _ = run_command(
+        "cleanup_old_projects", "--run", run.pk, "--model", "tracked_app.Membership", "--dry-run"
+    )
+    assert out == (
+        f"Dry run for run {run.pk} (scope 'org'): 1 row(s) of tracked_app.membership to remove "
+        "(first keys: [1, 'f']).\n"
+    )
+    out, _ = run_command(
+        "cleanup_old_projects", "--scope", "org", "--model", "tracked_app.membership"
+    )
+    assert "removed 1 row(s) of tracked_app.membership" in out
+    assert sorted(Membership.objects.values_list("login", flat=True)) == list("abcde")
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("tracked_app.nope", "is not a model of the project"),
+        ("runs_app.RunState", "is not a tracked model"),
+        ("nodot", "is not a model of the project"),
+    ],
+)
+def test_model_must_be_a_tracked_model(model: str, message: str) -> None:
+    synced_run("s", keys(0, 10))
+    before = snapshot()
+    error = command_error("cleanup_old_projects", "--scope", "s", "--model", model)
+    assert "argument --model" in str(error) and message in str(error)
+    assert snapshot() == before
 
 
 def test_cleanup_by_scope_takes_the_latest_run_whatever_its_status() -> None:
@@ -116,7 +156,14 @@ def test_a_dry_run_that_would_refuse_exits_1_and_writes_nothing() -> None:
         ["--scope", "empty-scope"],
         ["--scope", " bad"],
     ],
-    ids=["neither", "both", "unknown-run", "bad-run-id", "scope-without-runs", "bad-scope"],
+    ids=[
+        "neither",
+        "both",
+        "unknown-run",
+        "bad-run-id",
+        "scope-without-runs",
+        "bad-scope",
+    ],
 )
 def test_usage_errors_exit_2_and_delete_nothing(args: list[str]) -> None:
     synced_run("s", keys(0, 10))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -18,10 +19,11 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from runs_app import inspection
+from runs_app import inspection, services
 from runs_app.management.commands.runs_status import Command
 from runs_app.models import RunEvent, RunOutbox, RunState
 from tests import scenarios
+from tests.tracked_app.models import Device, Membership
 
 pytestmark = pytest.mark.django_db
 
@@ -294,4 +296,53 @@ def test_health_costs_the_same_queries_for_3_or_30_runs() -> None:
     few = queries()
     for index in range(3, 30):
         scenarios.completed_run(f"s{index % 5 + 3}", f"r{index}")
-    assert queries() == few == 5
+    assert queries() == few == 6  # with the per-model lines of the latest runs
+
+
+def test_the_latest_runs_per_model_lines_are_shown_under_the_summary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run = services.create_run("fleet")
+    with services.flush(run, Device) as flush:
+        flush.write(
+            [{"uid": uuid.UUID(int=1), "name": "d1"}, {"uid": uuid.UUID(int=2), "name": "d2"}]
+        )
+    with services.flush(run, Membership) as flush:
+        flush.write([{"repo_id": 1, "login": "ada", "role": "admin"}])
+    services.complete_run(run)
+
+    code, out, _ = status(monkeypatch=monkeypatch)
+
+    assert code == 0
+    lines = out.splitlines()
+    start = lines.index("per model (latest run of each scope)")
+    assert lines[start + 1].split() == [
+        "scope",
+        "model",
+        "flush",
+        "seen",
+        "created",
+        "updated",
+        "confirmed",
+        "removed",
+        "cleanup",
+    ]
+    assert lines[start + 2].split() == [
+        "fleet",
+        "tracked_app.device",
+        "succeeded",
+        "2",
+        "2",
+        "0",
+        "2",
+        "0",
+        "not_run",
+    ]
+    assert lines[start + 3].split()[:4] == ["fleet", "tracked_app.membership", "succeeded", "1"]
+    code, out, _ = status("--json", monkeypatch=monkeypatch)
+    (scope,) = json.loads(out)["scopes"]
+    assert [line["model"] for line in scope["models"]] == [
+        "tracked_app.device",
+        "tracked_app.membership",
+    ]
+    assert scope["models"][0]["rows_confirmed"] == 2

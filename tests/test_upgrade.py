@@ -1,5 +1,6 @@
-"""Upgrading a database filled by the previous release (runs_app 0001) to 0002: every row kept,
-closed runs flagged closed, and on PostgreSQL new ordinals above every existing one.
+"""Upgrading a database filled by an earlier release: 0001 to 0002 (every row kept, closed runs
+flagged closed, and on PostgreSQL new ordinals above every existing one), and 0002 to 0003
+(every row kept, each run that flushed gets its runs_app.project ledger line).
 
 Standard MigrationExecutor use: migrate back to 0001, fill through the historical models as the
 previous release wrote its rows, migrate forward. The database is left fully migrated.
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from runs_app import services
 from runs_app.exceptions import RunClosed
-from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState, RunStatus
+from runs_app.models import Project, Run, RunEvent, RunModelState, RunOutbox, RunState, RunStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -180,3 +181,39 @@ def test_upgrade_then_downgrade_then_upgrade_again(old_database: Apps) -> None:
     assert services.create_run("again").ordinal > 900
     assert RunState.objects.count() == len(RUNS) + 1
     assert RunOutbox.objects.count() == RunEvent.objects.filter(type="run.started").count()
+
+
+TRACKED = [("runs_app", "0003_tracked_models")]
+
+
+def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
+    old_database: Apps,
+) -> None:
+    fill(old_database)
+    previous = migrate(NEW)  # the database of the previous release (flush sessions)
+    PreviousState = previous.get_model("runs_app", "RunState")
+    PreviousState.objects.filter(run_id="old-newest").update(
+        cleanup_status="done", rows_removed=4, rows_confirmed=3
+    )
+    before = snapshot_values()
+    migrate(TRACKED)
+    assert snapshot_values() == before  # every row kept, as it was
+    lines = {
+        line.run_id: (line.model, line.flush_status, line.rows_seen, line.rows_confirmed)
+        for line in RunModelState.objects.all()
+    }
+    assert lines == {
+        "old-done": ("runs_app.project", "succeeded", 3, 0),
+        "old-failed": ("runs_app.project", "failed", 3, 0),
+        "old-newest": ("runs_app.project", "succeeded", 3, 3),
+        "old-active-flushed": ("runs_app.project", "succeeded", 3, 0),
+    }
+    newest = RunModelState.objects.get(run_id="old-newest")
+    assert (newest.cleanup_status, newest.rows_removed) == ("done", 4)
+    # The upgraded ledger drives per-model cleanup and completion as the new release writes them.
+    migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    assert services.safe_cleanup("old-newest", Project).removed == 10
+    with services.flush("old-active") as flush:
+        flush.write([{"key": "e1", "name": "E1"}])
+    assert services.complete_run("old-active").state.status == RunStatus.COMPLETED
+    assert RunModelState.objects.get(run_id="old-active").rows_confirmed == 1

@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import math
 
+from django.apps import apps
+from django.db.models import Model
+
 from ..conf import MAX_DURATION_SECONDS
+from ..tracking import is_tracked
 
 
 def _integer(text: str) -> int:
@@ -57,3 +61,16 @@ def non_negative_seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
     return value
+
+
+def tracked_model(text: str) -> type[Model]:
+    """A tracked model named by its label, ``app_label.ModelName`` (case-insensitive)."""
+    try:
+        model = apps.get_model(text)
+    except (LookupError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a model of the project (give app_label.ModelName)"
+        ) from None
+    if not is_tracked(model):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tracked model (a TrackedModel)")
+    return model

@@ -32,11 +32,12 @@ SQLite (its writers are serialised; its planner has no such statistics-driven tu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import models
 
 from ..conf import runs_settings
@@ -186,12 +187,7 @@ def _delete_batch_sqlite(
     record = (
         "json_object("
         + ", ".join(
-            f"'{column(field)}', "
-            + (
-                f"json({quote(column(field))})"
-                if isinstance(field, models.JSONField)
-                else quote(column(field))
-            )
+            f"'{column(field)}', {_sqlite_json_value(field, quote)}"
             for field in spec.model._meta.concrete_fields
         )
         + ")"
@@ -204,6 +200,18 @@ def _delete_batch_sqlite(
         )
         count = len(spec.key)
         return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
+
+
+def _sqlite_json_value(field: Any, quote: Callable[[str], str]) -> str:
+    """A column as the audit record holds it: JSON as JSON (not a string of it), and a
+    datetime in ISO 8601 with its UTC offset, as PostgreSQL's ``row_to_json`` writes it (SQLite
+    stores ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC when ``USE_TZ``)."""
+    name = quote(column(field))
+    if isinstance(field, models.JSONField):
+        return f"json({name})"
+    if isinstance(field, models.DateTimeField) and settings.USE_TZ:
+        return f"replace({name}, ' ', 'T') || '+00:00'"
+    return name
 
 
 def batch_cursor(spec: SyncSpec, scope: str, ordinal: int) -> BatchCursor | None:

@@ -90,9 +90,9 @@ def flush_projects(
     millions of rows: it is read lazily, ``batch_size`` (default ``FLUSH_BATCH_SIZE``) rows at a
     time. Returns the counts.
 
-    One call is the run's whole flush: a second call (or session) on the run raises
-    ``FlushEnded`` and writes nothing. For a source read page by page, use the session form,
-    :func:`flush`.
+    One call is the run's whole flush of projects: a second call (or session of ``Project``)
+    on the run raises ``FlushEnded`` and writes nothing. For a source read page by page, use
+    the session form, :func:`flush`.
 
     Raises ``InvalidInput`` (a malformed ``run`` or ``batch_size``; nothing written),
     ``FlushInTransaction``, ``RunClosed`` (the run is completed or failed; nothing written, its
@@ -109,19 +109,21 @@ class FlushSession:
     Transactions:
       * **open** (entering the block): one transaction, which must not be nested in the
         caller's (``FlushInTransaction`` otherwise): locks the run, checks it is active (else
-        ``RunClosed``, nothing written) and that its flush neither failed (``FlushFailed``) nor
-        ended (``FlushEnded``: the ledger becomes ``failed``), then records the session and
-        sets ``flush_status = in_progress``. Committed before any row is read.
+        ``RunClosed``, nothing written), that its flush has not failed (``FlushFailed``) and
+        that its flush of this model has not ended (``FlushEnded``: the ledger becomes
+        ``failed``), then records the session and sets ``flush_status = in_progress`` on the
+        run's ledger and the model's line. Committed before any row is read.
       * **write(rows)**: one short transaction per batch of ``batch_size`` rows, opened only
         after the batch was read and validated: lock the run, check it is active and its flush
         not failed, one upsert statement (keys sorted; a key repeated in the batch keeps its
-        last value), the ledger's and the session's counts and the heartbeat, a
-        ``projects.flushed`` event. A constant number of statements per batch. Inside the
-        caller's ``atomic()`` the batches are savepoints of it.
+        last value), the counts of the ledger, the model's line and the session, the
+        heartbeat, a ``<sync_name>.flushed`` event. A constant number of statements per
+        batch. Inside the caller's ``atomic()`` the batches are savepoints of it.
       * **close** (the block exits normally): one transaction: checks that every batch this
         session wrote is still there (a batch rolled back by the caller's transaction fails
-        the session), marks it succeeded and, when no other session of the run is open, sets
-        ``flush_status = succeeded`` with a ``flush.succeeded`` event.
+        the session), marks it succeeded and, when no other session of the model (of the run)
+        is open, sets the model's (the run's) ``flush_status = succeeded``, with a
+        ``flush.succeeded`` event.
 
     Failure is sticky: an exception escaping the block, or a ``write`` that raised (even if the
     caller caught it and went on), records ``flush_status = failed`` with the error (event
@@ -130,10 +132,13 @@ class FlushSession:
     ``KeyboardInterrupt`` and other ``BaseException`` are recorded too, then re-raised as they
     are; if the process dies, ``in_progress`` stays, which counts as failed.
 
-    Several sessions of one run may be open at once (two workers sharing a run): each is
-    counted, and the run's flush succeeds only when all of them closed cleanly; completing the
-    run while one is still open fails it. A completed or failed run is never written to: its
-    ledger is left as it is and ``RunClosed`` is raised.
+    Several sessions of one run may be open at once (two workers sharing a run, or flushing
+    two models): each is counted, and the run's flush succeeds only when all of them closed
+    cleanly; completing the run while one is still open fails it. Once every session of a model
+    closed cleanly, that model's flush has ended: a new session of it raises ``FlushEnded``
+    (a source read twice is a job bug; several workers must open their sessions before the
+    first one closes). Other models may still be flushed. A completed or failed run is never
+    written to: its ledger is left as it is and ``RunClosed`` is raised.
     """
 
     def __init__(self, run_id: str, spec: SyncSpec, batch_size: int) -> None:

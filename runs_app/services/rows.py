@@ -79,13 +79,29 @@ class RowSchema:
             for field in spec.owned
         ]
         self._known = {name for pair in self._names for name in pair if name}
+        # Per owned field: what _values needs, looked up once.
+        self._plan = [
+            (
+                name,
+                attname,
+                clean,
+                not field.null and field.has_default(),
+                i < self.key_count,
+                field,
+            )
+            for i, ((name, attname), clean, field) in enumerate(
+                zip(self._names, self._cleaners, spec.owned, strict=True)
+            )
+        ]
+        self._defaulted = list(zip(self._default_cleaners, spec.defaulted, strict=True))
         self.budget = runs_settings.MAX_PAYLOAD_BYTES - envelope_size(scope, spec.label)
         self._overhead = _record_overhead(spec, scope, run_id)
 
     def prepare(self, value: Any, index: int) -> PreparedRow:
         where = f"{self.rows_name}[{index}]"
-        if isinstance(value, self.model):
-            row: Mapping[str, Any] = {f.attname: getattr(value, f.attname) for f in self.spec.owned}
+        row: Mapping[str, Any]
+        if type(value) is not dict and isinstance(value, self.model):
+            row = {f.attname: getattr(value, f.attname) for f in self.spec.owned}
         elif type(value) is dict or isinstance(value, Mapping):
             row = value
             if not self._known.issuperset(row):
@@ -101,22 +117,30 @@ class RowSchema:
                 "must be a mapping of field names to values or a "
                 f"{self.model.__name__} instance, not {type(value).__name__}",
             )
+        try:
+            values = self._values(row)
+        except InvalidInput as exc:
+            # The cleaners name the field only: the row's place is added here, on the error
+            # path, rather than formatted for every value of every row.
+            raise InvalidInput(f"{where}.{exc.field}", exc.message, limit=exc.limit) from None
+        self._check_record_size(where, values)
+        return PreparedRow(tuple(values[: self.key_count]), tuple(values))
+
+    def _values(self, row: Mapping[str, Any]) -> list[Any]:
         values: list[Any] = []
-        for (name, attname), clean, field in zip(
-            self._names, self._cleaners, self.spec.owned, strict=True
-        ):
+        append = values.append
+        for name, attname, clean, none_is_default, is_key, field in self._plan:
             item = row.get(name, MISSING)
             if attname is not None and attname in row:
                 if item is not MISSING:
-                    raise InvalidInput(f"{where}.{name}", f"is given twice ({name}, {attname})")
+                    raise InvalidInput(name, f"is given twice ({name}, {attname})")
                 item = row[attname]
-            if item is MISSING or (item is None and not field.null and field.has_default()):
-                item = _default(field, f"{where}.{name}", len(values) < self.key_count)
-            values.append(clean(item, f"{where}.{name}"))
-        for clean, field in zip(self._default_cleaners, self.spec.defaulted, strict=True):
-            values.append(clean(field.get_default(), f"{where}.{field.name}"))
-        self._check_record_size(where, values)
-        return PreparedRow(tuple(values[: self.key_count]), tuple(values))
+            if item is MISSING or (item is None and none_is_default):
+                item = _default(field, name, is_key)
+            append(clean(item, name))
+        for clean, field in self._defaulted:
+            append(clean(field.get_default(), field.name))
+        return values
 
     def _check_record_size(self, where: str, values: list[Any]) -> None:
         # Cheap bound first (a character takes at most 6 bytes escaped in a JSON string, a JSON

@@ -1,4 +1,5 @@
-"""``manage.py cleanup_old_projects``: a thin shell over ``services.safe_cleanup_old_projects``.
+"""``manage.py cleanup_old_projects``: a thin shell over ``services.safe_cleanup`` (for
+``Project`` by default, or any tracked model with ``--model app_label.ModelName``).
 
 Exit codes: 0 done (or a dry run that would proceed), 1 refused (or a dry run that would
 refuse), 2 usage error or unknown run.
@@ -12,7 +13,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, InvalidInput, RunNotFound
-from runs_app.models import Run
+from runs_app.management.argtypes import tracked_model
+from runs_app.models import Project, Run
+from runs_app.tracking import sync_spec
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -20,7 +23,8 @@ EXIT_USAGE = 2
 
 class Command(BaseCommand):
     help = (
-        "Delete the projects of a scope that its run did not see, behind the safety guards. "
+        "Delete the rows of a tracked model (default: runs_app.Project) that a run of their "
+        "scope did not see, behind the safety guards. "
         "Exit 0: done; 1: refused (reason on stderr); 2: usage error or unknown run."
     )
 
@@ -28,6 +32,13 @@ class Command(BaseCommand):
         parser.add_argument("--run", dest="run_id", metavar="RUN_ID", help="the run to clean up")
         parser.add_argument(
             "--scope", help="clean up with the scope's latest run, whatever its status"
+        )
+        parser.add_argument(
+            "--model",
+            type=tracked_model,
+            default=Project,
+            metavar="APP_LABEL.MODEL",
+            help="the tracked model to clean up (default: runs_app.Project)",
         )
         parser.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
         parser.add_argument(
@@ -39,19 +50,22 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         run = self._run(options["run_id"], options["scope"])
         try:
-            result = services.safe_cleanup_old_projects(
-                run, dry_run=options["dry_run"], force=options["force"]
+            result = services.safe_cleanup(
+                run, options["model"], dry_run=options["dry_run"], force=options["force"]
             )
         except CleanupRefused as exc:
             raise CommandError(
                 f"cleanup refused: {exc.reason}: {exc.message}", returncode=EXIT_REFUSED
             ) from exc
         where = f"run {run.pk} (scope {run.scope!r})"
-        sample = f" (first keys: {', '.join(result.sample_keys)})" if result.sample_keys else ""
+        spec = sync_spec(options["model"])
+        noun = "project(s)" if options["model"] is Project else f"row(s) of {spec.label}"
+        first = ", ".join(str(key) for key in result.sample_keys)
+        sample = f" (first keys: {first})" if result.sample_keys else ""
         forced = " Forced: a guard was overridden." if result.forced else ""
         if result.dry_run:
             self.stdout.write(
-                f"Dry run for {where}: {result.planned} project(s) to remove{sample}.{forced}"
+                f"Dry run for {where}: {result.planned} {noun} to remove{sample}.{forced}"
             )
             if result.refusal is not None:
                 raise CommandError(
@@ -59,7 +73,7 @@ class Command(BaseCommand):
                     returncode=EXIT_REFUSED,
                 )
             return
-        self.stdout.write(f"Cleanup of {where}: removed {result.removed} project(s).{forced}")
+        self.stdout.write(f"Cleanup of {where}: removed {result.removed} {noun}.{forced}")
 
     def _run(self, run_id: str | None, scope: str | None) -> Run:
         if (run_id is None) == (scope is None):

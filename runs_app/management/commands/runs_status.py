@@ -138,6 +138,28 @@ class Command(BaseCommand):
         ]
         outbox = facts.outbox
         lines = _table(headers, rows) if rows else ["No runs."]
+        per_model = [item for item in facts.scopes if item.models]
+        if per_model:
+            lines += ["", "per model (latest run of each scope)"]
+            model_rows = [
+                [
+                    item.scope,
+                    line.model,
+                    line.flush_status,
+                    str(line.rows_seen),
+                    str(line.rows_created),
+                    str(line.rows_updated),
+                    str(line.rows_confirmed),
+                    str(line.rows_removed),
+                    line.cleanup_status
+                    + (f": {line.cleanup_reason}" if line.cleanup_reason else ""),
+                ]
+                for item in per_model
+                for line in item.models
+            ]
+            model_headers = ["scope", "model", "flush", "seen", "created", "updated"]
+            model_headers += ["confirmed", "removed", "cleanup"]
+            lines += ["  " + text for text in _table(model_headers, model_rows)]
         lines += [
             "",
             "outbox",
