@@ -11,6 +11,7 @@ CleanupRefusalReason = Literal[
     "superseded",
     "empty_run",
     "too_many_deletions",
+    "rows_referenced",
 ]
 
 #: Refusal reasons in the order cleanup checks them (the first that applies wins).
@@ -22,6 +23,11 @@ CLEANUP_REFUSAL_REASONS: tuple[CleanupRefusalReason, ...] = (
     "empty_run",
     "too_many_deletions",
 )
+
+#: A refusal met while deleting, after the guards passed: a batch's DELETE hit a row that
+#: another table still references (a PROTECT or database-level foreign key). That batch rolled
+#: back; the batches before it stay done and audited.
+CLEANUP_DELETION_REFUSALS: tuple[CleanupRefusalReason, ...] = ("rows_referenced",)
 
 
 class RunsError(Exception):

@@ -7,7 +7,17 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
-from runs_app.models import CleanupStatus, Project, RunEvent, RunState, RunStatus
+from example_project.management.commands.sync_repositories import SCOPE
+from example_project.models import Owner, Repository
+from runs_app.models import (
+    CleanupStatus,
+    FlushStatus,
+    Project,
+    RunEvent,
+    RunModelState,
+    RunState,
+    RunStatus,
+)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -16,10 +26,13 @@ def test_demo_shows_every_guarantee() -> None:
     call_command("demo", stdout=out, stderr=StringIO())
 
     states = list(RunState.objects.order_by("run__ordinal"))
-    assert [state.status for state in states] == [
-        RunStatus.COMPLETED,
-        RunStatus.COMPLETED,
-        RunStatus.FAILED,
+    assert [(state.scope, state.status) for state in states] == [
+        ("example", RunStatus.COMPLETED),
+        ("example", RunStatus.COMPLETED),
+        ("example", RunStatus.FAILED),
+        (SCOPE, RunStatus.COMPLETED),
+        (SCOPE, RunStatus.FAILED),
+        (SCOPE, RunStatus.COMPLETED),
     ]
     assert states[1].rows_removed == 5
     assert (states[2].cleanup_status, states[2].cleanup_reason) == (
@@ -27,5 +40,36 @@ def test_demo_shows_every_guarantee() -> None:
         "flush_failed",
     )
     assert Project.objects.filter(scope="example").count() == 495
+
+    # The project's own models: a failing source refused per model, a drop removed exactly 5.
+    failed = {line.model: line for line in RunModelState.objects.filter(run=states[4].run)}
+    assert {
+        model: (line.flush_status, line.cleanup_status, line.cleanup_reason)
+        for model, line in failed.items()
+    } == {
+        "example_project.owner": (
+            FlushStatus.SUCCEEDED,
+            CleanupStatus.REFUSED,
+            "flush_failed",
+        ),
+        "example_project.repository": (FlushStatus.FAILED, CleanupStatus.REFUSED, "flush_failed"),
+    }
+    dropped = RunModelState.objects.get(run=states[5].run, model="example_project.repository")
+    assert (dropped.cleanup_status, dropped.rows_removed) == (CleanupStatus.DONE, 5)
+    assert (Owner.objects.count(), Repository.objects.count()) == (36, 295)
+
     assert not RunEvent.objects.pending().exists()
-    assert "nothing was lost" in out.getvalue()
+    text = out.getvalue()
+    assert "nothing was lost" in text
+    assert "   Before: 36 owner(s), 300 repositories.\n" in text
+    assert "   After:  36 owner(s), 300 repositories: not one row lost.\n" in text
+    assert "   -> removed exactly the 5 dropped repositories (github ids " in text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_demo_runs_again_on_a_database_it_filled() -> None:
+    call_command("demo", stdout=StringIO(), stderr=StringIO())
+    out = StringIO()
+    call_command("demo", stdout=out, stderr=StringIO())
+    assert "removed exactly the 5 dropped repositories" in out.getvalue()
+    assert (Owner.objects.count(), Repository.objects.count()) == (36, 295)

@@ -336,3 +336,24 @@ def test_cleanup_of_a_key_of_several_fields_in_a_whole_table_model() -> None:
     result = services.safe_cleanup(run, Membership, force=True)
     assert (result.removed, result.sample_keys) == (1, ([2, "b"],))
     assert set(Membership.objects.values_list("repo_id", "login")) == {(1, "a"), (1, "b"), (2, "a")}
+
+
+def test_a_row_still_referenced_refuses_its_batch_and_says_so() -> None:
+    def sites(ids: list[int]) -> Run:
+        run = services.create_run("geo")
+        with services.flush(run, Site) as flush:
+            flush.write({"id": site_id, "name": f"site {site_id}"} for site_id in ids)
+        return services.complete_run(run)
+
+    sites([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    services.create_run("acme")  # Device rows referencing site 10
+    Device.objects.create(tenant="other", uid=UIDS[0], name="d", site_id=10)
+    run = sites([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    with pytest.raises(CleanupRefused) as refused:
+        services.safe_cleanup(run, Site)
+    assert refused.value.reason == "rows_referenced"
+    assert Site.objects.filter(id=10).exists()
+    state = line(run, Site)
+    assert (state.cleanup_status, state.cleanup_reason) == ("refused", "rows_referenced")
+    assert RunEvent.objects.filter(run=run, type="cleanup.refused").count() == 1
+    assert not RunEvent.objects.filter(run=run, type="sites.removed").exists()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Model
 from django.utils import timezone
 
@@ -35,7 +35,14 @@ from ..tracking import SyncSpec, json_key, tracked_spec
 from .cleanup_batches import BatchCursor, batch_cursor, delete_batch
 from .events import insert_encoded_events, insert_events
 from .runs import lock_state
-from .validation import EncodedEvent, PreparedEvent, encode_json, encode_json_string, run_id_of
+from .validation import (
+    EncodedEvent,
+    PreparedEvent,
+    encode_json,
+    encode_json_string,
+    internal_error_text,
+    run_id_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +115,10 @@ def safe_cleanup(
     flushing this model), ``superseded`` (a newer active or completed run of the scope exists),
     ``empty_run`` (the run flushed 0 rows of the model while the scope has some),
     ``too_many_deletions`` (more than ``CLEANUP_MAX_DELETE_FRACTION`` of the scope's rows or
-    more than ``CLEANUP_MAX_DELETE_COUNT`` rows). ``force=True`` overrides the last two only,
+    more than ``CLEANUP_MAX_DELETE_COUNT`` rows). While deleting, ``rows_referenced``: a batch
+    met a row another table still references (the DELETE is SQL: ``on_delete`` of referencing
+    models does not run); that batch is rolled back, earlier ones stay. ``force=True``
+    overrides ``empty_run`` and ``too_many_deletions`` only,
     and the ledger records that it did (``cleanup_forced``). A refusal is recorded on the
     ledgers (the model's line and the run's summary: ``cleanup_status = refused``, reason,
     message, time) with a ``cleanup.refused`` event, in one short transaction; nothing else is
@@ -305,7 +315,20 @@ def _delete_in_batches(plan: Plan, forced: bool) -> int:
     walk = batch_cursor(plan.spec, plan.scope, plan.ordinal)
     removed = 0
     while True:
-        count = _delete_batch(plan, forced, walk)
+        try:
+            count = _delete_batch(plan, forced, walk)
+        except IntegrityError as exc:
+            # The DELETE is SQL, so a referencing model's on_delete never runs: a row still
+            # referenced fails its batch (rolled back whole). Say so on the ledger, as a refusal.
+            refusal = Refusal(
+                "rows_referenced",
+                f"a batch of {rows_noun(plan.spec)} to delete holds a row that another table "
+                f"still references ({internal_error_text(str(exc)).strip()}); that batch was "
+                f"rolled back, {removed} row(s) were removed before it. Remove or re-point the "
+                "references, then clean up again",
+            )
+            _record_refusal(plan, refusal)
+            raise CleanupRefused(refusal.reason, refusal.message) from exc
         if not count:
             return removed
         removed += count

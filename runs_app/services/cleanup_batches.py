@@ -203,12 +203,15 @@ def _delete_batch_sqlite(
 
 
 def _sqlite_json_value(field: Any, quote: Callable[[str], str]) -> str:
-    """A column as the audit record holds it: JSON as JSON (not a string of it), and a
-    datetime in ISO 8601 with its UTC offset, as PostgreSQL's ``row_to_json`` writes it (SQLite
-    stores ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC when ``USE_TZ``)."""
+    """A column as the audit record holds it, as PostgreSQL's ``row_to_json`` writes it: JSON as
+    JSON (not a string of it), a boolean as true/false (SQLite stores 0/1), a datetime in ISO
+    8601 with its UTC offset (SQLite stores ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC when
+    ``USE_TZ``)."""
     name = quote(column(field))
     if isinstance(field, models.JSONField):
         return f"json({name})"
+    if isinstance(field, models.BooleanField):
+        return f"json(CASE WHEN {name} THEN 'true' WHEN NOT {name} THEN 'false' END)"
     if isinstance(field, models.DateTimeField) and settings.USE_TZ:
         return f"replace({name}, ' ', 'T') || '+00:00'"
     return name
