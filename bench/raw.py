@@ -1,7 +1,8 @@
 """The raw psycopg 3 baselines: the SQL a skilled engineer would write for the same semantics.
 
-Each baseline works on runs_app's own tables, with the same transaction boundaries as the
-operation it is compared with, but without the app's validation, ledger and audit layers (except
+Each baseline works on the tables runs_app writes (its own; for ``flush_repos``, the tracked
+model of bench/tracked/), with the same transaction boundaries as the operation it is compared
+with, but without the app's validation, ledger and audit layers (except
 where the semantics need them: the cleanup's audit rows, the drain's lease fencing). That
 overhead is what the ratios measure.
 
