@@ -1,7 +1,8 @@
 """The raw psycopg 3 baselines: the SQL a skilled engineer would write for the same semantics.
 
-Each baseline works on runs_app's own tables, with the same transaction boundaries as the
-operation it is compared with, but without the app's validation, ledger and audit layers (except
+Each baseline works on the tables runs_app writes (its own; for ``flush_repos``, the tracked
+model of bench/tracked/), with the same transaction boundaries as the operation it is compared
+with, but without the app's validation, ledger and audit layers (except
 where the semantics need them: the cleanup's audit rows, the drain's lease fencing). That
 overhead is what the ratios measure.
 
@@ -100,6 +101,82 @@ def flush(
                             (project["key"], project["name"], encode_json(project["data"]))
                         )
                 cursor.execute(UPSERT, {"scope": scope, "run_id": run_id})
+                row = cursor.fetchone()
+                assert row is not None
+                created += row[0]
+                updated += row[1] - row[0]
+    return created, updated
+
+
+# --- Flush a user's tracked model: the same, on bench.tracked's typed table -----------------
+
+REPO = "bench_repo"
+OWNER = "bench_owner"
+# The columns a row sets, in COPY order (the source's; the stamps are the upsert's).
+REPO_COLUMNS = (
+    "github_id",
+    "name",
+    "url",
+    "stars",
+    "archived",
+    "owner_id",
+    "pushed_at",
+    "node_id",
+)
+REPO_STAGE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS bench_repo_stage (github_id bigint NOT NULL,"
+    " name text NOT NULL, url text NOT NULL, stars integer NOT NULL, archived boolean NOT NULL,"
+    " owner_id bigint NOT NULL, pushed_at timestamptz, node_id uuid NOT NULL)"
+    " ON COMMIT DELETE ROWS"
+)
+_REPO_SET = ", ".join(
+    f"{column} = EXCLUDED.{column}"
+    for column in (*REPO_COLUMNS[1:], "last_seen_run_id", "updated_at")
+)
+# As for projects: sorted by key, stamped with the run, created_at and last_confirmed_run left
+# alone on conflict, inserts told from updates by xmax = 0.
+REPO_UPSERT = f"""
+WITH upserted AS (
+    INSERT INTO {REPO} AS t
+        ({", ".join(REPO_COLUMNS)}, last_seen_run_id, created_at, updated_at)
+    SELECT {", ".join("s." + column for column in REPO_COLUMNS)}, %(run_id)s, now(), now()
+    FROM bench_repo_stage s ORDER BY s.github_id
+    ON CONFLICT (github_id) DO UPDATE SET {_REPO_SET}
+    RETURNING (xmax = 0) AS created
+)
+SELECT count(*) FILTER (WHERE created), count(*) FROM upserted
+"""
+
+
+def flush_repos(
+    conn: Connection, run_id: str, repos: Iterable[Mapping[str, Any]], batch_size: int
+) -> tuple[int, int]:
+    """Upsert ``repos`` (mappings with ``REPO_COLUMNS``) into bench.tracked's table stamped with
+    ``run_id``; returns (created, updated). One transaction per ``batch_size`` rows: a binary
+    COPY of the batch into a temporary table, then one set-based upsert from it."""
+    created = updated = 0
+    copy_sql = f"COPY bench_repo_stage ({', '.join(REPO_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+    types = ("int8", "text", "text", "int4", "bool", "int8", "timestamptz", "uuid")
+    with conn.cursor() as cursor:
+        cursor.execute(REPO_STAGE_DDL)
+        for batch in batched(repos, batch_size):
+            with conn.transaction():
+                with cursor.copy(copy_sql) as copy:
+                    copy.set_types(types)
+                    for repo in batch:
+                        copy.write_row(
+                            (
+                                repo["github_id"],
+                                repo["name"],
+                                repo["url"],
+                                repo["stars"],
+                                repo["archived"],
+                                repo["owner_id"],
+                                repo["pushed_at"],
+                                repo["node_id"],
+                            )
+                        )
+                cursor.execute(REPO_UPSERT, {"run_id": run_id})
                 row = cursor.fetchone()
                 assert row is not None
                 created += row[0]
@@ -394,14 +471,15 @@ def listen_and_drain(
 # --- Untimed seeding, identical for both sides ------------------------------------------------
 
 
-def reset(conn: Connection) -> None:
-    conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+def reset(conn: Connection, *extra: str) -> None:
+    """Empty runs_app's tables and the ``extra`` ones (bench.tracked's, when they exist)."""
+    conn.execute(f"TRUNCATE {', '.join((*TABLES, *extra))} RESTART IDENTITY CASCADE")
 
 
-def settle(conn: Connection) -> None:
+def settle(conn: Connection, *extra: str) -> None:
     """Fresh statistics and a checkpoint before a timed step, so neither side pays for the
     other's dirty pages or is planned against the statistics of an empty table."""
-    conn.execute(f"ANALYZE {', '.join(TABLES)}")
+    conn.execute(f"ANALYZE {', '.join((*TABLES, *extra))}")
     conn.execute("CHECKPOINT")
 
 
@@ -425,6 +503,39 @@ def seed_projects(
             WHERE %(every)s = 0 OR g %% %(every)s <> 0
             """,
             {"scope": scope, "run_id": run_id, "start": start, "stop": stop, "every": every},
+        )
+        return cursor.rowcount
+
+
+#: bench.tracked's keys are ``REPO_KEY_BASE + index``: beyond 32 bits, as a bigint key may be.
+REPO_KEY_BASE = 10_000_000_000
+
+
+def seed_owners(conn: Connection, owners: int) -> int:
+    """Owners ``1 .. owners`` (the rows ``BenchRepo.owner`` points to). Returns how many."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {OWNER} (id, login) SELECT g, 'owner-' || g"
+            " FROM generate_series(1, %s) AS g",
+            (owners,),
+        )
+        return cursor.rowcount
+
+
+def seed_repos(conn: Connection, run_id: str, count: int, owners: int) -> int:
+    """Repos ``0 .. count-1`` (keys ``REPO_KEY_BASE + index``) last seen by ``run_id``, values
+    other than the benchmark's source has (so an update pass changes every row). Returns how
+    many."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {REPO} ({", ".join(REPO_COLUMNS)}, last_seen_run_id, created_at,
+                updated_at)
+            SELECT %(base)s + g, 'old-' || g, 'https://example.com/old/' || g, 0, false,
+                   g %% %(owners)s + 1, NULL, gen_random_uuid(), %(run_id)s, now(), now()
+            FROM generate_series(0, %(count)s - 1) AS g
+            """,
+            {"base": REPO_KEY_BASE, "owners": owners, "run_id": run_id, "count": count},
         )
         return cursor.rowcount
 

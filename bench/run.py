@@ -3,18 +3,21 @@
 
     DATABASE_URL=postgres://root@127.0.0.1:5432/postgres python bench/run.py
     python bench/run.py --only flush_insert,append_1 --rows 50000 --json bench.json
+    python bench/run.py --only flush_model_insert,flush_model_update   # a user's tracked model
     python bench/run.py --smoke          # CI: tiny sizes, checks the harness end to end
     python bench/run.py --peers          # also procrastinate, django-celery-outbox, ...
 
 The server comes from DATABASE_URL (PostgreSQL; default postgres://127.0.0.1:5432/postgres); the
 benchmark (re)creates its own database on it (``--database-name``, default ``bench_runs_app``,
 always ``bench_*``), migrates it and never touches another database; with ``--peers``, also one
-``bench_peer_<peer>`` database per peer.
+``bench_peer_<peer>`` database per peer. The ``flush_model_*`` benchmarks flush a user's tracked
+model of eight typed columns (``bench.tracked``, installed by bench/django_settings.py only; its
+tables are created by the benchmark, without a migration).
 
 For each operation, raw psycopg and runs_app run alternately (the order flips every round) on the
 same freshly seeded tables; the table shows the median rate of each side, the ratio
 runs_app / raw (higher is better; for latency and memory raw / runs_app) and the target from
-issues 7 and 14. With ``--peers`` (opt-in, never in CI: it installs each peer from PyPI into its
+issues 7, 11 and 14. With ``--peers`` (opt-in, never in CI: it installs each peer from PyPI into its
 own virtualenv under bench/.peers/ and runs bench/peers/<peer>_driver.py there), the outbox rows
 also show the best peer's median and runs_app / that peer, against issue 14's peer targets; a
 peer that cannot be installed or run shows "n/a" with the reason. Exit status: 0 when every
@@ -39,8 +42,10 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,10 +59,16 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if p and Path(p).resolve() != H
 
 DEFAULT_URL = "postgres://127.0.0.1:5432/postgres"
 SCOPE = "bench"
+# flush_model_*: issue 11 compares at one transaction per 1,000 rows on both sides, and the
+# repos point to this many owners.
+MODEL_BATCH = 1_000
+MODEL_OWNERS = 1_000
 
 BENCHMARKS = (
     "flush_insert",
     "flush_update",
+    "flush_model_insert",
+    "flush_model_update",
     "confirm",
     "cleanup",
     "append_1",
@@ -76,7 +87,7 @@ BENCHMARKS = (
 
 @dataclass(frozen=True)
 class Sizes:
-    rows: int  # flush (insert and update passes), confirm; cleanup's scope size
+    rows: int  # flush and flush_model (insert and update passes), confirm; cleanup's scope size
     events: int  # drain over `runs` runs; append_100; append_1 uses a tenth
     runs: int  # drain: events spread over this many runs
     memory_rows: int
@@ -166,7 +177,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="runs_app vs raw psycopg, measured in the same run (see the module docstring).",
     )
-    parser.add_argument("--rows", type=positive_int, help=f"projects (default {FULL.rows:,})")
+    parser.add_argument(
+        "--rows", type=positive_int, help=f"projects, tracked model rows (default {FULL.rows:,})"
+    )
     parser.add_argument("--events", type=positive_int, help=f"events (default {FULL.events:,})")
     parser.add_argument(
         "--runs", type=positive_int, help=f"runs the drain spreads events over ({FULL.runs:,})"
@@ -262,7 +275,8 @@ def recreate_database(server_url: str, name: str) -> str:
 
 def configure_django(url: str) -> None:
     os.environ["DATABASE_URL"] = url
-    os.environ["DJANGO_SETTINGS_MODULE"] = "example_project.settings"
+    # The example project's settings plus bench.tracked, the flush_model_* benchmarks' model.
+    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.django_settings"
     os.environ["DEBUG"] = "False"  # DEBUG keeps every query in memory
     import django
 
@@ -547,6 +561,27 @@ def project_stream(count: int, version: int) -> Iterator[dict[str, Any]]:
         }
 
 
+def repo_stream(count: int, version: int, owners: int) -> Iterator[dict[str, Any]]:
+    """The source of the flush_model_* benchmarks: a user's rows of eight typed columns, keys as
+    bench.raw.REPO_KEY_BASE + index, the foreign key by id; ``version`` changes every value but
+    the key."""
+    from bench.raw import REPO_KEY_BASE
+
+    pushed = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(days=version)
+    for index in range(count):
+        owner = index % owners + 1
+        yield {
+            "github_id": REPO_KEY_BASE + index,
+            "name": f"repo-{index}-v{version}",
+            "url": f"https://github.com/owner-{owner}/repo-{index}",
+            "stars": index % 10_000 + version,
+            "archived": (index + version) % 7 == 0,
+            "owner_id": owner,
+            "pushed_at": pushed + timedelta(seconds=index),
+            "node_id": uuid.UUID(int=(version << 64) | index),
+        }
+
+
 def event_stream(count: int) -> Iterator[dict[str, Any]]:
     for index in range(count):
         yield {"type": "bench.event", "payload": {"n": index, "source": "bench"}}
@@ -560,6 +595,7 @@ class Bench:
         self.sizes = sizes
         self.raw = raw
         self._conn: Any = None
+        self._model_tables = False
 
     @property
     def conn(self) -> Any:
@@ -665,6 +701,79 @@ class Bench:
             f"flush_projects {rows:,} rows, {what}",
             "rows/s",
             Target("ratio_min", 0.7),
+        )
+        return self.row(row, samples, "raw", "app")
+
+    # flush a user's tracked model -------------------------------------------------------------
+
+    def flush_model(self, update: bool) -> Row:
+        """Issue 11: ``services.flush(run, BenchRepo)`` against raw COPY + upsert, one transaction
+        per 1,000 rows on both sides, into the same table. The insert pass starts from an empty
+        table, the update pass from every key present (seen by an older, failed run). The rows
+        are built before the clock starts (the same list for both sides): only the flush is
+        timed. runs_app's run is then completed (untimed; its rate is in the row's note)."""
+        from bench.tracked.models import BenchRepo, create_tables
+        from runs_app import services
+
+        rows, owners = self.sizes.rows, MODEL_OWNERS
+        tables = (self.raw.REPO, self.raw.OWNER)
+        if not self._model_tables:
+            create_tables()
+            self._model_tables = True
+        source = list(repo_stream(rows, version=1, owners=owners))
+        confirm_rates: list[float] = []
+
+        def measure(side: str) -> float:
+            self.raw.reset(self.conn, *tables)
+            self.raw.seed_owners(self.conn, owners)
+            if update:
+                old = self.fresh_run(SCOPE, "model-old")
+                self.raw.seed_repos(self.conn, old.pk, rows, owners)
+                services.fail_run(old)
+            run = self.fresh_run(SCOPE, "model")
+            self.raw.settle(self.conn, *tables)
+            began = time.perf_counter()
+            if side == "raw":
+                created, updated = self.raw.flush_repos(self.conn, run.pk, source, MODEL_BATCH)
+            else:
+                with services.flush(run, BenchRepo, batch_size=MODEL_BATCH) as session:
+                    written = session.write(source)
+                created, updated = written.created, written.updated
+            elapsed = time.perf_counter() - began
+            self.expect("rows created", created, 0 if update else rows)
+            self.expect("rows updated", updated, rows if update else 0)
+            self.expect(
+                "rows stamped with the run",
+                self.count(
+                    f"SELECT count(*) FROM {self.raw.REPO} WHERE last_seen_run_id = %s", run.pk
+                ),
+                rows,
+            )
+            if side == "app":
+                confirming = time.perf_counter()
+                services.complete_run(run)
+                confirm_rates.append(rows / (time.perf_counter() - confirming))
+                self.expect(
+                    "rows confirmed by complete_run",
+                    self.count(
+                        f"SELECT count(*) FROM {self.raw.REPO} WHERE last_confirmed_run_id = %s",
+                        run.pk,
+                    ),
+                    rows,
+                )
+            return rows / elapsed
+
+        samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})
+        what = "update pass, all existing" if update else "insert pass"
+        confirmed = median_or_none(confirm_rates)
+        row = Row(
+            "flush_model_update" if update else "flush_model_insert",
+            f"flush(run, BenchRepo) {rows:,} rows, 8 typed columns, {what}",
+            "rows/s",
+            Target("ratio_min", 0.8),
+            note=f"{MODEL_BATCH:,} rows per transaction on both sides (raw: binary COPY into a"
+            " temporary table + INSERT ... SELECT ... ON CONFLICT); complete_run afterwards"
+            f" (untimed) confirmed {number(confirmed, 'rows/s')} rows/s",
         )
         return self.row(row, samples, "raw", "app")
 
@@ -1435,6 +1544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps: dict[str, Callable[[], Row | list[Row]]] = {
         "flush_insert": lambda: bench.flush(update=False),
         "flush_update": lambda: bench.flush(update=True),
+        "flush_model_insert": lambda: bench.flush_model(update=False),
+        "flush_model_update": lambda: bench.flush_model(update=True),
         "confirm": bench.confirm,
         "cleanup": bench.cleanup,
         "append_1": lambda: bench.append(1),
