@@ -27,7 +27,7 @@ from django.db.models import F, Model
 from django.utils import timezone
 
 from ..conf import runs_settings
-from ..db import connection_for_write, db_alias
+from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import FlushEnded, FlushFailed, FlushInTransaction, InvalidInput, RunClosed
 from ..models import (
     FlushSessionStatus,
@@ -42,7 +42,7 @@ from ..models import (
 from ..tracking import SyncSpec, json_key, tracked_spec
 from .events import insert_events
 from .rows import PreparedRow, RowSchema
-from .runs import lock_active_state, lock_state
+from .runs import LockedLedger, lock_active_ledger, lock_active_state, lock_state
 from .upsert import upsert
 from .validation import PreparedEvent, internal_error_text, run_id_of
 
@@ -246,29 +246,34 @@ class FlushSession:
         now = timezone.now()
         alias = db_alias()
         with transaction.atomic(using=alias):
-            state = lock_active_state(self.run_id)
+            state = lock_active_ledger(self.run_id)
             _check_not_failed(state)
             created, updated = upsert(self._schema, state.scope, self.run_id, rows, now)
             seen = created + updated
-            counts = {
-                "rows_seen": F("rows_seen") + seen,
-                "rows_created": F("rows_created") + created,
-                "rows_updated": F("rows_updated") + updated,
-            }
-            RunState.objects.using(alias).filter(run_id=self.run_id).update(
-                **counts, heartbeat_at=now
-            )
-            self._model_state().update(**counts)
-            counted = (
-                RunFlushSession.objects.using(alias)
-                .filter(pk=self._session_id, status=FlushSessionStatus.OPEN)
-                .update(
-                    batches=F("batches") + 1,
-                    rows_seen=F("rows_seen") + seen,
-                    rows_created=F("rows_created") + created,
-                    rows_updated=F("rows_updated") + updated,
+            if is_postgresql():
+                counted = _count_batch_postgresql(
+                    self.run_id, self.spec.label, self._session_id, created, updated, now
                 )
-            )
+            else:
+                counts = {
+                    "rows_seen": F("rows_seen") + seen,
+                    "rows_created": F("rows_created") + created,
+                    "rows_updated": F("rows_updated") + updated,
+                }
+                RunState.objects.using(alias).filter(run_id=self.run_id).update(
+                    **counts, heartbeat_at=now
+                )
+                self._model_state().update(**counts)
+                counted = (
+                    RunFlushSession.objects.using(alias)
+                    .filter(pk=self._session_id, status=FlushSessionStatus.OPEN)
+                    .update(
+                        batches=F("batches") + 1,
+                        rows_seen=F("rows_seen") + seen,
+                        rows_created=F("rows_created") + created,
+                        rows_updated=F("rows_updated") + updated,
+                    )
+                )
             if not counted:
                 raise FlushFailed(self.run_id, "this flush session was failed meanwhile")
             payload: dict[str, Any] = {
@@ -414,6 +419,40 @@ class FlushSession:
         )
 
 
+def _count_batch_postgresql(
+    run_id: str, model: str, session_id: int, created: int, updated: int, now: Any
+) -> int:
+    """A batch's counts on the run's ledger, the model's line and the session, in one statement
+    (the run and model ledgers as data-modifying CTEs, which PostgreSQL runs to completion
+    whatever the main statement reads): one round trip and no ORM query to compile per batch,
+    rather than three. Returns 1 if the session was still open (and counted), else 0."""
+    counts = (
+        "rows_seen = rows_seen + %(seen)s, rows_created = rows_created + %(created)s, "
+        "rows_updated = rows_updated + %(updated)s"
+    )
+    sql = (
+        f"WITH s AS (UPDATE {table(RunState)} SET {counts}, heartbeat_at = %(now)s "
+        "WHERE run_id = %(run)s RETURNING 1), "
+        f"m AS (UPDATE {table(RunModelState)} SET {counts} "
+        "WHERE run_id = %(run)s AND model = %(model)s RETURNING 1) "
+        f"UPDATE {table(RunFlushSession)} SET batches = batches + 1, {counts} "
+        "WHERE id = %(session)s AND status = %(open)s"
+    )
+    params = {
+        "seen": created + updated,
+        "created": created,
+        "updated": updated,
+        "now": now,
+        "run": run_id,
+        "model": model,
+        "session": session_id,
+        "open": FlushSessionStatus.OPEN.value,
+    }
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(sql, params)
+        return int(cursor.rowcount)
+
+
 def _in_transaction(connection: BaseDatabaseWrapper) -> bool:
     """True inside a transaction of the caller's (an ``atomic()`` block, or autocommit off).
     The blocks a test case wraps each test in do not count, as for ``atomic(durable=True)``."""
@@ -459,7 +498,7 @@ def _batch_size(batch_size: int | None) -> int:
     return size
 
 
-def _check_not_failed(state: RunState) -> None:
+def _check_not_failed(state: RunState | LockedLedger) -> None:
     if state.flush_status == FlushStatus.FAILED:
         raise FlushFailed(
             state.run_id, f"its flush failed already ({state.flush_error or 'failed'})"

@@ -21,14 +21,21 @@ and the limit. A row must also fit, with its stamps, in one ``<sync_name>.remove
 
 from __future__ import annotations
 
+import datetime
 import math
+import uuid
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxLengthValidator, ProhibitNullCharactersValidator
+from django.core.validators import (
+    MaxLengthValidator,
+    MaxValueValidator,
+    MinValueValidator,
+    ProhibitNullCharactersValidator,
+)
 from django.db import models
 from django.db.models import Field, Value
 
@@ -113,6 +120,22 @@ class RowSchema:
         self._defaulted = list(zip(self._default_cleaners, self.defaulted, strict=True))
         self.budget = runs_settings.MAX_PAYLOAD_BYTES - envelope_size(scope, spec.label)
         self._overhead = _record_overhead(spec, scope, run_id)
+        # The size bound's constant part: a value that is neither text nor JSON counts
+        # SCALAR_BOUND (a None, 4, is less); text, JSON and bytes are measured per row...
+        self._sized = tuple(
+            (i, kind) for i, kind in enumerate(self.kinds) if kind in ("text", "json", "binary")
+        )
+        self._fixed_bound = self._overhead + SCALAR_BOUND * (len(self.kinds) - len(self._sized))
+        # ...unless every one of them is text of a bounded length and even the longest row fits:
+        # then no row can outgrow the budget and the check is skipped.
+        lengths = [getattr(self.columns[i], "max_length", None) for i, _ in self._sized]
+        self._always_fits = (
+            all(
+                kind == "text" and length is not None
+                for (_, kind), length in zip(self._sized, lengths, strict=True)
+            )
+            and self._fixed_bound + sum(6 * (length or 0) + 4 for length in lengths) <= self.budget
+        )
 
     def prepare(self, value: Any, index: int) -> PreparedRow:
         where = f"{self.rows_name}[{index}]"
@@ -140,8 +163,10 @@ class RowSchema:
             # The cleaners name the field only: the row's place is added here, on the error
             # path, rather than formatted for every value of every row.
             raise InvalidInput(f"{where}.{exc.field}", exc.message, limit=exc.limit) from None
-        self._check_record_size(where, values)
-        return PreparedRow(tuple(values[: self.key_count]), tuple(values))
+        if not self._always_fits:
+            self._check_record_size(where, values)
+        key = (values[0],) if self.key_count == 1 else tuple(values[: self.key_count])
+        return PreparedRow(key, tuple(values))
 
     def _values(self, row: Mapping[str, Any]) -> list[Any]:
         values: list[Any] = []
@@ -163,18 +188,17 @@ class RowSchema:
         # Cheap bound first (a character takes at most 6 bytes escaped in a JSON string, a JSON
         # text at most 4 bytes a character as UTF-8 with the database's spacing); the exact
         # size only near the limit.
-        bound = self._overhead
-        for value, kind in zip(values, self.kinds, strict=False):
+        bound = self._fixed_bound
+        for i, kind in self._sized:
+            value = values[i]
             if value is None:
                 bound += 4
             elif kind == "text":
                 bound += 6 * len(value) + 2
-            elif kind == "json":
-                bound += 4 * len(value)
             elif kind == "binary":
                 bound += 2 * len(value) + 6
-            else:
-                bound += SCALAR_BOUND
+            else:  # JSON text
+                bound += 4 * len(value)
         if bound <= self.budget:
             return
         sizes = [_value_size(value, kind) for value, kind in zip(values, self.kinds, strict=False)]
@@ -340,7 +364,68 @@ def _cleaner(field: Field[Any, Any], is_key: bool, *, empty: bool = False) -> Cl
         validate(converted, where)
         return converted
 
-    return clean
+    return _fast_path(field, clean)
+
+
+def _fast_path(field: Field[Any, Any], clean: Cleaner) -> Cleaner:
+    """``clean`` behind a type test that takes, unchanged, a value the field's ``to_python``
+    would return as it is and its validators would accept: an int within the column's range for
+    an integer field (or a foreign key to one), a bool, a datetime, a date, a UUID. Anything
+    else (None, another type, a field with choices or validators of its own) goes to ``clean``.
+    (The generic path costs a few calls per value: ``to_python``, then each validator.)"""
+    if field.choices:
+        return clean
+    target = field.target_field if isinstance(field, models.ForeignKey) else field
+    validators = list(field.validators)
+    if isinstance(target, models.IntegerField):
+        bounds = _integer_bounds(validators)
+        if bounds is None:
+            return clean
+        low, high = bounds
+
+        def clean_int(value: Any, where: str) -> Any:
+            if type(value) is int and low <= value <= high:
+                return value
+            return clean(value, where)
+
+        return clean_int
+    if validators or isinstance(field, models.ForeignKey):
+        return clean
+    exact: type[Any] | None = None
+    if isinstance(field, models.BooleanField):
+        exact = bool
+    elif isinstance(field, models.DateTimeField):
+        exact = datetime.datetime
+    elif isinstance(field, models.DateField):
+        exact = datetime.date
+    elif isinstance(field, models.UUIDField):
+        exact = uuid.UUID
+    if exact is None:
+        return clean
+
+    def clean_exact(value: Any, where: str) -> Any:
+        if type(value) is exact:
+            return value
+        return clean(value, where)
+
+    return clean_exact
+
+
+def _integer_bounds(validators: list[Any]) -> tuple[float, float] | None:
+    """(low, high) when the only validators are Min/MaxValueValidators of fixed integer limits
+    (an integer field's own: the column's range), else None."""
+    low, high = -math.inf, math.inf
+    for validator in validators:
+        limit = validator.limit_value
+        if callable(limit) or type(limit) is not int:
+            return None
+        if type(validator) is MinValueValidator:
+            low = max(low, limit)
+        elif type(validator) is MaxValueValidator:
+            high = min(high, limit)
+        else:
+            return None
+    return low, high
 
 
 def _text_cleaner(field: Field[Any, Any], is_key: bool, null: bool, empty: bool) -> Cleaner:
@@ -354,6 +439,7 @@ def _text_cleaner(field: Field[Any, Any], is_key: bool, null: bool, empty: bool)
         if not isinstance(validator, MaxLengthValidator | ProhibitNullCharactersValidator)
     ]
     validate = _validated(field, others)
+    validated = bool(others or field.choices)
 
     def clean_text(value: Any, where: str) -> Any:
         if type(value) is not str:
@@ -371,8 +457,9 @@ def _text_cleaner(field: Field[Any, Any], is_key: bool, null: bool, empty: bool)
             )
         if "\x00" in value:
             raise InvalidInput(where, "contains a NUL character", limit="no NUL")
-        check_encodable(where, value)
-        if others or field.choices:
+        if not value.isascii():  # ASCII always encodes: the common case copies nothing
+            check_encodable(where, value)
+        if validated:
             validate(value, where)
         return value
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.apps import apps
 from django.db import IntegrityError, transaction
@@ -21,7 +21,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from ..conf import runs_settings
-from ..db import connection_for_write, db_alias, is_postgresql
+from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
 from ..models import (
     FlushSessionStatus,
@@ -225,6 +225,39 @@ def lock_state(run_id: str) -> RunState:
         raise RunNotFound(run_id) from None
     state.run.state = state
     return state
+
+
+class LockedLedger(NamedTuple):
+    """The few columns of a locked run's state a hot path needs (see ``lock_active_ledger``)."""
+
+    run_id: str
+    scope: str
+    flush_status: str
+    flush_error: str
+
+
+def lock_active_ledger(run_id: str) -> LockedLedger:
+    """``lock_active_state`` for a path taken once per batch (the flush's): the same lock, in
+    the same two statements for the same reason, and the same ``RunNotFound`` / ``RunClosed``,
+    but the state's columns read by plain SQL, without compiling two ORM queries and building
+    two model instances each time."""
+    with connection_for_write().cursor() as cursor:
+        if is_postgresql():
+            cursor.execute(f"SELECT id FROM {table(Run)} WHERE id = %s FOR NO KEY UPDATE", [run_id])
+            if cursor.fetchone() is None:
+                raise RunNotFound(run_id)
+        cursor.execute(
+            f"SELECT status, scope, flush_status, flush_error FROM {table(RunState)} "
+            "WHERE run_id = %s",
+            [run_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise RunNotFound(run_id)
+    status, scope, flush_status, flush_error = row
+    if status != RunStatus.ACTIVE:
+        raise RunClosed(run_id, status)
+    return LockedLedger(run_id, scope, flush_status, flush_error)
 
 
 def lock_active_state(run_id: str) -> RunState:

@@ -9,7 +9,9 @@ business of completion) and the project's own fields are left alone.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -67,7 +69,9 @@ class UpsertStatement:
         self.on_conflict = f"ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET " + ", ".join(
             f"{column} = excluded.{column}" for column in updated
         )
-        self.encoders = [_json_encoder(field, connection) for field in schema.columns]
+        self.encoders = [
+            _nullable(_json_encoder(field, connection), field) for field in schema.columns
+        ]
         self.preppers = [_sqlite_prepper(field, connection) for field in schema.columns]
         self.selects = [
             _pg_select(field, index, connection) for index, field in enumerate(schema.columns)
@@ -92,17 +96,13 @@ class UpsertStatement:
             "RETURNING (xmax = 0) AS inserted) "
             "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up"
         )
+        # Each value's encoder called from C (map): only a nullable column's checks for None
+        # (the row checks leave None in no other column).
         encoders = self.encoders
         batch = (
             "["
             + ",".join(
-                "["
-                + ",".join(
-                    "null" if value is None else encode(value)
-                    for encode, value in zip(encoders, row.values, strict=True)
-                )
-                + "]"
-                for row in rows
+                ["[" + ",".join(map(operator.call, encoders, row.values)) + "]" for row in rows]
             )
             + "]"
         )
@@ -194,6 +194,17 @@ def _pg_text(value: Any) -> str:
     return str(value)  # a UUID, a Decimal, a number
 
 
+def _nullable(encode: Callable[[Any], str], field: Field[Any, Any]) -> Callable[[Any], str]:
+    """``encode``, writing ``null`` for a None when the column is nullable."""
+    if not field.null:
+        return encode
+
+    def encode_or_null(value: Any) -> str:
+        return "null" if value is None else encode(value)
+
+    return encode_or_null
+
+
 def _json_encoder(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callable[[Any], str]:
     """How a checked value of ``field`` is written into the JSON batch (never None: the caller
     writes ``null``)."""
@@ -215,6 +226,25 @@ def _json_encoder(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Ca
     def encode(value: Any) -> str:
         return encode_json_string(_pg_text(field.get_db_prep_save(value, connection)))
 
+    # The common types written as get_db_prep_save would leave them on PostgreSQL, without its
+    # per-value calls (to_python again, the naive-datetime check, the backend's adaptation): an
+    # aware datetime's ISO text and a UUID's hex need no JSON escaping. Anything else: encode().
+    if isinstance(field, models.DateTimeField):
+
+        def encode_datetime(value: Any) -> str:
+            if type(value) is datetime and value.tzinfo is not None:
+                return '"' + value.isoformat() + '"'
+            return encode(value)
+
+        return encode_datetime
+    if isinstance(field, models.UUIDField):
+
+        def encode_uuid(value: Any) -> str:
+            if type(value) is uuid.UUID:
+                return '"' + value.hex + '"'
+            return encode(value)
+
+        return encode_uuid
     return encode
 
 
