@@ -458,10 +458,9 @@ def test_faults_injected_as_an_exception_type_are_recognised() -> None:
         assert caused_by_fault(wrapped)
 
 
-def test_a_batch_over_sqlites_variable_limit_is_chunked_in_one_transaction() -> None:
-    """On SQLite the upsert binds 3 variables per row: a batch over the connection's limit is
-    split into several statements of the same transaction. (PostgreSQL sends the batch as one
-    parameter; there the test just flushes one big batch.)"""
+def test_a_batch_over_sqlites_variable_limit_is_still_one_upsert() -> None:
+    """The batch travels as one JSON parameter on both vendors: SQLite's bound-variable limit
+    (here 100, for 250 rows of 3 values) does not split it."""
     synced_run("s", keys(0, 100), "v0")
     run = services.create_run("s")
     connection.ensure_connection()
@@ -481,4 +480,4 @@ def test_a_batch_over_sqlites_variable_limit_is_chunked_in_one_transaction() -> 
     assert Project.objects.filter(scope="s", last_seen_run=run).count() == 250
     if connection.vendor == "sqlite":
         inserts = [q for q in queries.captured_queries if q["sql"].startswith("INSERT INTO")]
-        assert len([q for q in inserts if "ON CONFLICT" in q["sql"]]) == 8  # 250 rows / 32
+        assert len([q for q in inserts if "ON CONFLICT" in q["sql"]]) == 1

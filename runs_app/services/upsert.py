@@ -9,6 +9,7 @@ business of completion) and the project's own fields are left alone.
 
 from __future__ import annotations
 
+import json
 import operator
 import sqlite3
 import uuid
@@ -73,6 +74,7 @@ class UpsertStatement:
             _nullable(_json_encoder(field, connection), field) for field in schema.columns
         ]
         self.preppers = [_sqlite_prepper(field, connection) for field in schema.columns]
+        self.has_binary = any(isinstance(f, models.BinaryField) for f in schema.columns)
         self.selects = [
             _pg_select(field, index, connection) for index, field in enumerate(schema.columns)
         ]
@@ -118,10 +120,49 @@ class UpsertStatement:
     def run_sqlite(
         self, scope: str, run_id: str, rows: Sequence[PreparedRow], now: datetime
     ) -> tuple[int, int]:
-        # SQLite cannot tell an insert from an update in RETURNING, so count the batch's
-        # existing keys first. Exact: this write transaction holds SQLite's write lock
-        # (IMMEDIATE mode), so no other writer can add or remove one of these keys in between.
-        # Chunked under the bound variable limit; all chunks stay in this transaction.
+        # As on PostgreSQL, the batch travels as one JSON array of arrays (the values bound as
+        # SQLite stores them), unnested by json_each: one INSERT whatever the batch's size, never
+        # split by the bound-variable limit. SQLite cannot tell an insert from an update in
+        # RETURNING, so the batch's existing keys are counted first, from the same JSON text.
+        # Exact: this write transaction holds SQLite's write lock (IMMEDIATE mode), so no other
+        # writer can add or remove one of these keys in between.
+        if self.has_binary:
+            return self._run_sqlite_values(scope, run_id, rows, now)
+        connection = connection_for_write()
+        stamp = connection.ops.adapt_datetimefield_value(now)
+        preppers = self.preppers
+        batch = _encode_sqlite_batch(
+            [
+                [prep(value) for prep, value in zip(preppers, row.values, strict=True)]
+                for row in rows
+            ]
+        )
+        scoped = [scope] if self.scope_column else []
+        scope_filter = f"{self.scope_column} = %s AND " if self.scope_column else ""
+        keys = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(self.key_columns)))
+        picked = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(self.value_columns)))
+        constants = ", ".join(["%s"] * (len(scoped) + 3))
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT count(*) FROM {self.table} WHERE {scope_filter}"
+                f"({', '.join(self.key_columns)}) IN (SELECT {keys} FROM json_each(%s))",
+                [*scoped, batch],
+            )
+            existing = int(cursor.fetchone()[0])
+            # "WHERE true": SQLite's parser needs it between a SELECT and ON CONFLICT.
+            cursor.execute(
+                f"INSERT INTO {self.table} ({', '.join(self.insert_columns)}) "
+                f"SELECT {picked}, {constants} FROM json_each(%s) WHERE true {self.on_conflict}",
+                [*scoped, run_id, stamp, stamp, batch],
+            )
+        return len(rows) - existing, existing
+
+    def _run_sqlite_values(
+        self, scope: str, run_id: str, rows: Sequence[PreparedRow], now: datetime
+    ) -> tuple[int, int]:
+        """A model with a BinaryField: JSON cannot carry its bytes, so the values are bound as
+        parameters, chunked under the bound-variable limit (several INSERTs for a large batch,
+        all in the batch's transaction)."""
         connection = connection_for_write()
         connection.ensure_connection()
         max_vars = int(connection.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
@@ -246,6 +287,12 @@ def _json_encoder(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Ca
 
         return encode_uuid
     return encode
+
+
+def _encode_sqlite_batch(values: list[list[Any]]) -> str:
+    """The JSON text of a batch's values as SQLite stores them (text, numbers, booleans as
+    true/false, which json_extract reads as 1/0); a Decimal as its text."""
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _sqlite_prepper(
