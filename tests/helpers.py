@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -252,3 +254,17 @@ def temporary_tracked_model(
     finally:
         del apps.all_models["tracked_app"][model._meta.model_name]
         apps.clear_cache()
+
+
+def finish_worker(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """Wait for a worker process (killed after ``timeout`` seconds); it must exit 0 and print
+    its result as JSON on its last line of output, which is returned."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("a worker process did not finish in time") from None
+    assert process.returncode == 0, stderr[-3000:]
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result

@@ -23,6 +23,7 @@ from django.utils import timezone
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, RunInProgress
 from runs_app.models import Project, RunEvent, RunFlushSession, RunState, RunStatus
+from tests.helpers import finish_worker
 from tests.relay_helpers import ROOT, database_url, wait_until
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
@@ -159,15 +160,7 @@ def start_worker(role: str, directory: Path, **args: Any) -> subprocess.Popen[st
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise AssertionError("a worker process did not finish in time") from None
-    assert process.returncode == 0, stderr[-3000:]
-    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    return result
+    return finish_worker(process, timeout)
 
 
 def waiting_on_a_lock() -> bool:

@@ -31,6 +31,7 @@ from runs_app.models import (
     RunState,
     RunStatus,
 )
+from tests.helpers import finish_worker
 from tests.relay_helpers import ROOT, database_url, wait_until
 from tests.tracked_app.models import Device, Membership
 
@@ -246,15 +247,7 @@ def start_worker(role: str, directory: Path, **args: Any) -> subprocess.Popen[st
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise AssertionError("a worker process did not finish in time") from None
-    assert process.returncode == 0, stderr[-3000:]
-    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    return result
+    return finish_worker(process, timeout)
 
 
 def uid(index: int) -> uuid.UUID:
