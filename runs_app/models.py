@@ -74,26 +74,14 @@ class Run(models.Model):
         return f"{self.scope}/{self.id}"
 
 
-class RunState(models.Model):
-    """A run's lifecycle and ledgers (flush and cleanup). One per run."""
-
-    run = models.OneToOneField(
-        Run, on_delete=models.CASCADE, primary_key=True, related_name="state"
-    )
-    # Copied from the run so the database can enforce one active run per scope.
-    scope = models.CharField(max_length=SCOPE_MAX_LENGTH)
-    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.ACTIVE)
-    error = models.TextField(blank=True, default="")
-    started_at = models.DateTimeField(default=timezone.now)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(default=timezone.now)
+class Ledger(models.Model):
+    """The flush and cleanup ledger a run keeps in total (``RunState``) and per model it
+    flushed (``RunModelState``): one definition of their fields."""
 
     # Flush ledger.
     flush_status = models.CharField(
         max_length=16, choices=FlushStatus.choices, default=FlushStatus.NOT_STARTED
     )
-    flush_error = models.TextField(blank=True, default="")
-    flushed_at = models.DateTimeField(null=True, blank=True)
     rows_seen = models.PositiveBigIntegerField(default=0)
     rows_created = models.PositiveBigIntegerField(default=0)
     rows_updated = models.PositiveBigIntegerField(default=0)
@@ -108,6 +96,28 @@ class RunState(models.Model):
     rows_removed = models.PositiveBigIntegerField(default=0)
     cleanup_forced = models.BooleanField(default=False)
     cleanup_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class RunState(Ledger):
+    """A run's lifecycle and ledgers (flush and cleanup). One per run."""
+
+    run = models.OneToOneField(
+        Run, on_delete=models.CASCADE, primary_key=True, related_name="state"
+    )
+    # Copied from the run so the database can enforce one active run per scope.
+    scope = models.CharField(max_length=SCOPE_MAX_LENGTH)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.ACTIVE)
+    error = models.TextField(blank=True, default="")
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(default=timezone.now)
+
+    # The flush ledger's error and time (its status and counts: Ledger).
+    flush_error = models.TextField(blank=True, default="")
+    flushed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -168,7 +178,7 @@ class RunFlushSession(models.Model):
         return f"flush session {self.pk} of {self.run_id}: {self.status}"
 
 
-class RunModelState(models.Model):
+class RunModelState(Ledger):
     """A run's ledger for one tracked model it flushed (or tried to clean up): the per-model
     lines under the run-level summary on ``RunState``.
 
@@ -180,21 +190,6 @@ class RunModelState(models.Model):
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="model_states")
     model = models.CharField(max_length=100)  # "app_label.model_name"
-    flush_status = models.CharField(
-        max_length=16, choices=FlushStatus.choices, default=FlushStatus.NOT_STARTED
-    )
-    rows_seen = models.PositiveBigIntegerField(default=0)
-    rows_created = models.PositiveBigIntegerField(default=0)
-    rows_updated = models.PositiveBigIntegerField(default=0)
-    rows_confirmed = models.PositiveBigIntegerField(default=0)
-    cleanup_status = models.CharField(
-        max_length=16, choices=CleanupStatus.choices, default=CleanupStatus.NOT_RUN
-    )
-    cleanup_reason = models.CharField(max_length=32, blank=True, default="")
-    cleanup_message = models.TextField(blank=True, default="")
-    rows_removed = models.PositiveBigIntegerField(default=0)
-    cleanup_forced = models.BooleanField(default=False)
-    cleanup_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["run", "id"]
