@@ -11,6 +11,7 @@ from .cleanup import CleanupResult, safe_cleanup, safe_cleanup_old_projects
 from .events import append_events, list_events
 from .flush import FlushResult, FlushSession, flush, flush_projects
 from .outbox import prune_outbox, retry_outbox, skip_outbox_event
+from .restore import RestoreResult, restore_cleanup
 from .runs import (
     complete_run,
     create_run,
@@ -29,6 +30,7 @@ __all__ = [
     "Event",
     "FlushResult",
     "FlushSession",
+    "RestoreResult",
     "append_events",
     "complete_run",
     "create_run",
@@ -42,6 +44,7 @@ __all__ = [
     "latest_run",
     "list_events",
     "prune_outbox",
+    "restore_cleanup",
     "retry_outbox",
     "safe_cleanup",
     "safe_cleanup_old_projects",
