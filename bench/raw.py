@@ -268,6 +268,96 @@ def cleanup(conn: Connection, run_id: str, scope: str, batch_size: int) -> int:
     return removed
 
 
+# --- Soft cleanup: batched UPDATE ... SET deleted_at ... RETURNING, audited as for deletes ------
+
+SOFT_REPO = "bench_soft_repo"
+# The same allow-list of older runs as CLEANUP_DELETE, and never a row already tombstoned.
+SOFT_CLEANUP_UPDATE = f"""
+UPDATE {SOFT_REPO} AS t
+SET deleted_at = now(), deleted_by_run_id = %(run_id)s, deleted_reason = 'not_seen'
+WHERE t.id IN (
+    SELECT id FROM {SOFT_REPO}
+    WHERE deleted_at IS NULL
+      AND last_seen_run_id IN (
+          SELECT id FROM {RUN} WHERE scope = %(scope)s AND ordinal < %(ordinal)s
+      )
+    LIMIT %(batch)s
+    FOR UPDATE
+)
+RETURNING row_to_json(t)::text
+"""
+
+
+def cleanup_soft(
+    conn: Connection, run_id: str, scope: str, batch_size: int, *, event_type: str, model: str
+) -> int:
+    """Tombstone the soft-deleting repos last seen by a run of ``scope`` older than ``run_id``
+    (the whole table is one scope); returns how many.
+
+    As ``cleanup``, one transaction per batch: the UPDATE (re-stating the allow-list of older
+    runs and ``deleted_at IS NULL``) returns every column of each row as JSON, and the batch's
+    rows are appended as one ``event_type`` event (``{"scope", "model", "mode", "rows"}``, the
+    row texts joined as they came back, never decoded), then the ledger says done."""
+    head = f'{{"scope":{encode_json(scope)},"model":{encode_json(model)},"mode":"soft","rows":['
+    with conn.cursor() as cursor:
+        cursor.execute(f"SELECT ordinal FROM {RUN} WHERE id = %s", (run_id,))
+        row = cursor.fetchone()
+        assert row is not None
+        ordinal = row[0]
+        removed = 0
+        while True:
+            with conn.transaction():
+                cursor.execute(
+                    SOFT_CLEANUP_UPDATE,
+                    {"scope": scope, "ordinal": ordinal, "batch": batch_size, "run_id": run_id},
+                )
+                records = [record for (record,) in cursor.fetchall()]
+                if not records:
+                    break
+                seq = reserve_seqs(cursor, run_id, 1, only_active=False)
+                cursor.execute(
+                    f"INSERT INTO {EVENT} (run_id, seq, type, payload, created_at)"
+                    " VALUES (%s, %s, %s, %s, now())",
+                    (run_id, seq, event_type, head + ",".join(records) + "]}"),
+                )
+                removed += len(records)
+        cursor.execute(
+            f"UPDATE {STATE} SET cleanup_status = 'done', rows_removed = %s, cleanup_at = now()"
+            " WHERE run_id = %s",
+            (removed, run_id),
+        )
+    return removed
+
+
+# --- Restore: INSERT ... SELECT from each audit event's JSON, one transaction -----------------
+
+
+def restore_repos(conn: Connection, run_id: str, event_type: str) -> int:
+    """Insert back the repos the run's cleanup deleted, from its ``event_type`` audit events
+    (``{"rows": [every column of each row]}``): one ``INSERT ... SELECT`` from
+    ``jsonb_populate_recordset`` per event, ``ON CONFLICT DO NOTHING``, all in one transaction
+    that also records the restore on the ledger. Returns how many rows came back."""
+    restored = 0
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM {EVENT} WHERE run_id = %s AND type = %s ORDER BY seq",
+            (run_id, event_type),
+        )
+        for (event_id,) in cursor.fetchall():
+            cursor.execute(
+                f"INSERT INTO {REPO} SELECT r.* FROM {EVENT} e"
+                f" CROSS JOIN LATERAL jsonb_populate_recordset(NULL::{REPO}, e.payload -> 'rows') r"
+                " WHERE e.id = %s ON CONFLICT DO NOTHING",
+                (event_id,),
+            )
+            restored += cursor.rowcount
+        cursor.execute(
+            f"UPDATE {STATE} SET cleanup_status = 'restored', cleanup_at = now() WHERE run_id = %s",
+            (run_id,),
+        )
+    return restored
+
+
 # --- Append: a row-locked counter on the run, then the events ----------------------------------
 
 
@@ -522,20 +612,34 @@ def seed_owners(conn: Connection, owners: int) -> int:
         return cursor.rowcount
 
 
-def seed_repos(conn: Connection, run_id: str, count: int, owners: int) -> int:
-    """Repos ``0 .. count-1`` (keys ``REPO_KEY_BASE + index``) last seen by ``run_id``, values
-    other than the benchmark's source has (so an update pass changes every row). Returns how
-    many."""
+def seed_repos(
+    conn: Connection,
+    run_id: str,
+    count: int,
+    owners: int,
+    *,
+    start: int = 0,
+    table: str = REPO,
+) -> int:
+    """Repos ``start .. start+count-1`` (keys ``REPO_KEY_BASE + index``) of ``table`` (REPO or
+    SOFT_REPO) last seen by ``run_id``, values other than the benchmark's source has (so an
+    update pass changes every row). Returns how many."""
     with conn.cursor() as cursor:
         cursor.execute(
             f"""
-            INSERT INTO {REPO} ({", ".join(REPO_COLUMNS)}, last_seen_run_id, created_at,
+            INSERT INTO {table} ({", ".join(REPO_COLUMNS)}, last_seen_run_id, created_at,
                 updated_at)
             SELECT %(base)s + g, 'old-' || g, 'https://example.com/old/' || g, 0, false,
                    g %% %(owners)s + 1, NULL, gen_random_uuid(), %(run_id)s, now(), now()
-            FROM generate_series(0, %(count)s - 1) AS g
+            FROM generate_series(%(start)s, %(start)s + %(count)s - 1) AS g
             """,
-            {"base": REPO_KEY_BASE, "owners": owners, "run_id": run_id, "count": count},
+            {
+                "base": REPO_KEY_BASE,
+                "owners": owners,
+                "run_id": run_id,
+                "count": count,
+                "start": start,
+            },
         )
         return cursor.rowcount
 

@@ -71,6 +71,8 @@ BENCHMARKS = (
     "flush_model_update",
     "confirm",
     "cleanup",
+    "cleanup_soft",
+    "restore",
     "append_1",
     "append_100",
     "drain",
@@ -639,8 +641,9 @@ class Bench:
 
         return services.create_run(scope, run_id=run_id)
 
-    def mark_flushed(self, run_id: str, rows: int) -> None:
-        """What a successful flush leaves on the ledger, for setups that seed rows directly."""
+    def mark_flushed(self, run_id: str, rows: int, model: str = "runs_app.project") -> None:
+        """What a successful flush of ``model`` (its label) leaves on the ledger, for setups that
+        seed rows directly."""
         from django.utils import timezone
 
         from runs_app.models import FlushStatus, RunModelState, RunState
@@ -653,7 +656,7 @@ class Bench:
         )
         RunModelState.objects.create(
             run_id=run_id,
-            model="runs_app.project",
+            model=model,
             flush_status=FlushStatus.SUCCEEDED,
             rows_seen=rows,
             rows_created=rows,
@@ -854,6 +857,145 @@ class Bench:
             f"safe_cleanup_old_projects {stale:,} of {rows:,} rows",
             "rows/s",
             Target("ratio_min", 0.7),
+        )
+        return self.row(row, samples, "raw", "app")
+
+    # soft cleanup and restore of a user's tracked model ---------------------------------------
+
+    def model_tables(self) -> tuple[str, ...]:
+        """bench.tracked's tables, created once per benchmark process (later rounds TRUNCATE)."""
+        from bench.tracked.models import create_tables
+
+        if not self._model_tables:
+            create_tables()
+            self._model_tables = True
+        return (self.raw.REPO, self.raw.SOFT_REPO, self.raw.OWNER)
+
+    def seed_stale(self, model: Any, table: str, stale: int, rows: int) -> Any:
+        """Untimed: ``rows`` rows of ``table`` (raw inserts), the first ``stale`` last seen by an
+        older (failed) run, the others by a run that flushed them (its ledger lines, as
+        ``mark_flushed``) and completed. Returns that run, ready to clean up."""
+        from runs_app import services
+        from runs_app.tracking import model_label
+
+        self.raw.reset(self.conn, *self.model_tables())
+        self.raw.seed_owners(self.conn, MODEL_OWNERS)
+        old = self.fresh_run(SCOPE, "cleanup-old")
+        services.fail_run(old)
+        run = self.fresh_run(SCOPE, "cleanup")
+        self.raw.seed_repos(self.conn, old.pk, stale, MODEL_OWNERS, table=table)
+        self.raw.seed_repos(self.conn, run.pk, rows - stale, MODEL_OWNERS, start=stale, table=table)
+        self.mark_flushed(run.pk, rows - stale, model_label(model))
+        services.complete_run(run)
+        return run
+
+    def cleanup_soft(self) -> Row:
+        """Issue 12: ``safe_cleanup(run, BenchSoftRepo)`` tombstoning a tenth of the table
+        against raw batched ``UPDATE ... SET deleted_at ... RETURNING``, the same batch size,
+        each batch audited as one event."""
+        from bench.tracked.models import BenchSoftRepo
+        from runs_app import services
+        from runs_app.conf import runs_settings
+        from runs_app.tracking import model_label, sync_spec
+
+        rows = self.sizes.rows
+        stale = max(1, rows // 10)
+        batch = int(runs_settings.CLEANUP_BATCH_SIZE)
+        table = self.raw.SOFT_REPO
+        event = f"{sync_spec(BenchSoftRepo).event_prefix}.removed"
+
+        def measure(side: str) -> float:
+            run = self.seed_stale(BenchSoftRepo, table, stale, rows)
+            self.raw.settle(self.conn, *self.model_tables())
+            began = time.perf_counter()
+            if side == "raw":
+                removed = self.raw.cleanup_soft(
+                    self.conn,
+                    run.pk,
+                    SCOPE,
+                    batch,
+                    event_type=event,
+                    model=model_label(BenchSoftRepo),
+                )
+            else:
+                removed = services.safe_cleanup(run, BenchSoftRepo).removed
+            elapsed = time.perf_counter() - began
+            self.expect("rows tombstoned", removed, stale)
+            self.expect(
+                "rows tombstoned by the run",
+                self.count(
+                    f"SELECT count(*) FROM {table} WHERE deleted_at IS NOT NULL"
+                    " AND deleted_by_run_id = %s",
+                    run.pk,
+                ),
+                stale,
+            )
+            self.expect(
+                "rows left live",
+                self.count(f"SELECT count(*) FROM {table} WHERE deleted_at IS NULL"),
+                rows - stale,
+            )
+            self.expect(
+                "rows in the audit",
+                self.count(
+                    f"SELECT coalesce(sum(jsonb_array_length(payload -> 'rows')), 0)"
+                    f" FROM {self.raw.EVENT} WHERE run_id = %s AND type = %s",
+                    run.pk,
+                    event,
+                ),
+                stale,
+            )
+            return stale / elapsed
+
+        samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})
+        row = Row(
+            "cleanup_soft",
+            f"safe_cleanup(run, BenchSoftRepo) tombstoning {stale:,} of {rows:,} rows",
+            "rows/s",
+            Target("ratio_min", 0.7),
+            note=f"{batch:,} rows per transaction on both sides (raw: UPDATE ... SET deleted_at"
+            " ... RETURNING row_to_json, one audit event per batch)",
+        )
+        return self.row(row, samples, "raw", "app")
+
+    def restore(self) -> Row:
+        """Issue 12: ``restore_cleanup(run, BenchRepo)`` putting back the rows a cleanup deleted
+        (a tenth of the table), against raw ``INSERT ... SELECT`` from the same audit events'
+        JSON (``jsonb_populate_recordset``, one statement per event, one transaction). The
+        cleanup before is untimed."""
+        from bench.tracked.models import BenchRepo
+        from runs_app import services
+        from runs_app.tracking import sync_spec
+
+        rows = self.sizes.rows
+        stale = max(1, rows // 10)
+        table = self.raw.REPO
+        event = f"{sync_spec(BenchRepo).event_prefix}.removed"
+
+        def measure(side: str) -> float:
+            run = self.seed_stale(BenchRepo, table, stale, rows)
+            self.expect("rows cleaned up", services.safe_cleanup(run, BenchRepo).removed, stale)
+            self.raw.settle(self.conn, *self.model_tables())
+            began = time.perf_counter()
+            if side == "raw":
+                restored = self.raw.restore_repos(self.conn, run.pk, event)
+            else:
+                result = services.restore_cleanup(run, BenchRepo)
+                restored = result.restored
+                self.expect("restore conflicts", result.conflicts, 0)
+            elapsed = time.perf_counter() - began
+            self.expect("rows restored", restored, stale)
+            self.expect("rows back", self.count(f"SELECT count(*) FROM {table}"), rows)
+            return stale / elapsed
+
+        samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})
+        row = Row(
+            "restore",
+            f"restore_cleanup(run, BenchRepo) {stale:,} deleted of {rows:,} rows",
+            "rows/s",
+            Target("ratio_min", 0.5),
+            note="one transaction on both sides (raw: INSERT ... SELECT FROM"
+            " jsonb_populate_recordset(audit event) ON CONFLICT DO NOTHING, one per event)",
         )
         return self.row(row, samples, "raw", "app")
 
@@ -1548,6 +1690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "flush_model_update": lambda: bench.flush_model(update=True),
         "confirm": bench.confirm,
         "cleanup": bench.cleanup,
+        "cleanup_soft": bench.cleanup_soft,
+        "restore": bench.restore,
         "append_1": lambda: bench.append(1),
         "append_100": lambda: bench.append(100),
         "drain": bench.drain,
