@@ -228,30 +228,57 @@ class _Restorer:
     # -- per audit event ------------------------------------------------------------------------
 
     def restore_event(self, event_id: int) -> None:
-        payload = (
-            RunEvent.objects.using(db_alias()).values_list("payload", flat=True).get(pk=event_id)
-        )
-        if not isinstance(payload, dict) or payload.get("model") != self.spec.label:
+        model, count = self._audit_head(event_id)
+        if model != self.spec.label or not count:
             return  # another model's audit under the same sync_name (renamed since): not ours
-        records = [row for row in payload.get("rows", ()) if isinstance(row, dict)]
-        if not records:
-            return
-        self.audited += len(records)
+        self.audited += count
         pk_column = column(self.pk)
         back: list[tuple[Any, ...]] = []
+        records: list[dict[str, Any]] | None = None
         if self.soft:
+            records = self._records(event_id)
             back += self._untombstone([row.get(pk_column) for row in records])
         back += self._insert(event_id)
         returned_pks = {str(row[0]) for row in back}
         self.restored_pks |= returned_pks
         self._count(back)
-        for row in records:
+        if len(back) == count:
+            return  # every row of the event is back: no conflict to name
+        for row in records if records is not None else self._records(event_id):
             if str(row.get(pk_column)) not in self.restored_pks:
                 self.conflicts += 1
                 if len(self.conflict_keys) < SAMPLE_SIZE:
                     self.conflict_keys.append(
                         self._key(tuple(row.get(column(field)) for field in self.spec.key))
                     )
+
+    def _audit_head(self, event_id: int) -> tuple[Any, int]:
+        """The audit event's ``model`` and how many rows (JSON objects) it holds, read in the
+        database: the rows themselves (up to ``MAX_PAYLOAD_BYTES``) come to Python only when
+        they are needed (a soft restore's keys, a conflict's keys)."""
+        events = table(RunEvent)
+        if self.postgresql:
+            sql = (
+                "SELECT payload ->> 'model', CASE WHEN jsonb_typeof(payload -> 'rows') = 'array'"
+                " THEN (SELECT count(*) FROM jsonb_array_elements(payload -> 'rows') r"
+                f" WHERE jsonb_typeof(r) = 'object') ELSE 0 END FROM {events} WHERE id = %s"
+            )
+        else:
+            sql = (
+                "SELECT json_extract(payload, '$.model'), CASE json_type(payload, '$.rows')"
+                " WHEN 'array' THEN (SELECT count(*) FROM json_each(payload, '$.rows')"
+                f" WHERE type = 'object') ELSE 0 END FROM {events} WHERE id = %s"
+            )
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, [event_id])
+            row = cursor.fetchone()
+        return (row[0], int(row[1])) if row is not None else (None, 0)
+
+    def _records(self, event_id: int) -> list[dict[str, Any]]:
+        payload = (
+            RunEvent.objects.using(db_alias()).values_list("payload", flat=True).get(pk=event_id)
+        )
+        return [row for row in payload.get("rows", ()) if isinstance(row, dict)]
 
     def _key(self, values: tuple[Any, ...]) -> Any:
         """A key as plans show it, whatever form the database or the audit gave its values in
