@@ -986,6 +986,13 @@ class Bench:
             elapsed = time.perf_counter() - began
             self.expect("rows restored", restored, stale)
             self.expect("rows back", self.count(f"SELECT count(*) FROM {table}"), rows)
+            self.expect(
+                "restored rows still stamped by the older run",
+                self.count(
+                    f"SELECT count(*) FROM {table} WHERE last_seen_run_id = %s", "cleanup-old"
+                ),
+                stale,
+            )
             return stale / elapsed
 
         samples = self.alternate({"raw": lambda: measure("raw"), "app": lambda: measure("app")})

@@ -363,6 +363,13 @@ class _Restorer:
                 f"{events} e CROSS JOIN LATERAL jsonb_populate_recordset("
                 f"NULL::{table(self.spec.model)}, e.payload -> 'rows') r"
             )
+            # The stamps' runs joined, not one subquery per row each (twice the cost of the
+            # statement); the run's primary key matches at most once.
+            for stamp in _RUN_STAMPS:
+                source += (
+                    f" LEFT JOIN {table(Run)} {_stamp_alias(stamp)}"
+                    f" ON {_stamp_alias(stamp)}.id = r.{quote(stamp + '_id')}"
+                )
             values = [self._pg_value(field) for field in fields]
             target, alias = f"{table(self.spec.model)} AS x", "x."
         else:
@@ -409,8 +416,10 @@ class _Restorer:
     def _restored_value(self, field: models.Field[Any, Any], raw: str) -> str:
         if self.soft and field.name in TOMBSTONE:
             return "''" if field.name == "deleted_reason" else "NULL"
-        if field.name in ("last_seen_run", "last_confirmed_run"):
+        if field.name in _RUN_STAMPS:
             # A stamp's run may have been deleted since: the row comes back unstamped there.
+            if self.postgresql:
+                return f"{_stamp_alias(field.name)}.id"  # LEFT JOINed by _insert
             return f"(SELECT id FROM {table(Run)} WHERE id = {raw})"
         return raw
 
@@ -428,6 +437,14 @@ class _Restorer:
             f"({raw} IS NULL OR EXISTS (SELECT 1 FROM {table(field.related_model)} t "
             f"WHERE t.{self.quote(column(target))} = {raw}))"
         )
+
+
+#: The run stamps a restored row keeps only while their run still exists.
+_RUN_STAMPS = ("last_seen_run", "last_confirmed_run")
+
+
+def _stamp_alias(stamp: str) -> str:
+    return f"run_{stamp}"
 
 
 def _json_list(values: list[Any]) -> str:
