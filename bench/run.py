@@ -4,6 +4,7 @@
     DATABASE_URL=postgres://root@127.0.0.1:5432/postgres python bench/run.py
     python bench/run.py --only flush_insert,append_1 --rows 50000 --json bench.json
     python bench/run.py --only flush_model_insert,flush_model_update   # a user's tracked model
+    python bench/run.py --only cleanup_soft,restore   # reversible cleanup (issue 12)
     python bench/run.py --smoke          # CI: tiny sizes, checks the harness end to end
     python bench/run.py --peers          # also procrastinate, django-celery-outbox, ...
 
@@ -12,17 +13,18 @@ benchmark (re)creates its own database on it (``--database-name``, default ``ben
 always ``bench_*``), migrates it and never touches another database; with ``--peers``, also one
 ``bench_peer_<peer>`` database per peer. The ``flush_model_*`` benchmarks flush a user's tracked
 model of eight typed columns (``bench.tracked``, installed by bench/django_settings.py only; its
-tables are created by the benchmark, without a migration).
+tables are created by the benchmark, without a migration); ``restore`` puts back the rows a
+cleanup of that model deleted, and ``cleanup_soft`` tombstones rows of its soft-deleting twin.
 
 For each operation, raw psycopg and runs_app run alternately (the order flips every round) on the
-same freshly seeded tables; the table shows the median rate of each side, the ratio
-runs_app / raw (higher is better; for latency and memory raw / runs_app) and the target from
-issues 7, 11 and 14. With ``--peers`` (opt-in, never in CI: it installs each peer from PyPI into its
-own virtualenv under bench/.peers/ and runs bench/peers/<peer>_driver.py there), the outbox rows
-also show the best peer's median and runs_app / that peer, against issue 14's peer targets; a
-peer that cannot be installed or run shows "n/a" with the reason. Exit status: 0 when every
-target is met (``--smoke``: whenever the harness ran end to end), 1 when a target is missed or a
-step raised (its row shows "n/a"; the other steps still run), 2 for bad usage.
+same freshly seeded tables; the table shows the median rate of each side, the ratio runs_app / raw
+(higher is better; for latency and memory raw / runs_app) and the target from issues 7, 11, 12 and
+14. With ``--peers`` (opt-in, never in CI: it installs each peer from PyPI into its own virtualenv
+under bench/.peers/ and runs bench/peers/<peer>_driver.py there), the outbox rows also show the
+best peer's median and runs_app / that peer, against issue 14's peer targets; a peer that cannot be
+installed or run shows "n/a" with the reason. Exit status: 0 when every target is met (``--smoke``:
+whenever the harness ran end to end), 1 when a target is missed or a step raised (its row shows
+"n/a"; the other steps still run), 2 for bad usage.
 """
 
 from __future__ import annotations
