@@ -147,14 +147,8 @@ def _restore(run_id: str, spec: SyncSpec, restored_by: str, dry_run: bool) -> Re
         )
     soft = mode == CleanupMode.SOFT
     walk = _Restorer(spec, run_id, state.run.scope, soft)
-    event_ids = list(
-        RunEvent.objects.using(db_alias())
-        .filter(run_id=run_id, type=f"{spec.event_prefix}.removed")
-        .order_by("seq")
-        .values_list("id", flat=True)
-    )
-    for event_id in event_ids:
-        walk.restore_event(event_id)
+    for event_id, model, count in walk.audit_events(f"{spec.event_prefix}.removed"):
+        walk.restore_event(event_id, model, count)
     if soft:
         walk.clear_remaining_tombstones()  # rows whose audit event was pruned
     missing = max(0, line.rows_removed - walk.audited)
@@ -227,8 +221,7 @@ class _Restorer:
 
     # -- per audit event ------------------------------------------------------------------------
 
-    def restore_event(self, event_id: int) -> None:
-        model, count = self._audit_head(event_id)
+    def restore_event(self, event_id: int, model: Any, count: int) -> None:
         if model != self.spec.label or not count:
             return  # another model's audit under the same sync_name (renamed since): not ours
         self.audited += count
@@ -252,27 +245,30 @@ class _Restorer:
                         self._key(tuple(row.get(column(field)) for field in self.spec.key))
                     )
 
-    def _audit_head(self, event_id: int) -> tuple[Any, int]:
-        """The audit event's ``model`` and how many rows (JSON objects) it holds, read in the
-        database: the rows themselves (up to ``MAX_PAYLOAD_BYTES``) come to Python only when
-        they are needed (a soft restore's keys, a conflict's keys)."""
+    def audit_events(self, event_type: str) -> list[tuple[int, Any, int]]:
+        """The run's ``event_type`` events in seq order, as (id, payload's ``model``, how many
+        rows (JSON objects) it holds), read in the database in one query: the rows themselves
+        (up to ``MAX_PAYLOAD_BYTES`` an event) come to Python only when they are needed (a soft
+        restore's keys, a conflict's keys)."""
         events = table(RunEvent)
         if self.postgresql:
-            sql = (
-                "SELECT payload ->> 'model', CASE WHEN jsonb_typeof(payload -> 'rows') = 'array'"
+            head = (
+                "payload ->> 'model', CASE WHEN jsonb_typeof(payload -> 'rows') = 'array'"
                 " THEN (SELECT count(*) FROM jsonb_array_elements(payload -> 'rows') r"
-                f" WHERE jsonb_typeof(r) = 'object') ELSE 0 END FROM {events} WHERE id = %s"
+                " WHERE jsonb_typeof(r) = 'object') ELSE 0 END"
             )
         else:
-            sql = (
-                "SELECT json_extract(payload, '$.model'), CASE json_type(payload, '$.rows')"
+            head = (
+                "json_extract(payload, '$.model'), CASE json_type(payload, '$.rows')"
                 " WHEN 'array' THEN (SELECT count(*) FROM json_each(payload, '$.rows')"
-                f" WHERE type = 'object') ELSE 0 END FROM {events} WHERE id = %s"
+                " WHERE type = 'object') ELSE 0 END"
             )
         with self.connection.cursor() as cursor:
-            cursor.execute(sql, [event_id])
-            row = cursor.fetchone()
-        return (row[0], int(row[1])) if row is not None else (None, 0)
+            cursor.execute(
+                f"SELECT id, {head} FROM {events} WHERE run_id = %s AND type = %s ORDER BY seq",
+                [self.run_id, event_type],
+            )
+            return [(int(row[0]), row[1], int(row[2])) for row in cursor.fetchall()]
 
     def _records(self, event_id: int) -> list[dict[str, Any]]:
         payload = (
