@@ -127,7 +127,10 @@ def _claim(
             # An idle SQLite relay polls with this read alone: no write lock taken from the
             # application when there is nothing to claim.
             return []
-        sql, orm_params = candidates[:limit].values("run_id").query.sql_with_params()
+        # Compiled for the connection it runs on (``Query.sql_with_params`` compiles for
+        # "default", whatever the router says).
+        ids = candidates[:limit].values("run_id")
+        sql, orm_params = ids.query.get_compiler(using=ids.db).as_sql()
         params = list(orm_params)
     with transaction.atomic(using=db_alias()), connection.cursor() as cursor:
         cursor.execute(
