@@ -32,10 +32,12 @@ class RunsAppRouter:
         return RUNS_DATABASE if self._routed(model) else None
 
     def allow_relation(self, obj1: Model, obj2: Model, **hints: Any) -> bool | None:
-        # A relation across the two databases could not be a foreign key: refuse it.
-        if self._routed(type(obj1)) != self._routed(type(obj2)):
-            return False
-        return None
+        # Two routed objects may relate whichever alias each was read through (a subclass may
+        # read from a replica); a relation across the two databases could not be a foreign key.
+        routed = self._routed(type(obj1)), self._routed(type(obj2))
+        if all(routed):
+            return True
+        return False if any(routed) else None
 
     def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool:
         return (db == RUNS_DATABASE) == (app_label in self.app_labels)
