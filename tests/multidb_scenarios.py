@@ -92,6 +92,30 @@ def events(scope: str) -> dict[str, Any]:
 
 
 @scenario
+def transactions(scope: str) -> dict[str, Any]:
+    """What "nests inside your transaction" means across databases (docs/databases.md): an
+    ``atomic()`` on default does not hold runs_app's writes back; one on runs_app's does."""
+    from django.db import router, transaction
+
+    from runs_app import services
+    from runs_app.models import Run
+
+    class Abort(Exception):
+        pass
+
+    facts: dict[str, Any] = {}
+    for name, using in (("on_default", "default"), ("on_runs", router.db_for_write(Run))):
+        try:
+            with transaction.atomic(using=using):
+                services.create_run(f"{scope}-{name}", run_id=f"{scope}-{name}")
+                raise Abort
+        except Abort:
+            pass
+        facts[f"kept_{name}"] = Run.objects.filter(pk=f"{scope}-{name}").exists()
+    return facts
+
+
+@scenario
 def outbox(scope: str) -> dict[str, Any]:
     """Delivery facts of ``scope``'s runs, read the way an operator reads them."""
     from runs_app.models import RunEvent, RunOutbox
@@ -158,7 +182,15 @@ def admin(scope: str) -> dict[str, Any]:
     ):
         response = client.get(url)
         pages[name] = {"status": response.status_code, "shows_run": run.pk in response.text}
-    return {"run_id": run.pk, "pages": pages}
+    # A button of the run page: the action's writes go through the services.
+    active = services.create_run(f"{scope}-active")
+    button = client.post(f"/admin/runs_app/run/{active.pk}/mark-failed/")
+    return {
+        "run_id": run.pk,
+        "pages": pages,
+        "button": button.status_code,
+        "marked": services.get_run(active.pk).state.status,
+    }
 
 
 def main() -> None:

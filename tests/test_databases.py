@@ -200,6 +200,14 @@ def test_create_flush_complete_cleanup(multidb: MultiDb) -> None:
     assert facts["events_of_first"][-1] == "run.completed"
 
 
+def test_runs_app_nests_only_in_a_transaction_on_its_own_database(multidb: MultiDb) -> None:
+    facts = multidb.scenario("transactions", "tx")
+    # Rolled back on default: runs_app's run was committed on "runs" already.
+    assert facts["kept_on_default"] is True
+    # Rolled back on runs_app's database: its transaction was a savepoint of the caller's.
+    assert facts["kept_on_runs"] is False
+
+
 def test_drain_outbox_once_delivers_and_prune_deletes(multidb: MultiDb) -> None:
     multidb.scenario("events", "relay")
     before = multidb.scenario("outbox", "relay")
@@ -235,6 +243,7 @@ def test_admin_pages_follow_the_routers(multidb: MultiDb) -> None:
     assert {name: page["status"] for name, page in pages.items()} == dict.fromkeys(pages, 200)
     for name in ("runs", "run", "states", "outboxes", "events", "projects"):
         assert pages[name]["shows_run"], name
+    assert (facts["button"], facts["marked"]) == (302, "failed")
 
 
 def test_example_project_runs_demo_and_relay_on_a_second_database(
