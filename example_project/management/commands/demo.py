@@ -168,13 +168,14 @@ class Command(BaseCommand):
         else:
             raise CommandError("the mass deletion was not withheld", returncode=1)
         run = services.latest_run(SCOPE)
+        if run is None:
+            raise CommandError("the mass-deletion sync left no run", returncode=1)
         line = RunModelState.objects.get(run=run, model=REPOSITORY.lower())
         if line.cleanup_reason != "too_many_deletions" or line.withheld_count != 200:
             raise CommandError(
                 f"expected a withheld plan of 200, got {line.cleanup_reason} {line.withheld_count}",
                 returncode=1,
             )
-        assert run is not None
         self._heading(
             f"   An operator checks the plan and approves it (cleanup_old_projects --run "
             f"{run.pk} --model {REPOSITORY} --approve 200)"
@@ -198,8 +199,8 @@ class Command(BaseCommand):
     @staticmethod
     def _repository_rows() -> dict[int, tuple[Any, ...]]:
         return {
-            pk: rest
-            for pk, *rest in Repository.objects.values_list(
+            row[0]: tuple(row[1:])
+            for row in Repository.objects.values_list(
                 "pk", "github_id", "owner", "name", "stars", "source_created_at"
             )
         }
