@@ -133,6 +133,8 @@ class Command(BaseCommand):
             f"(github ids {', '.join(map(str, sorted(gone)))}); their rows are in "
             "repositories.removed events."
         )
+        if run is None:
+            raise CommandError("the drop's sync left no run", returncode=1)
         self._undo(run.pk, before_rows)
         self._approve()
 
