@@ -26,12 +26,15 @@ def _projects(count: int) -> list[dict[str, Any]]:
 
 @scenario
 def lifecycle(scope: str) -> dict[str, Any]:
-    """Two runs of ``scope``: flush projects and sites, complete, then the second run (which no
-    longer sees 2 projects and 1 site) cleans up; events, heartbeat, a failed run, the read
-    model's predicate."""
+    """Two runs of ``scope``: flush projects, sites and (soft-deleting) assets, complete, then
+    the second run (which no longer sees 2 projects, 1 site, 1 asset) cleans up; the sites'
+    cleanup is restored, tombstones looked up for purging; events, heartbeat, a failed run."""
     from runs_app import services
     from runs_app.models import Project, RunState
-    from tests.tracked_app.models import Site
+    from tests.tracked_app.models import Asset, Site
+
+    def assets(count: int) -> list[dict[str, Any]]:
+        return [{"code": f"a{n}", "name": f"asset {n}"} for n in range(count)]
 
     first = services.create_run(scope, metadata={"source": "multidb"})
     services.heartbeat(first)
@@ -39,15 +42,22 @@ def lifecycle(scope: str) -> dict[str, Any]:
     services.flush_projects(first, _projects(10))
     with services.flush(first, Site) as session:
         session.write([{"id": n, "name": f"site {n}"} for n in range(3)])
+    with services.flush(first, Asset) as session:
+        session.write(assets(4))
     services.complete_run(first)
 
     second, _ = services.ensure_run(f"{scope}-second", scope=scope)
     services.flush_projects(second, _projects(8))
     with services.flush(second, Site) as session:
         session.write([{"id": n, "name": f"site {n}"} for n in range(2)])
+    with services.flush(second, Asset) as session:
+        session.write(assets(3))
     services.complete_run(second)
     projects = services.safe_cleanup_old_projects(second)
     sites = services.safe_cleanup(second, Site)
+    tombstoned = services.safe_cleanup(second, Asset).removed
+    purgeable = services.purge_tombstones(Asset, older_than=3600, dry_run=True).purged
+    restored = services.restore_cleanup(second, Site).restored
 
     failed = services.create_run(f"{scope}-failing")
     services.fail_run(failed, "the source went away")
@@ -57,7 +67,10 @@ def lifecycle(scope: str) -> dict[str, Any]:
         "projects_removed": projects.removed,
         "sites_removed": sites.removed,
         "projects_left": Project.objects.filter(scope=scope).count(),
-        "sites_seen_by_latest": Site.objects.seen_by_latest_run().count(),
+        "assets_tombstoned": tombstoned,
+        "assets_purgeable": purgeable,  # tombstoned just now: none is an hour old
+        "sites_restored": restored,
+        "sites_left": Site.objects.count(),
         "second_status": state.status,
         "second_rows_removed": state.rows_removed,
         "failed_status": services.get_run(failed.pk).state.status,
@@ -172,10 +185,11 @@ def admin(scope: str) -> dict[str, Any]:
     client.force_login(user)
     pages: dict[str, Any] = {}
     for name, url in (
-        ("runs", "/admin/runs_app/run/"),
+        # Each list filtered to this scope: the other tests' runs are theirs to show.
+        ("runs", f"/admin/runs_app/run/?scope={scope}"),
         ("run", f"/admin/runs_app/run/{run.pk}/change/"),
-        ("states", "/admin/runs_app/runstate/"),
-        ("outboxes", "/admin/runs_app/runoutbox/"),
+        ("states", f"/admin/runs_app/runstate/?scope={scope}"),
+        ("outboxes", f"/admin/runs_app/runoutbox/?q={run.pk}"),
         ("events", f"/admin/runs_app/runevent/?run__id__exact={run.pk}"),
         ("projects", f"/admin/runs_app/project/?scope={scope}"),
         ("repositories", "/admin/example_project/repository/?not_seen_by_latest_run=yes"),

@@ -193,8 +193,9 @@ def test_create_flush_complete_cleanup(multidb: MultiDb) -> None:
     assert facts["projects_removed"] == 2
     assert facts["sites_removed"] == 1
     assert facts["projects_left"] == 8
-    assert facts["sites_seen_by_latest"] == 2
-    assert (facts["second_status"], facts["second_rows_removed"]) == ("completed", 3)
+    assert (facts["assets_tombstoned"], facts["assets_purgeable"]) == (1, 0)
+    assert (facts["sites_restored"], facts["sites_left"]) == (1, 3)
+    assert (facts["second_status"], facts["second_rows_removed"]) == ("completed", 4)
     assert facts["failed_status"] == "failed"
     assert facts["events_of_first"][:2] == ["run.started", "custom.noted"]
     assert facts["events_of_first"][-1] == "run.completed"
