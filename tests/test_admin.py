@@ -16,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from runs_app.admin import TIMELINE_EVENTS
+from runs_app.admin.run import TIMELINE_EVENTS
 from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState
 from tests import scenarios
 from tests.helpers import snapshot

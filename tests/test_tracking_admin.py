@@ -581,7 +581,7 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
     assert response.status_code == 200
     html = response.content.decode()
     assert "Per model" in html
-    table = html[html.index('<table class="runs-model-lines">') :]
+    table = html[html.index('class="runs-table runs-model-lines"') :]
     table = table[: table.index("</table>")]
     rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
     cells = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row, re.S) for row in rows]

@@ -1,0 +1,117 @@
+"""A run's delivery (its outbox) as list columns and page fields, defined once for the run admin
+and the outbox admin, so both say the same thing the same way.
+
+The rows come annotated by :mod:`runs_app.inspection` (``runs_with_delivery`` /
+``outboxes_with_delivery``: ``delivered_up_to``, ``pending_events``, ``oldest_pending_at``);
+``with_delivery_order`` adds the two sort keys whose path differs between a run and an outbox.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import F, Model, QuerySet
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
+
+from ..models import Run, RunOutbox
+from .display import EMPTY, badge, lag_text, lease_text, preformatted, shorten, timestamp
+
+#: The fields of a run's delivery, in the order the run page and the outbox page show them.
+DELIVERY_FIELDS = (
+    "last_event",
+    "delivered_up_to",
+    "pending",
+    "lag",
+    "cursor",
+    "delivery_attempts",
+    "last_delivery_error",
+    "next_attempt",
+    "lease",
+    "blocked_since",
+)
+
+
+def is_blocked(outbox: RunOutbox | None) -> bool:
+    return outbox is not None and outbox.blocked_at is not None
+
+
+class DeliveryColumns:
+    """Mixin of a ModelAdmin whose rows are runs or outboxes: subclasses say how to reach the
+    row's outbox and run (``outbox_of``, ``run_of``) and the paths to them for sorting."""
+
+    #: From the admin's model to the run's and the outbox's fields ("" when it is that model).
+    run_path = ""
+    outbox_path = ""
+
+    def outbox_of(self, obj: Any) -> RunOutbox | None:
+        raise NotImplementedError
+
+    def run_of(self, obj: Any) -> Run:
+        raise NotImplementedError
+
+    def with_delivery_order(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        """The sort keys of the columns "last seq" and "blocked", whatever the model."""
+        aliased: QuerySet[Any] = queryset.alias(
+            delivery_last_seq=F(f"{self.run_path}last_seq"),
+            delivery_blocked_at=F(f"{self.outbox_path}blocked_at"),
+        )
+        return aliased
+
+    @admin.display(description=_("last seq"), ordering="delivery_last_seq")
+    def last_event(self, obj: Model) -> int:
+        return self.run_of(obj).last_seq
+
+    @admin.display(description=_("delivered up to"), ordering="delivered_up_to")
+    def delivered_up_to(self, obj: Model) -> int:
+        return int(obj.delivered_up_to)  # type: ignore[attr-defined]
+
+    @admin.display(description=_("pending"), ordering="pending_events")
+    def pending(self, obj: Model) -> int:
+        return int(obj.pending_events)  # type: ignore[attr-defined]
+
+    @admin.display(description=_("lag"), ordering="oldest_pending_at")
+    def lag(self, obj: Model) -> str:
+        return lag_text(obj.oldest_pending_at)  # type: ignore[attr-defined]
+
+    @admin.display(description=_("next seq (cursor)"))
+    def cursor(self, obj: Model) -> int | str:
+        outbox = self.outbox_of(obj)
+        return outbox.next_seq if outbox is not None else EMPTY
+
+    @admin.display(description=_("attempts"))
+    def delivery_attempts(self, obj: Model) -> int | str:
+        outbox = self.outbox_of(obj)
+        return outbox.attempts if outbox is not None else EMPTY
+
+    @admin.display(description=_("last delivery error"))
+    def last_delivery_error(self, obj: Model) -> SafeString | str:
+        outbox = self.outbox_of(obj)
+        return preformatted(outbox.last_error) if outbox is not None else EMPTY
+
+    @admin.display(description=_("last error"))
+    def short_last_error(self, obj: Model) -> str:
+        outbox = self.outbox_of(obj)
+        return shorten(outbox.last_error) if outbox is not None and outbox.last_error else EMPTY
+
+    @admin.display(description=_("next attempt"))
+    def next_attempt(self, obj: Model) -> SafeString | str:
+        outbox = self.outbox_of(obj)
+        return timestamp(outbox.next_attempt_at) if outbox is not None else EMPTY
+
+    @admin.display(description=_("lease"))
+    def lease(self, obj: Model) -> SafeString | str:
+        return lease_text(self.outbox_of(obj))
+
+    @admin.display(description=_("blocked since"))
+    def blocked_since(self, obj: Model) -> SafeString | str:
+        outbox = self.outbox_of(obj)
+        return timestamp(outbox.blocked_at) if outbox is not None else EMPTY
+
+    @admin.display(description=_("blocked"), ordering="delivery_blocked_at")
+    def blocked(self, obj: Model) -> SafeString | str:
+        """A red "blocked" badge on a blocked run; nothing on the others."""
+        if not is_blocked(self.outbox_of(obj)):
+            return ""
+        return badge(_("blocked"), "bad")
