@@ -12,8 +12,10 @@ from typing import Any
 
 from django.contrib import admin
 from django.db.models import F, Model, QuerySet
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from ..models import Run, RunOutbox
 from .display import EMPTY, badge, lag_text, lease_text, preformatted, shorten, timestamp
@@ -108,6 +110,28 @@ class DeliveryColumns:
     def blocked_since(self, obj: Model) -> SafeString | str:
         outbox = self.outbox_of(obj)
         return timestamp(outbox.blocked_at) if outbox is not None else EMPTY
+
+    @admin.display(description=_("delivery"), ordering="pending_events")
+    def delivery(self, obj: Model) -> SafeString | str:
+        """A run's delivery in a few words: a red "blocked" badge on a blocked run, then how
+        many events are pending and for how long ("-" when everything is delivered)."""
+        parts: list[SafeString | str] = []
+        if is_blocked(self.outbox_of(obj)):
+            parts.append(badge(_("blocked"), "bad"))
+        pending = int(obj.pending_events)  # type: ignore[attr-defined]
+        if pending:
+            parts.append(
+                format_html(
+                    '<span class="runs-pending">{}</span>',
+                    ngettext(
+                        "%(count)d pending for %(lag)s", "%(count)d pending for %(lag)s", pending
+                    )
+                    % {"count": pending, "lag": lag_text(obj.oldest_pending_at)},  # type: ignore[attr-defined]
+                )
+            )
+        if not parts:
+            return EMPTY
+        return format_html_join(" ", "{}", ((part,) for part in parts))
 
     @admin.display(description=_("blocked"), ordering="delivery_blocked_at")
     def blocked(self, obj: Model) -> SafeString | str:

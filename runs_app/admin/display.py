@@ -68,13 +68,31 @@ CLEANUP_TONES = {
 }
 
 
-def badge(text: StrOrPromise, tone: str) -> SafeString:
-    """A coloured label (``tone``: info, ok, bad or quiet); ``text`` is escaped."""
+def badge(text: StrOrPromise, tone: str, title: StrOrPromise = "") -> SafeString:
+    """A coloured label (``tone``: info, ok, bad or quiet), with ``title`` as its tooltip;
+    both escaped."""
+    if title:
+        return format_html(
+            '<span class="runs-badge runs-badge--{}" title="{}">{}</span>', tone, title, text
+        )
     return format_html('<span class="runs-badge runs-badge--{}">{}</span>', tone, text)
 
 
 def status_badge(status: str) -> SafeString:
     return badge(RunStatus(status).label, STATUS_TONES.get(RunStatus(status), "quiet"))
+
+
+def problem_badges(state: RunState) -> list[SafeString]:
+    """Red badges for what went wrong in a run's ledger, none when nothing did: its flush
+    failed (or never finished, on a closed run), its cleanup refused (the reason as tooltip)."""
+    problems = []
+    if state.flush_status == FlushStatus.FAILED:
+        problems.append(badge(gettext("flush failed"), "bad", title=state.flush_error))
+    elif state.flush_status == FlushStatus.IN_PROGRESS and state.status != RunStatus.ACTIVE:
+        problems.append(badge(gettext("flush unfinished"), "bad"))
+    if state.cleanup_status == CleanupStatus.REFUSED:
+        problems.append(badge(gettext("cleanup refused"), "bad", title=state.cleanup_reason))
+    return problems
 
 
 def flush_badge(status: str) -> SafeString:
