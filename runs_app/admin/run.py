@@ -17,7 +17,7 @@ from ..models import Run, RunEvent, RunOutbox, RunStatus
 from .actions import OperatorActions
 from .banner import run_banners
 from .buttons import Button, ButtonsMixin
-from .delivery import DELIVERY_FIELDS, DeliveryColumns, is_blocked
+from .delivery import DELIVERY_FIELDS, DeliveryColumns, annotated, is_blocked
 from .display import (
     EMPTY,
     PAYLOAD_CHARS,
@@ -67,7 +67,7 @@ CLEANUP_FIELDS = (
 
 def has_undelivered(run: Run) -> bool:
     """Something to deliver: pending events, or a blocked outbox."""
-    return int(getattr(run, "pending_events", 0) or 0) > 0 or is_blocked_run(run)
+    return annotated(run, "pending_events") > 0 or is_blocked_run(run)
 
 
 def is_blocked_run(run: Run) -> bool:
