@@ -29,6 +29,7 @@ from runs_app.admin.outbox import RunOutboxAdmin
 from runs_app.admin.run import TIMELINE_EVENTS, RunAdmin
 from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState
 from runs_app.testing import RunsOutbox
+from runs_app.tracking_admin import RUN_STAMPS, NotSeenByLatestRunFilter, TrackedModelAdminMixin
 from tests.factories import AdminStory, ProjectFactory, RunFactory
 from tests.helpers import snapshot
 from tests.scenarios import ESCAPED_SCRIPT, SCRIPT, make_staff
@@ -313,6 +314,9 @@ def test_the_strings_are_marked_for_translation() -> None:
             assert isinstance(getattr(model_admin, action).short_description, Promise), action
     for button in RunAdmin.buttons:
         assert isinstance(button.label, Promise), button.action
+    assert isinstance(NotSeenByLatestRunFilter.title, Promise)
+    for column in RUN_STAMPS.values():
+        assert isinstance(getattr(TrackedModelAdminMixin, column).short_description, Promise)
 
 
 def test_script_in_a_payload_or_an_error_shows_as_text(viewer: Client, story: AdminStory) -> None:
