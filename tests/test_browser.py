@@ -149,7 +149,22 @@ def test_run_list_and_a_blocked_run_fit_1400_px(
     assert "run-blocked-1" in row.text
     assert badges[0].value_of_css_property("background-color") == "rgba(198, 40, 40, 1)"
 
+    # The outbox list fits too, with the same delivery column.
+    browser.get(f"{live_server.url}/admin/runs_app/runoutbox/")
+    outboxes = wait.until(ec.presence_of_element_located((By.ID, "result_list")))
+    screenshot(browser, "admin-outbox-list")
+    assert scroll_overflow(browser) <= 0, "the outbox list scrolls sideways"
+    results = browser.find_element(By.CSS_SELECTOR, "#changelist-form .results")
+    assert scroll_overflow(browser, results) <= 0, "the outbox table scrolls sideways"
+    assert all(in_view(browser, th) for th in outboxes.find_elements(By.CSS_SELECTOR, "thead th"))
+    assert len(outboxes.find_elements(By.CSS_SELECTOR, "td.field-delivery .runs-badge")) == 1
+
     # The blocked run's page: the banner says what is wrong and what to do.
+    browser.get(f"{live_server.url}/admin/runs_app/run/")
+    table = wait.until(ec.presence_of_element_located((By.ID, "result_list")))
+    row = table.find_element(By.CSS_SELECTOR, "td.field-delivery .runs-badge").find_element(
+        By.XPATH, "./ancestor::tr"
+    )
     row.find_element(By.LINK_TEXT, "run-blocked-1").click()
     banner = wait.until(ec.visibility_of_element_located((By.ID, "runs-banner-blocked")))
     screenshot(browser, "admin-blocked-run")

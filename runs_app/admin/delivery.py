@@ -2,8 +2,8 @@
 and the outbox admin, so both say the same thing the same way.
 
 The rows come annotated by :mod:`runs_app.inspection` (``runs_with_delivery`` /
-``outboxes_with_delivery``: ``delivered_up_to``, ``pending_events``, ``oldest_pending_at``);
-``with_delivery_order`` adds the two sort keys whose path differs between a run and an outbox.
+``outboxes_with_delivery``: ``delivered_up_to``, ``pending_events``, ``oldest_pending_at``), so
+the sortable columns sort by those annotations, the same on both models.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.db.models import F, Model, QuerySet
+from django.db.models import Model
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
@@ -46,11 +46,7 @@ def is_blocked(outbox: RunOutbox | None) -> bool:
 
 class DeliveryColumns:
     """Mixin of a ModelAdmin whose rows are runs or outboxes: subclasses say how to reach the
-    row's outbox and run (``outbox_of``, ``run_of``) and the paths to them for sorting."""
-
-    #: From the admin's model to the run's and the outbox's fields ("" when it is that model).
-    run_path = ""
-    outbox_path = ""
+    row's outbox and run (``outbox_of``, ``run_of``)."""
 
     def outbox_of(self, obj: Any) -> RunOutbox | None:
         raise NotImplementedError
@@ -58,15 +54,7 @@ class DeliveryColumns:
     def run_of(self, obj: Any) -> Run:
         raise NotImplementedError
 
-    def with_delivery_order(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        """The sort keys of the columns "last seq" and "blocked", whatever the model."""
-        aliased: QuerySet[Any] = queryset.alias(
-            delivery_last_seq=F(f"{self.run_path}last_seq"),
-            delivery_blocked_at=F(f"{self.outbox_path}blocked_at"),
-        )
-        return aliased
-
-    @admin.display(description=_("last seq"), ordering="delivery_last_seq")
+    @admin.display(description=_("last seq"))
     def last_event(self, obj: Model) -> int:
         return self.run_of(obj).last_seq
 
@@ -125,22 +113,10 @@ class DeliveryColumns:
             parts.append(badge(_("blocked"), "bad"))
         pending = annotated(obj, "pending_events")
         if pending:
-            parts.append(
-                format_html(
-                    '<span class="runs-pending">{}</span>',
-                    ngettext(
-                        "%(count)d pending for %(lag)s", "%(count)d pending for %(lag)s", pending
-                    )
-                    % {"count": pending, "lag": lag_text(obj.oldest_pending_at)},  # type: ignore[attr-defined]
-                )
-            )
+            text = ngettext(
+                "%(count)d pending for %(lag)s", "%(count)d pending for %(lag)s", pending
+            ) % {"count": pending, "lag": lag_text(getattr(obj, "oldest_pending_at", None))}
+            parts.append(format_html('<span class="runs-pending">{}</span>', text))
         if not parts:
             return EMPTY
         return format_html_join(" ", "{}", ((part,) for part in parts))
-
-    @admin.display(description=_("blocked"), ordering="delivery_blocked_at")
-    def blocked(self, obj: Model) -> SafeString | str:
-        """A red "blocked" badge on a blocked run; nothing on the others."""
-        if not is_blocked(self.outbox_of(obj)):
-            return ""
-        return badge(_("blocked"), "bad")

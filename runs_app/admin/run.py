@@ -88,7 +88,6 @@ class RunAdmin(DeliveryColumns, OperatorActions, ButtonsMixin):
         Button("skip_blocked_event", _("Skip blocked event"), is_blocked_run),
         Button("mark_failed", _("Mark failed"), is_open),
     ]
-    outbox_path = "outbox__"
 
     # What an operator scans for, within 1,400 px (beside the admin's navigation and the
     # filters, the table has about 750 px): which run, of which scope, in what status and what
@@ -126,8 +125,7 @@ class RunAdmin(DeliveryColumns, OperatorActions, ButtonsMixin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Run]:
         # Joins and annotations: the list costs the same number of queries for 3 runs or 50.
-        queryset = inspection.runs_with_delivery(super().get_queryset(request))
-        return self.with_delivery_order(queryset)
+        return inspection.runs_with_delivery(super().get_queryset(request))
 
     def outbox_of(self, obj: Run) -> RunOutbox | None:
         return related(obj, "outbox")  # type: ignore[no-any-return]

@@ -8,7 +8,7 @@ from django.utils.translation import gettext_lazy as _
 
 from ..models import RunState
 from .base import ReadOnlyAdmin
-from .display import run_link, status_badge
+from .display import attribute, run_link, status_badge
 
 
 @admin.register(RunState)
@@ -17,9 +17,9 @@ class RunStateAdmin(ReadOnlyAdmin):
         "run_page",
         "scope",
         "status_badge",
-        "started_at",
-        "finished_at",
-        "heartbeat_at",
+        "started",
+        "finished",
+        "heartbeat",
         "flush_status",
         "rows_seen",
         "cleanup_status",
@@ -29,18 +29,26 @@ class RunStateAdmin(ReadOnlyAdmin):
     list_filter = ["status", "flush_status", "cleanup_status", "scope"]
     search_fields = ["run__id", "scope"]
     ordering = ["-run__ordinal"]
-    readonly_fields = ["run_page", "status_badge"]
+    readonly_fields = [
+        "run_page",
+        "status_badge",
+        "started",
+        "finished",
+        "heartbeat",
+        "flushed",
+        "cleaned",
+    ]
     fields = [
         "run_page",
         "scope",
         "status_badge",
         "error",
-        "started_at",
-        "finished_at",
-        "heartbeat_at",
+        "started",
+        "finished",
+        "heartbeat",
         "flush_status",
         "flush_error",
-        "flushed_at",
+        "flushed",
         "rows_seen",
         "rows_created",
         "rows_updated",
@@ -50,8 +58,14 @@ class RunStateAdmin(ReadOnlyAdmin):
         "cleanup_message",
         "rows_removed",
         "cleanup_forced",
-        "cleanup_at",
+        "cleaned",
     ]
+
+    started = attribute("started_at", _("started"), ordering="started_at")
+    finished = attribute("finished_at", _("finished"), ordering="finished_at")
+    heartbeat = attribute("heartbeat_at", _("last heartbeat"), ordering="heartbeat_at")
+    flushed = attribute("flushed_at", _("flushed at"))
+    cleaned = attribute("cleanup_at", _("cleanup at"))
 
     @admin.display(description=_("run"), ordering="run__ordinal")
     def run_page(self, obj: RunState) -> SafeString:
