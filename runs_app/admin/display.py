@@ -65,6 +65,7 @@ CLEANUP_TONES = {
     CleanupStatus.IN_PROGRESS: "info",
     CleanupStatus.REFUSED: "bad",
     CleanupStatus.DONE: "ok",
+    CleanupStatus.RESTORED: "info",
 }
 
 
