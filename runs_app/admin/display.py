@@ -213,7 +213,7 @@ def cleanup_result(state: RunState | RunModelState | None) -> SafeString | str:
     return badge(text, CLEANUP_TONES.get(status, "quiet"))
 
 
-def value(value: Any) -> SafeString | str:
+def shown(value: Any) -> SafeString | str:
     """Any field's value as the admin shows it, except moments, shown as ``timestamp``."""
     if isinstance(value, datetime):
         return timestamp(value)
@@ -224,7 +224,7 @@ def attribute(
     path: str, description: StrOrPromise, ordering: str | None = None
 ) -> Callable[[Any, Model], Any]:
     """A read-only column or field showing ``obj.<path>`` ("state.rows_seen"), formatted by
-    ``value`` (times to the second with their zone, numbers grouped, None as "-")."""
+    ``shown`` (times to the second with their zone, numbers grouped, None as "-")."""
 
     @admin.display(description=description, ordering=ordering)
     def show(modeladmin: Any, obj: Model) -> Any:
@@ -233,6 +233,6 @@ def attribute(
             found = related(found, part)
         if callable(found):
             found = found()
-        return value(found)
+        return shown(found)
 
     return show

@@ -33,9 +33,9 @@ from .display import (
     related,
     session_badge,
     shorten,
+    shown,
     status_badge,
     timestamp,
-    value,
 )
 from .filters import CleanupRefusedFilter, OutboxBlockedFilter
 
@@ -251,11 +251,11 @@ class RunAdmin(DeliveryColumns, OperatorActions, ButtonsMixin):
                 (
                     line.model,
                     flush_badge(line.flush_status),
-                    value(line.rows_seen),
-                    value(line.rows_created),
-                    value(line.rows_updated),
-                    value(line.rows_confirmed),
-                    value(line.rows_removed),
+                    shown(line.rows_seen),
+                    shown(line.rows_created),
+                    shown(line.rows_updated),
+                    shown(line.rows_confirmed),
+                    shown(line.rows_removed),
                     cleanup_result(line),
                     line.cleanup_message or EMPTY,
                     timestamp(line.cleanup_at),
