@@ -198,7 +198,7 @@ def admin(scope: str) -> dict[str, Any]:
         pages[name] = {"status": response.status_code, "shows_run": run.pk in response.text}
     # A button of the run page: the action's writes go through the services.
     active = services.create_run(f"{scope}-active")
-    button = client.post(f"/admin/runs_app/run/{active.pk}/mark-failed/")
+    button = client.post(f"/admin/runs_app/run/{active.pk}/mark-failed/", {"post": "yes"})
     return {
         "run_id": run.pk,
         "pages": pages,

@@ -598,6 +598,7 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
         "cleanup",
         "cleanup message",
         "cleanup at",
+        "grace, approval, undo",
     ]
     project, repository = text[1:]
     assert project[:8] == [PROJECT, "succeeded", "1234", "1200", "34", "0", "1", "done"]

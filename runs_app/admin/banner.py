@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from django.utils.translation import gettext as _
 
-from ..models import CleanupStatus, Run, RunEvent, RunStatus
+from ..models import CleanupStatus, Run, RunEvent, RunModelState, RunStatus
 from .display import related
 
 
@@ -77,14 +77,21 @@ def run_banners(run: Run) -> list[Banner]:
             )
         )
     if state is not None and state.cleanup_status == CleanupStatus.REFUSED:
+        withheld = RunModelState.objects.filter(
+            run_id=run.pk, cleanup_status=CleanupStatus.REFUSED, withheld_count__isnull=False
+        ).exists()
+        advice = _("Nothing was deleted. The cleanup ledger below shows each model's outcome.")
+        if withheld:
+            advice += " " + _(
+                "The plan is withheld: check it below, then use Approve withheld cleanup to "
+                "remove at most the rows it shows."
+            )
         banners.append(
             Banner(
                 id="runs-banner-cleanup-refused",
                 title=_("Cleanup refused (%(reason)s).") % {"reason": state.cleanup_reason},
                 detail=state.cleanup_message,
-                advice=_(
-                    "Nothing was deleted. The cleanup ledger below shows each model's outcome."
-                ),
+                advice=advice,
             )
         )
     return banners

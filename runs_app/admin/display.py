@@ -236,3 +236,32 @@ def attribute(
         return shown(found)
 
     return show
+
+
+def reversible_note(line: Any) -> str:
+    """What a model's ledger line says of reversible cleanup: revived rows, rows waiting out
+    their grace, a withheld plan, an approval, a restore (or EMPTY)."""
+    notes: list[str] = []
+    if line.rows_revived:
+        notes.append(gettext("%(count)d revived") % {"count": line.rows_revived})
+    if line.rows_waiting:
+        notes.append(gettext("%(count)d waiting out their grace") % {"count": line.rows_waiting})
+    if line.withheld_count is not None:
+        notes.append(gettext("withheld: %(count)d to approve") % {"count": line.withheld_count})
+    if line.approved_count is not None:
+        notes.append(
+            gettext("approved by %(who)s for %(count)d")
+            % {"who": line.approved_by, "count": line.approved_count}
+        )
+    if line.restored_at is not None:
+        notes.append(
+            gettext("restored by %(who)s: %(back)d back, %(conflicts)d conflict(s)")
+            % {
+                "who": line.restored_by or "?",
+                "back": line.rows_restored,
+                "conflicts": line.restore_conflicts,
+            }
+        )
+    if line.rows_purged:
+        notes.append(gettext("%(count)d tombstone(s) purged") % {"count": line.rows_purged})
+    return "; ".join(notes) or EMPTY

@@ -14,9 +14,9 @@ from django.utils.translation import gettext_lazy as _
 
 from .. import inspection
 from ..models import Run, RunEvent, RunOutbox, RunStatus
-from .actions import OperatorActions
 from .banner import run_banners
 from .buttons import Button, ButtonsMixin
+from .cleanup_actions import CleanupActions, has_restorable_cleanup, has_withheld_cleanup
 from .delivery import DELIVERY_FIELDS, DeliveryColumns, annotated, is_blocked
 from .display import (
     EMPTY,
@@ -31,6 +31,7 @@ from .display import (
     pretty_json,
     problem_badges,
     related,
+    reversible_note,
     session_badge,
     shorten,
     shown,
@@ -80,13 +81,21 @@ def is_open(run: Run) -> bool:
 
 
 @admin.register(Run)
-class RunAdmin(DeliveryColumns, OperatorActions, ButtonsMixin):
-    actions = ["retry_delivery", "skip_blocked_event", "mark_failed"]
+class RunAdmin(DeliveryColumns, CleanupActions, ButtonsMixin):
+    actions = [
+        "retry_delivery",
+        "skip_blocked_event",
+        "mark_failed",
+        "restore_cleanup",
+        "approve_withheld_cleanup",
+    ]
     #: The run page's buttons (see runs_app.admin.buttons): an action and when it applies.
     buttons = [
         Button("retry_delivery", _("Retry delivery now"), has_undelivered),
         Button("skip_blocked_event", _("Skip blocked event"), is_blocked_run),
         Button("mark_failed", _("Mark failed"), is_open),
+        Button("restore_cleanup", _("Restore cleanup"), has_restorable_cleanup),
+        Button("approve_withheld_cleanup", _("Approve withheld cleanup"), has_withheld_cleanup),
     ]
 
     # What an operator scans for, within 1,400 px (beside the admin's navigation and the
@@ -246,7 +255,7 @@ class RunAdmin(DeliveryColumns, OperatorActions, ButtonsMixin):
             return EMPTY
         rows = format_html_join(
             "",
-            "<tr>" + "<td>{}</td>" * 10 + "</tr>",
+            "<tr>" + "<td>{}</td>" * 11 + "</tr>",
             (
                 (
                     line.model,
@@ -259,6 +268,7 @@ class RunAdmin(DeliveryColumns, OperatorActions, ButtonsMixin):
                     cleanup_result(line),
                     line.cleanup_message or EMPTY,
                     timestamp(line.cleanup_at),
+                    reversible_note(line),
                 )
                 for line in lines
             ),
@@ -279,6 +289,7 @@ class RunAdmin(DeliveryColumns, OperatorActions, ButtonsMixin):
                     _("cleanup"),
                     _("cleanup message"),
                     _("cleanup at"),
+                    _("grace, approval, undo"),
                 ]
             ),
         )
