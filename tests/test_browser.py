@@ -1,7 +1,7 @@
 """The admin in a real browser: headless Chromium from Debian packages, driven by Selenium through
 ``/usr/bin/chromedriver`` (nothing is downloaded), against pytest-django's live server.
 
-Never skipped: .ci/run installs ``chromium`` and ``chromium-driver`` when they are missing, and a
+Never skipped: scripts/test-setup (the README's test command) installs ``chromium`` and ``chromium-driver`` when they are missing, and a
 machine without them fails here with the command to install them.
 
 Screenshots are kept as test artefacts, in ``test-artifacts/screenshots/`` (ignored by git) or
@@ -45,7 +45,7 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     assert not missing, (
         f"{', '.join(missing)} missing: apt-get update && apt-get install -y chromium "
-        "chromium-driver (.ci/run installs them)"
+        "chromium-driver (scripts/test-setup installs them)"
     )
     # Selenium Manager must not look for (or download) a browser or a driver.
     monkeypatch.setenv("SE_OFFLINE", "true")
