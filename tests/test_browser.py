@@ -1,8 +1,9 @@
 """The admin in a real browser: headless Chromium from Debian packages, driven by Selenium through
 ``/usr/bin/chromedriver`` (nothing is downloaded), against pytest-django's live server.
 
-Never skipped: scripts/test-setup (the README's test command) installs ``chromium`` and ``chromium-driver`` when they are missing, and a
-machine without them fails here with the command to install them.
+Never skipped: scripts/test-setup (the README's test command) installs ``chromium`` and
+``chromium-driver`` when they are missing, and a machine without them fails here with the
+command to install them.
 
 Screenshots are kept as test artefacts, in ``test-artifacts/screenshots/`` (ignored by git) or
 the directory named by ``RUNS_APP_SCREENSHOTS``.
