@@ -2,8 +2,12 @@
 
 DATABASE_URL  default: a SQLite file next to this project (WAL, IMMEDIATE transactions)
               PostgreSQL: postgres://USER@HOST:5432/NAME (psycopg 3)
+RUNS_APP_DATABASE_URL  optional: runs_app and the tracked models on this second database
+              (alias "runs", routed by example_project.routers.RunsAppRouter)
 SECRET_KEY    default: an insecure development key
 DEBUG         default: False
+STATIC_ROOT   default: unset (WhiteNoise serves the apps' static files where they are installed);
+              set it to a directory to run collectstatic
 """
 
 from pathlib import Path
@@ -31,6 +35,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's CSS and JS under DEBUG=False too (runserver serves none then), from the
+    # one process the example runs in: no web server, no collectstatic step.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -63,6 +70,17 @@ DATABASES = {
         "DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'example_project' / 'db.sqlite3'}"
     )
 }
+if env("RUNS_APP_DATABASE_URL", default=""):
+    # runs_app (and the tracked models) on a database of their own: see routers.py and
+    # docs/databases.md. Migrate it with `manage.py migrate --database=runs`.
+    DATABASES["runs"] = env.db("RUNS_APP_DATABASE_URL")
+    DATABASE_ROUTERS = ["example_project.routers.RunsAppRouter"]
+    if DATABASES["runs"]["ENGINE"] == "django.db.backends.sqlite3":
+        DATABASES["runs"]["OPTIONS"] = {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE: a transaction takes the write lock when it begins, so concurrent writers queue
     # (busy timeout) instead of failing half-way; WAL lets readers run beside the writer.
@@ -87,7 +105,10 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "example_project" / "static"
+# WhiteNoise finds the files through the staticfiles finders (in the installed apps), so the
+# example needs no collectstatic; a missing STATIC_ROOT directory would only make it warn.
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT = env("STATIC_ROOT", default=None)
 
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
