@@ -41,6 +41,7 @@ ROW_KINDS = ("seen", "created", "updated", "confirmed", "removed")
 def _prometheus() -> ModuleType | None:
     try:
         import prometheus_client
+        import prometheus_client.core
     except ImportError:
         return None
     return prometheus_client
@@ -203,24 +204,25 @@ def prometheus_text() -> tuple[bytes, str]:
 # OpenTelemetry: the same facts as observable gauges.
 
 _otel_lock = threading.Lock()
-_otel_registered = False
+_otel_registered: set[int] = set()
 
 
-def register_otel_gauges(cache_seconds: float = 1.0) -> bool:
-    """Observe the database facts on the global OpenTelemetry meter (``runs_app``), once per
-    process; the gauges' callbacks share one :func:`snapshot` per ``cache_seconds`` (a
-    collection calls every callback in turn). Returns False when ``opentelemetry-api`` is absent.
+def register_otel_gauges(cache_seconds: float = 1.0, meter_provider: Any = None) -> bool:
+    """Observe the database facts on the OpenTelemetry meter ``runs_app`` of ``meter_provider``
+    (default: the global one), once per provider and process; the instruments' callbacks share
+    one :func:`snapshot` per ``cache_seconds`` (a collection calls every callback in turn).
+    Returns False when ``opentelemetry-api`` is absent.
 
-    The callbacks run in the SDK's reader thread, which opens its own database connection.
+    The callbacks run where the SDK collects (its reader's thread), which opens its own
+    database connection.
     """
-    global _otel_registered
     api = _otel_metrics()
     if api is None:
         return False
     with _otel_lock:
-        if _otel_registered:
+        if id(meter_provider) in _otel_registered:
             return True
-        _otel_registered = True
+        _otel_registered.add(id(meter_provider))
     cache: dict[str, Any] = {}
 
     def facts() -> Snapshot:
@@ -256,7 +258,7 @@ def register_otel_gauges(cache_seconds: float = 1.0) -> bool:
             for (scope, reason), count in facts().cleanup_refusals.items()
         ]
 
-    meter = api.get_meter("runs_app")
+    meter = api.get_meter("runs_app", meter_provider=meter_provider)
     for name, field, unit in (
         ("runs_app.outbox.pending_events", "pending_events", "{event}"),
         ("runs_app.outbox.oldest_pending_age", "oldest_pending_age_seconds", "s"),

@@ -20,8 +20,6 @@ from typing import Any
 import pytest
 from django.test import override_settings
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
@@ -376,17 +374,6 @@ def test_importing_runs_app_never_needs_nats_prometheus_or_opentelemetry() -> No
 
 
 # --- traces and publish counters ---------------------------------------------------------------
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
-    """An SDK tracer provider for this test only (the global one is set once per process, so
-    the test swaps the module's global and pytest restores it)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
-    return exporter
 
 
 def test_a_span_around_each_publish_and_its_context_in_every_message(
