@@ -179,6 +179,22 @@ def test_one_connection_and_one_event_loop_serve_every_publish_until_closed(
     assert publisher._loop is not None and publisher._loop is not loop
 
 
+def test_a_connection_closed_under_the_publisher_is_made_afresh(
+    stream: JetStreamAdmin, make_publisher: Any
+) -> None:
+    run = make_run(events=2)
+    publisher = make_publisher()
+    relay.drain_outbox_once(publisher=publisher, batch_size=1, run_id=run.id)
+    first = publisher._client
+    publisher._run(first.close())  # as after the server dropped it (no reconnect in the client)
+    assert first.is_closed
+
+    relay.drain_outbox_for_run(run, publisher=publisher)
+
+    assert publisher._client is not first and publisher._client.is_connected
+    assert [got.run_seq[1] for got in stream.read(3)] == [1, 2, 3]
+
+
 def test_publishing_from_a_thread_with_a_running_loop_is_refused_clearly(
     make_publisher: Any,
 ) -> None:
