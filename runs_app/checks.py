@@ -15,6 +15,7 @@ from django.core import checks
 from django.db import connections
 
 from .conf import DEFAULTS, MAX_DURATION_SECONDS, user_settings
+from .tracking import MAX_GRACE_RUNS
 
 NOTIFY_CHANNEL_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -63,6 +64,16 @@ SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
         "None (no limit) or an integer >= 0",
     ),
     "RUN_STALE_AFTER": ("runs_app.E008", _duration, DURATION),
+    "CLEANUP_GRACE_RUNS": (
+        "runs_app.E023",
+        lambda v: _is_int(v) and 1 <= v <= MAX_GRACE_RUNS,
+        f"an integer from 1 to {MAX_GRACE_RUNS} (runs)",
+    ),
+    "TOMBSTONE_RETENTION": (
+        "runs_app.E024",
+        lambda v: v is None or _duration(v),
+        "None or " + DURATION,
+    ),
     "PUBLISHER": (
         "runs_app.E009",
         lambda v: isinstance(v, str) and "." in v and not v.startswith("."),

@@ -21,6 +21,8 @@ DEFAULTS: dict[str, Any] = {
     "CLEANUP_BATCH_SIZE": 1000,
     "CLEANUP_MAX_DELETE_FRACTION": 0.5,
     "CLEANUP_MAX_DELETE_COUNT": None,
+    "CLEANUP_GRACE_RUNS": 1,
+    "TOMBSTONE_RETENTION": None,
     "RUN_STALE_AFTER": 3600,
     "PUBLISHER": "runs_app.publishers.LoggingPublisher",
     "PUBLISHER_OPTIONS": {},
@@ -49,6 +51,8 @@ class RunsAppSettings:
     CLEANUP_BATCH_SIZE: int
     CLEANUP_MAX_DELETE_FRACTION: float
     CLEANUP_MAX_DELETE_COUNT: int | None
+    CLEANUP_GRACE_RUNS: int
+    TOMBSTONE_RETENTION: float | None
     RUN_STALE_AFTER: float
     PUBLISHER: str
     PUBLISHER_OPTIONS: dict[str, Any]
