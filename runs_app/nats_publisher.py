@@ -252,7 +252,7 @@ class NatsPublisher:
             started = time.perf_counter()
             try:
                 with tracing.publish_span(
-                    messages, system="nats", destination=self.subject
+                    messages, system="nats", destination_template=self.subject
                 ) as trace_context:
                     self._run(self._publish(messages, subjects, trace_context))
             except BaseException:

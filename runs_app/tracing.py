@@ -42,7 +42,7 @@ def enabled() -> bool:
 
 @contextmanager
 def publish_span(
-    messages: Sequence[Message], *, system: str, destination: str | None = None
+    messages: Sequence[Message], *, system: str, destination_template: str | None = None
 ) -> Iterator[dict[str, str]]:
     """A PRODUCER span named ``runs_app publish`` around one ``publish()`` call of one run's
     messages, a child of the caller's current span.
@@ -68,8 +68,9 @@ def publish_span(
         "runs_app.seq.first": first.seq,
         "runs_app.seq.last": last.seq,
     }
-    if destination is not None:
-        attributes["messaging.destination.name"] = destination
+    if destination_template is not None:
+        # The template, not the subject: one span covers messages of several subjects.
+        attributes["messaging.destination.template"] = destination_template
     tracer = trace.get_tracer(TRACER_NAME)
     # record_exception / set_status_on_exception: the span says why the publish failed.
     with tracer.start_as_current_span(

@@ -411,7 +411,7 @@ def test_a_span_around_each_publish_and_its_context_in_every_message(
         "messaging.operation.type": "send",
         "messaging.operation.name": "publish",
         "messaging.batch.message_count": 2,
-        "messaging.destination.name": stream.subject,
+        "messaging.destination.template": stream.subject,
         "runs_app.run_id": run.id,
         "runs_app.scope": "billing",
         "runs_app.seq.first": 1,
