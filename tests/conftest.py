@@ -16,6 +16,8 @@ from django.db import connection
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+    from tests.factories import AdminStory
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if connection.vendor == "postgresql":
@@ -47,6 +49,15 @@ def _fresh_claim_order() -> None:
     from runs_app.relay.claim import claim_order
 
     claim_order.reset()
+
+
+@pytest.fixture
+def admin_story() -> AdminStory:
+    """One run in each state an operator meets, made with the factories' traits (see
+    ``tests.factories.admin_story``); for the admin tests."""
+    from tests import factories  # after Django's set-up, like every model import here
+
+    return factories.admin_story()
 
 
 @pytest.fixture
