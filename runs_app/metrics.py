@@ -29,7 +29,7 @@ from django.db.models import Count, Sum
 from django.utils import timezone
 
 from . import inspection
-from .db import db_alias
+from .db import db_alias_for_read
 from .models import RunState
 from .statuses import CleanupStatus
 
@@ -84,9 +84,10 @@ class Snapshot:
 
 def snapshot(now: datetime | None = None) -> Snapshot:
     """Read the facts: ``inspection.health()`` plus three grouped queries over the run ledgers
-    (no query per run or per scope). Read-only, no transaction of its own."""
+    (no query per run or per scope). Read-only, no transaction of its own, on
+    ``db_alias_for_read()`` like ``health()`` (a replica, if the routers say so)."""
     now = timezone.now() if now is None else now
-    states = RunState.objects.using(db_alias())
+    states = RunState.objects.using(db_alias_for_read())
     by_status = {
         (row["scope"], row["status"]): row["n"]
         for row in states.values("scope", "status").annotate(n=Count("pk")).order_by()
