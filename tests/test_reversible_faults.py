@@ -394,6 +394,26 @@ def test_a_flush_that_revives_counts_exactly_the_rows_it_revived() -> None:
 # -- attacks -------------------------------------------------------------------------------------
 
 
+def test_a_soft_restore_after_its_audit_was_pruned_reports_no_row_missing_that_came_back() -> None:
+    """A soft cleanup's rows never left: with an audit event pruned, the restore still clears
+    their tombstones (found by ``deleted_by_run``), so none of them is ``missing``: restored,
+    conflicts and missing add up to what the ledger says was removed."""
+    ensure_site()
+    sync(Asset, "acme", range(10))
+    run = sync(Asset, "acme", range(4))
+    with override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": 2, "CLEANUP_MAX_DELETE_FRACTION": 1}):
+        assert services.safe_cleanup(run, Asset).removed == 6
+    first = RunEvent.objects.filter(run=run, type="assets.removed").order_by("seq")[:1]
+    assert prune_events(run, list(first)) == 1
+
+    result = services.restore_cleanup(run, Asset)
+
+    assert Asset.objects.tombstoned().count() == 0
+    assert (result.restored, result.conflicts, result.missing) == (6, 0, 0)
+    done = RunEvent.objects.get(run=run, type="cleanup.restored")
+    assert done.payload["missing"] == 0
+
+
 def test_a_deleting_restore_after_a_partial_prune_restores_what_is_left_and_counts_the_rest() -> (
     None
 ):

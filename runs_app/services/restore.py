@@ -157,7 +157,8 @@ def _restore(run_id: str, spec: SyncSpec, restored_by: str, dry_run: bool) -> Re
         walk.restore_event(event_id)
     if soft:
         walk.clear_remaining_tombstones()  # rows whose audit event was pruned
-    missing = max(0, line.rows_removed - walk.audited)
+    # A tombstone cleared without its audit event is a row back, not one missing.
+    missing = max(0, line.rows_removed - walk.audited - walk.unaudited)
     if not soft and walk.audited == 0 and line.rows_removed > 0:
         raise RestoreRefused(
             "audit_missing",
@@ -218,6 +219,7 @@ class _Restorer:
         self.quote = self.connection.ops.quote_name
         self.pk = spec.model._meta.pk
         self.audited = 0  # rows found in the audit events
+        self.unaudited = 0  # tombstones cleared whose audit event was pruned
         self.restored = 0
         self.conflicts = 0
         self.sample_keys: list[Any] = []
@@ -263,7 +265,9 @@ class _Restorer:
         )
 
     def clear_remaining_tombstones(self) -> None:
-        self._count(self._untombstone(None))
+        back = self._untombstone(None)
+        self.unaudited += len(back)
+        self._count(back)
 
     def _count(self, back: list[tuple[Any, ...]]) -> None:
         if not back:
