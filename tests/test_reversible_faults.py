@@ -470,6 +470,70 @@ def test_a_cleanup_cut_off_half_way_is_restored_exactly_and_never_resumed() -> N
     assert columns(Device) == before
 
 
+def test_an_approval_after_a_partial_cleanup_keeps_the_ledger_equal_to_the_rows() -> None:
+    """A cleanup cut off after its first batch; CLEANUP_MAX_DELETE_COUNT is lowered before the
+    rerun, which is refused and withholds the rest; the operator approves it. The ledger line
+    must still count every row the run's cleanup removed (the audit says so): the approval
+    does not start the count again."""
+    ensure_site()
+    sync(Device, "acme", range(20))
+    run = sync(Device, "acme", range(10))
+    with override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": 3}):
+        for k in range(1, 100):
+            with failing_statement(k), pytest.raises(InjectedFault):
+                services.safe_cleanup(run, Device)
+            if line(run, Device).rows_removed:
+                break
+        first = line(run, Device).rows_removed
+        assert first == 3
+        with override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": 3, "CLEANUP_MAX_DELETE_COUNT": 5}):
+            with pytest.raises(CleanupRefused):
+                services.safe_cleanup(run, Device)
+            assert line(run, Device).withheld_count == 7
+            result = services.safe_cleanup(run, Device, approve=7, approved_by="ops")
+
+    assert result.removed == 7
+    ledger = line(run, Device)
+    assert ledger.rows_removed == len(audit(run, Device)) == 10 == state(run).rows_removed
+    assert Device.objects.count() == 10
+    restored = services.restore_cleanup(run, Device)
+    assert (restored.restored, restored.missing) == (10, 0)
+
+
+def test_an_approval_cut_off_after_a_partial_cleanup_stays_within_what_was_approved() -> None:
+    """As above, and the approved cleanup is itself cut off after its first batch: the rerun
+    removes what is left of the approval, no more, even with more rows deletable by then."""
+    ensure_site()
+    older = sync(Device, "acme", range(20))
+    run = sync(Device, "acme", range(10))
+    settings = {"CLEANUP_BATCH_SIZE": 3, "CLEANUP_MAX_DELETE_COUNT": 5}
+    with override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": 3}):
+        for k in range(1, 100):
+            with failing_statement(k), pytest.raises(InjectedFault):
+                services.safe_cleanup(run, Device)
+            if line(run, Device).rows_removed:
+                break
+    with override_settings(RUNS_APP=settings):
+        with pytest.raises(CleanupRefused):
+            services.safe_cleanup(run, Device)
+        for k in range(1, 100):  # the approval, or once it committed the rerun, cut off
+            refused = line(run, Device).cleanup_status == CleanupStatus.REFUSED
+            options: dict[str, Any] = {"approve": 7, "approved_by": "ops"} if refused else {}
+            with failing_statement(k), pytest.raises(InjectedFault):
+                services.safe_cleanup(run, Device, **options)
+            if line(run, Device).rows_removed > 3:
+                break
+        assert line(run, Device).rows_removed == 6
+        sync(Device, "elsewhere", range(40, 45))  # 5 more rows become deletable
+        Device.objects.filter(tenant="elsewhere").update(tenant="acme", last_seen_run=older)
+        services.safe_cleanup(run, Device)
+
+    ledger = line(run, Device)
+    assert ledger.cleanup_status == CleanupStatus.DONE
+    assert ledger.rows_removed == len(audit(run, Device)) == 3 + 7 == state(run).rows_removed
+    assert Device.objects.filter(tenant="acme").count() == 20 + 5 - 10
+
+
 def test_approving_after_the_source_came_back_is_refused_and_removes_nothing() -> None:
     ensure_site()
     sync(Device, "acme", range(20))
