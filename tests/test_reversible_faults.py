@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -45,6 +46,7 @@ from tests.helpers import (
     check_under_faults,
     failing_statement,
     snapshot,
+    temporary_tracked_model,
 )
 from tests.test_reversible_cleanup import asset, device, line, sync
 from tests.tracked_app.models import Asset, Device, Membership, Site
@@ -638,3 +640,93 @@ def test_a_model_keyed_by_its_primary_key_is_restored_with_its_ids() -> None:
     assert (result.restored, result.conflicts, result.conflict_keys) == (1, 1, (4,))
     assert columns(Site)[3] == before[3]
     assert Site.objects.get(id=4).name == "D again"
+
+
+TYPED_FIELDS: dict[str, Any] = {
+    "code": models.CharField(max_length=20, unique=True),
+    "blob": models.BinaryField(null=True),
+    "doc": models.JSONField(null=True),
+    "doc_strict": models.JSONField(default=dict),
+    "at": models.DateTimeField(null=True),
+    "day": models.DateField(null=True),
+    "clock": models.TimeField(null=True),
+    "span": models.DurationField(null=True),
+    "ident": models.UUIDField(null=True),
+    "money": models.DecimalField(max_digits=12, decimal_places=4, null=True),
+    "ratio": models.FloatField(null=True),
+    "big": models.BigIntegerField(null=True),
+    "flag": models.BooleanField(null=True),
+    "text": models.TextField(blank=True, default=""),
+    "sync_key": ("code",),
+}
+
+TYPED_ROWS: list[dict[str, Any]] = [
+    {
+        "code": "full",
+        "blob": bytes(range(256)),
+        "doc": {"s": "é\u00e9日本\U0001f600\"'\\", "n": [1, 2.5, -0.0, 10**20], "b": None},
+        "doc_strict": "a bare JSON string",
+        "at": dt.datetime(2026, 11, 30, 10, 0, 0, 123456, tzinfo=dt.UTC),
+        "day": dt.date(1999, 12, 31),
+        "clock": dt.time(23, 59, 59, 999999),
+        "span": dt.timedelta(days=3, seconds=7, microseconds=5),
+        "ident": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "money": Decimal("12345678.1234"),
+        "ratio": 0.1 + 0.2,
+        "big": 2**62 + 1,
+        "flag": False,
+        "text": 'line\nbreak\ttab \\ quote" \u2028',
+    },
+    {
+        "code": "empty",
+        "blob": b"",
+        "doc": None,
+        "doc_strict": [],
+        "at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        "day": None,
+        "clock": dt.time(0, 0),
+        "span": dt.timedelta(0),
+        "ident": None,
+        "money": Decimal("-0.0001"),
+        "ratio": 1e-300,
+        "big": -(2**63),
+        "flag": None,
+        "text": "",
+    },
+    {"code": "kept", "ratio": 123456789.12345679, "flag": True},
+]
+
+
+def test_typed_values_round_trip_through_the_audit_and_the_restore() -> None:
+    """Every column of every removed row, compared: bytes, JSON (a bare string in a JSON
+    column, nested unicode, big numbers), datetimes with microseconds, dates, times,
+    durations, UUIDs, decimals, floats that need 17 digits, 64-bit integers, booleans, NULLs."""
+    with temporary_tracked_model("Typed", dict(TYPED_FIELDS)) as model:
+        run = services.create_run("acme")
+        with services.flush(run, model) as flush:
+            flush.write(TYPED_ROWS)
+        services.complete_run(run)
+        stored = columns(model)
+        assert {row["code"]: row["ratio"] for row in stored.values()} == {
+            row["code"]: row.get("ratio") for row in TYPED_ROWS
+        }
+        cleaning = services.create_run("acme")
+        with services.flush(cleaning, model) as flush:
+            flush.write([TYPED_ROWS[2]])
+        cleaning = services.complete_run(cleaning)
+        kept_before = columns(model, code="kept")
+        with override_settings(RUNS_APP={"CLEANUP_MAX_DELETE_FRACTION": 1.0}):
+            assert services.safe_cleanup(cleaning, model).removed == 2
+
+        for record in audit(cleaning, model):
+            assert as_stored(model, record) == stored[record["id"]], record["code"]
+        result = services.restore_cleanup(cleaning, model)
+
+        assert (result.restored, result.conflicts) == (2, 0)
+        after = columns(model)
+        for pk in stored:
+            if stored[pk]["code"] != "kept":
+                assert after[pk] == stored[pk], stored[pk]["code"]
+        assert columns(model, code="kept") == kept_before
+        for record in audit(cleaning, model, "restored"):
+            assert as_stored(model, record) == stored[record["id"]], record["code"]
