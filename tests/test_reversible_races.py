@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.test import override_settings
 
 from runs_app import services
 from runs_app.models import CleanupStatus, Run, RunEvent, RunModelState, RunStatus
@@ -104,9 +105,11 @@ if role == "restore":
         out["error"] = str(exc).splitlines()[0]
 
 elif role == "flush":
-    # A newer run of the scope flushes `indexes` in one batch; with "hold", its batch's
-    # transaction stays open after the write (its rows locked) until "go".
-    run = services.create_run(args["tenant"])
+    # A newer run of the scope (`run_id`, else created here) flushes `indexes` in one batch;
+    # with "hold", its batch's transaction stays open after the write (its rows locked) until
+    # "go".
+    run = services.get_run(args["run_id"]) if args.get("run_id") else services.create_run(
+        args["tenant"])
     out["run"] = run.pk
     mark(f"{args['name']}-created")
     try:
@@ -402,3 +405,46 @@ def test_a_soft_cleanup_racing_a_newer_flush_of_the_same_keys_never_tombstones_i
     result = services.restore_cleanup(cleaning, Asset)
     assert (result.restored, result.conflicts) == (0, cleaned["removed"])
     assert Asset.objects.filter(tenant="acme", deleted_at__isnull=False).count() == 0
+
+
+def test_a_restore_whose_audit_interleaves_with_a_newer_batch_never_deadlocks_it(
+    tmp_path: Path,
+) -> None:
+    """The cleanup removed devices 10-19 in its first batch (last seen by the oldest run) and
+    0-9 in its second: two audit events, restored one INSERT after the other. A newer run,
+    active already, writes 0-19 in one batch, in key order, while the restore holds 10-19
+    inserted. Before the restore held off the scope's writers, the batch inserted 0-9, waited
+    on 10, the restore went on to 0-9 and waited on the batch: "deadlock detected", and the
+    newer run's flush failed. Now the batch waits for the restore, then updates its rows."""
+    sync(Device, "acme", range(10, 20))
+    second = services.create_run("acme")
+    with services.flush(second, Device) as flush:
+        flush.write(
+            {"uid": uid(i), "name": f"v1 {i}", "port": i} for i in [*range(10), *range(20, 30)]
+        )
+    services.complete_run(second)
+    cleaning = sync(Device, "acme", range(20, 30))
+    with override_settings(RUNS_APP={"CLEANUP_BATCH_SIZE": 10}):
+        assert services.safe_cleanup(cleaning, Device, force=True).removed == 20
+    events = RunEvent.objects.filter(run=cleaning, type="tracked_app.device.removed")
+    assert [
+        sorted(uuid.UUID(record["uid"]) for record in event.payload["rows"])
+        for event in events.order_by("seq")
+    ] == [[uid(i) for i in range(10, 20)], [uid(i) for i in range(10)]]
+    newer = services.create_run("acme")
+    restore = start_worker("restore", tmp_path, name="restore", run_id=cleaning.pk, hold_after=1)
+    held(tmp_path, "restore")
+    flush = start_worker(
+        "flush", tmp_path, name="flush", run_id=newer.pk, indexes=list(range(20)),
+        version="v2",
+    )  # fmt: skip
+    wait_until(lambda: waiting_on_a_lock(*FLUSH_WAITS), 60, "the flush waiting")
+    go(tmp_path)
+    restored, flushed = finish(restore), finish(flush)
+
+    assert "error" not in flushed and flushed["status"] == RunStatus.COMPLETED, flushed
+    assert (restored["restored"], restored["conflicts"]) == (20, 0), restored
+    assert (flushed["created"], flushed["updated"]) == (0, 20)
+    stored = devices()
+    assert set(stored) == {uid(i) for i in range(30)}
+    assert all(stored[uid(i)] == (f"v2 {i}", newer.pk) for i in range(20))
