@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 from django.test import override_settings
+from django.test.utils import isolate_apps
 
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, InvalidInput, RestoreRefused
 from runs_app.models import CleanupStatus, Run, RunEvent, RunModelState
-from runs_app.tracking import sync_spec
+from runs_app.tracking import LiveTrackedManager, TrackedQuerySet, sync_spec
 from tests.tracked_app.models import Asset, Device, Site
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -273,3 +274,24 @@ def test_approving_a_bad_count_names_the_field(count: Any, site: Site) -> None:
     with pytest.raises(InvalidInput) as bad:
         services.safe_cleanup(run, Device, approve=count, approved_by="alice")
     assert bad.value.field == "approve"
+
+
+@isolate_apps("tests.tracked_app")
+def test_a_project_can_make_its_default_manager_hide_tombstoned_rows(site: Site) -> None:
+    sync(Asset, "acme", range(4))
+    services.safe_cleanup(sync(Asset, "acme", range(3)), Asset)
+
+    class LiveAsset(Asset):
+        objects = LiveTrackedManager()
+        all_objects = TrackedQuerySet.as_manager()
+
+        class Meta:
+            proxy = True
+            app_label = "tracked_app"
+
+    assert sorted(LiveAsset.objects.values_list("code", flat=True)) == ["a000", "a001", "a002"]
+    assert LiveAsset.all_objects.count() == 4
+    assert Asset.objects.count() == 4  # the shipped default manager hides nothing
+    assert list(Asset.objects.tombstoned().values_list("code", flat=True)) == ["a003"]
+    assert Device.objects.live().count() == Device.objects.count()
+    assert not Device.objects.tombstoned().exists()

@@ -23,6 +23,7 @@ from .runs import (
     latest_run,
     track_run,
 )
+from .tombstones import PurgeResult, purge_tombstones
 from .validation import Event
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Event",
     "FlushResult",
     "FlushSession",
+    "PurgeResult",
     "RestoreResult",
     "append_events",
     "complete_run",
@@ -44,6 +46,7 @@ __all__ = [
     "latest_run",
     "list_events",
     "prune_outbox",
+    "purge_tombstones",
     "restore_cleanup",
     "retry_outbox",
     "safe_cleanup",

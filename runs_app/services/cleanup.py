@@ -464,7 +464,8 @@ def _guard(
         return Refusal(
             "empty_run",
             f"{name} flushed 0 {noun} but scope {run.scope!r} has {total}; an empty source "
-            "looks like a broken source (force=True / --force deletes anyway)",
+            f"looks like a broken source; the plan is withheld: approve it for {planned} "
+            f"(approve={planned} / --approve {planned}) once checked",
         )
     fraction = runs_settings.CLEANUP_MAX_DELETE_FRACTION
     max_count = runs_settings.CLEANUP_MAX_DELETE_COUNT
@@ -472,14 +473,16 @@ def _guard(
         return Refusal(
             "too_many_deletions",
             f"would delete {planned} of {total} {noun} of scope {run.scope!r} "
-            f"({planned / total:.0%}), more than CLEANUP_MAX_DELETE_FRACTION ({fraction:g}) "
-            "(force=True / --force deletes anyway)",
+            f"({planned / total:.0%}), more than CLEANUP_MAX_DELETE_FRACTION ({fraction:g})"
+            f"; the plan is withheld: approve it for {planned} (approve={planned} / "
+            f"--approve {planned}) once checked",
         )
     if max_count is not None and planned > max_count:
         return Refusal(
             "too_many_deletions",
             f"would delete {planned} {noun} of scope {run.scope!r}, more than "
-            f"CLEANUP_MAX_DELETE_COUNT ({max_count}) (force=True / --force deletes anyway)",
+            f"CLEANUP_MAX_DELETE_COUNT ({max_count}); the plan is withheld: approve it for "
+            f"{planned} (approve={planned} / --approve {planned}) once checked",
         )
     return None
 
