@@ -393,6 +393,63 @@ def test_a_flush_that_revives_counts_exactly_the_rows_it_revived() -> None:
     assert check_under_faults(setup, action, check) >= 4 * 4
 
 
+# -- purging tombstones -------------------------------------------------------------------------
+
+
+@dataclass
+class PurgeCase:
+    run: Run
+    tombstoned: dict[Any, dict[str, Any]]  # the run's tombstoned rows, every column
+
+
+def aged_soft_cleanup() -> PurgeCase:
+    """Assets 0-11, the run saw 0-3: 8 tombstoned, their tombstones set two days ago."""
+    ensure_site()
+    sync(Asset, "acme", range(12))
+    run = sync(Asset, "acme", range(4))
+    with override_settings(RUNS_APP=SOFT_BATCHES):
+        services.safe_cleanup(run, Asset)
+    Asset.objects.tombstoned().update(deleted_at=timezone.now() - dt.timedelta(days=2))
+    return PurgeCase(run, columns(Asset, deleted_at__isnull=False))
+
+
+def test_a_purge_of_several_batches_never_deletes_a_row_without_its_audit() -> None:
+    def action(case: PurgeCase) -> None:
+        services.purge_tombstones(Asset, dt.timedelta(days=1), batch_size=3)
+
+    def check(case: PurgeCase, faulted: bool) -> None:
+        rows = columns(Asset)
+        purged = set(case.tombstoned) - set(rows)
+        records = audit(case.run, Asset, "purged")
+        assert sorted(record["id"] for record in records) == sorted(purged)
+        for record in records:
+            assert as_stored(Asset, record) == case.tombstoned[record["id"]]
+        assert line(case.run, Asset).rows_purged == len(purged)
+        assert len(rows) == 12 - len(purged)
+        if not faulted:
+            assert len(purged) == 8
+
+    assert check_under_faults(aged_soft_cleanup, action, check) >= 3 * 3
+
+
+def test_a_soft_cleanup_purged_since_is_restored_from_its_audit() -> None:
+    """The tombstoned rows were purged for good: the restore inserts them back from the
+    cleanup's audit, with their primary keys and every column as before the cleanup."""
+    ensure_site()
+    sync(Asset, "acme", range(12))
+    run = sync(Asset, "acme", range(4))
+    before = columns(Asset)
+    with override_settings(RUNS_APP=SOFT_BATCHES):
+        services.safe_cleanup(run, Asset)
+    Asset.objects.tombstoned().update(deleted_at=timezone.now() - dt.timedelta(days=2))
+    assert services.purge_tombstones(Asset, dt.timedelta(days=1)).purged == 8
+
+    result = services.restore_cleanup(run, Asset)
+
+    assert (result.restored, result.conflicts, result.missing) == (8, 0, 0)
+    assert columns(Asset) == before
+
+
 # -- attacks -------------------------------------------------------------------------------------
 
 
