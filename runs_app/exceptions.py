@@ -149,7 +149,7 @@ class CleanupRefused(RunsError):
 
 
 RestoreRefusalReason = Literal[
-    "cleanup_not_run", "cleanup_refused", "audit_missing", "run_not_completed"
+    "cleanup_not_run", "cleanup_refused", "audit_missing", "rows_unrestorable"
 ]
 
 
@@ -157,7 +157,8 @@ class RestoreRefused(RunsError):
     """``restore_cleanup`` had nothing it could put back; nothing was written. ``reason``:
     ``cleanup_not_run`` (the run's cleanup of the model never ran), ``cleanup_refused`` (it was
     refused: it removed nothing), ``audit_missing`` (rows were deleted but their audit events
-    are gone, pruned from the outbox)."""
+    are gone, pruned from the outbox), ``rows_unrestorable`` (the audited rows no longer fit the
+    table: a column added since without a default, a constraint added since)."""
 
     def __init__(self, reason: RestoreRefusalReason, message: str) -> None:
         self.reason = reason

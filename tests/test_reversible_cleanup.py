@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from django.db import connection, models
 from django.test import override_settings
 from django.test.utils import isolate_apps
 
@@ -15,6 +16,7 @@ from runs_app import services
 from runs_app.exceptions import CleanupRefused, InvalidInput, RestoreRefused
 from runs_app.models import CleanupStatus, Run, RunEvent, RunModelState
 from runs_app.tracking import LiveTrackedManager, TrackedQuerySet, sync_spec
+from tests.helpers import temporary_tracked_model
 from tests.tracked_app.models import Asset, Device, Site
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -295,3 +297,32 @@ def test_a_project_can_make_its_default_manager_hide_tombstoned_rows(site: Site)
     assert list(Asset.objects.tombstoned().values_list("code", flat=True)) == ["a003"]
     assert Device.objects.live().count() == Device.objects.count()
     assert not Device.objects.tombstoned().exists()
+
+
+def test_rows_that_no_longer_fit_the_table_are_refused_whole() -> None:
+    body = {
+        "code": models.CharField(max_length=10, unique=True),
+        "name": models.CharField(max_length=20),
+        "sync_key": ("code",),
+    }
+    with temporary_tracked_model("Gadget", body) as gadget:
+        for names in (["a", "b", "c", "d"], ["a", "b", "c"]):
+            run = services.create_run("g")
+            with services.flush(run, gadget) as flush:
+                flush.write({"code": code, "name": code} for code in names)
+            services.complete_run(run)
+        services.safe_cleanup(run, gadget)
+        # A column added since, NOT NULL without a database default: the audit lacks it.
+        extra = models.IntegerField(default=0)
+        extra.set_attributes_from_name("extra")
+        with connection.schema_editor() as editor:
+            editor.add_field(gadget, extra)
+        events = RunEvent.objects.count()
+
+        with pytest.raises(RestoreRefused) as refused:
+            services.restore_cleanup(run, gadget)
+
+        assert refused.value.reason == "rows_unrestorable"
+        assert "nothing was restored" in refused.value.message
+        assert gadget.objects.count() == 3 and RunEvent.objects.count() == events
+        assert line(run, gadget).cleanup_status == CleanupStatus.DONE

@@ -264,6 +264,11 @@ def _approve(
         reason = f"{line.cleanup_status}" if line is not None else "not run"
         if line is not None and line.cleanup_reason:
             reason += f" ({line.cleanup_reason})"
+        if plan.resumes_approval is not None:
+            reason += (
+                f", approved by {plan.resumes_approval[0]} and cut off: clean up again without "
+                "approve to finish it within that approval"
+            )
         refusal = Refusal(
             "nothing_withheld",
             f"run {plan.run_id!r} has no withheld cleanup of {plan.spec.label} to approve "

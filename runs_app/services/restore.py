@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Model
 from django.utils import timezone
 
@@ -42,7 +42,13 @@ from .cleanup import SAMPLE_SIZE, split_removed
 from .cleanup_batches import sqlite_record
 from .events import insert_encoded_events, insert_events
 from .runs import RUN_CREATION_LOCK_KEY, lock_state
-from .validation import EncodedEvent, PreparedEvent, run_id_of, validate_text
+from .validation import (
+    EncodedEvent,
+    PreparedEvent,
+    internal_error_text,
+    run_id_of,
+    validate_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,17 @@ def restore_cleanup(
                 raise _DryRun
     except _DryRun:
         pass
+    except IntegrityError as exc:
+        # The audit holds the rows as the table was when they were removed: a column added
+        # since without a default (or a constraint added since) can refuse them. Nothing was
+        # restored: the transaction is rolled back whole.
+        raise RestoreRefused(
+            "rows_unrestorable",
+            f"the audited rows of {spec.label} no longer fit its table "
+            f"({internal_error_text(str(exc)).strip()}); nothing was restored. Give the new "
+            "column a database default (db_default) or restore the rows by hand from the "
+            f"{spec.event_prefix}.removed events",
+        ) from exc
     assert result is not None
     return result
 
