@@ -70,7 +70,7 @@ def _lease(run: Run, create: bool, extracted: Any, **kwargs: Any) -> None:
     scenarios.hold_lease(run)
 
 
-class RunFactory(factory.django.DjangoModelFactory):
+class RunFactory(factory.django.DjangoModelFactory[Run]):
     """A run made by ``services.create_run``, then brought to a state as the services (flush,
     completion, cleanup, relay) would leave it.
 
@@ -117,7 +117,7 @@ class RunFactory(factory.django.DjangoModelFactory):
         instance.refresh_from_db()
 
 
-class ProjectFactory(factory.django.DjangoModelFactory):
+class ProjectFactory(factory.django.DjangoModelFactory[Project]):
     class Meta:
         model = Project
 
@@ -127,7 +127,7 @@ class ProjectFactory(factory.django.DjangoModelFactory):
     data = factory.LazyFunction(dict)
 
 
-class RunModelStateFactory(factory.django.DjangoModelFactory):
+class RunModelStateFactory(factory.django.DjangoModelFactory[RunModelState]):
     """A run's ledger line for one model, as the flush, completion and cleanup leave it.
 
     Traits: ``flushed`` (the flush succeeded, counts filled), ``flush_failed``,
@@ -175,15 +175,15 @@ def admin_story() -> AdminStory:
     removed); failed flush with a refused cleanup (and a project it saw, a ``<script>`` in its
     name and data); blocked (a ``<script>`` in a payload and in the delivery error); completed
     with 1,000 events and a relay holding its lease."""
-    active = RunFactory(scope="alpha", id="run-active")
-    completed = RunFactory(scope="beta", id="run-completed", completed=True, cleaned=True)
-    failed = RunFactory(scope="gamma", id="run-failed-flush", flush_failed=True)
-    blocked = RunFactory(scope="delta", id="run-blocked", blocked=True)
+    active = RunFactory.create(scope="alpha", id="run-active")
+    completed = RunFactory.create(scope="beta", id="run-completed", completed=True, cleaned=True)
+    failed = RunFactory.create(scope="gamma", id="run-failed-flush", flush_failed=True)
+    blocked = RunFactory.create(scope="delta", id="run-blocked", blocked=True)
     services.append_events(
         blocked, [{"type": "project.seen", "payload": {"name": scenarios.SCRIPT, "key": "k1"}}]
     )
-    big = RunFactory(scope="epsilon", id="run-big", events=998, completed=True, leased=True)
-    ProjectFactory(
+    big = RunFactory.create(scope="epsilon", id="run-big", events=998, completed=True, leased=True)
+    ProjectFactory.create(
         scope="gamma",
         key="p-1",
         name=scenarios.SCRIPT,

@@ -221,7 +221,7 @@ def test_a_blocked_run_page_says_what_is_wrong_and_what_to_do(
 
 
 def test_a_gap_is_named_in_the_banner(viewer: Client) -> None:
-    run = RunFactory(scope="gaps", id="run-gap", events=3, blocked=True)
+    run = RunFactory.create(scope="gaps", id="run-gap", events=3, blocked=True)
     RunEvent.objects.filter(run=run, seq=1).delete()
     assert banners(viewer, run)["runs-banner-blocked"].startswith(
         "Delivery is blocked at event seq 1, which is missing (a gap)."
@@ -238,7 +238,7 @@ def test_a_failed_run_page_says_why(viewer: Client, story: AdminStory) -> None:
     assert shown["runs-banner-cleanup-refused"].startswith(
         "Cleanup refused (flush_failed). | The run's flush failed"
     )
-    crashed = RunFactory(scope="crashes", id="run-crashed", failed=True)
+    crashed = RunFactory.create(scope="crashes", id="run-crashed", failed=True)
     assert banners(viewer, crashed)["runs-banner-failed"].startswith(
         f"This run failed (error). | job crashed {SCRIPT}"
     )
@@ -260,10 +260,10 @@ def test_the_run_page_shows_only_the_buttons_that_apply(
     admin_client: Client, runs_outbox: RunsOutbox
 ) -> None:
     retry, skip, fail = "runs-retry-delivery", "runs-skip-blocked-event", "runs-mark-failed"
-    active = RunFactory(scope="a", id="run-a")  # run.started not yet delivered
-    blocked = RunFactory(scope="b", id="run-b", blocked=True)
-    done = RunFactory(scope="c", id="run-c", completed=True)
-    failed = RunFactory(scope="d", id="run-d", failed=True)
+    active = RunFactory.create(scope="a", id="run-a")  # run.started not yet delivered
+    blocked = RunFactory.create(scope="b", id="run-b", blocked=True)
+    done = RunFactory.create(scope="c", id="run-c", completed=True)
+    failed = RunFactory.create(scope="d", id="run-d", failed=True)
     assert buttons(admin_client, active) == [retry, fail]
     assert buttons(admin_client, blocked) == [retry, skip, fail]
     assert buttons(admin_client, done) == [retry]
@@ -402,8 +402,8 @@ def test_list_query_count_does_not_grow_with_the_number_of_runs(
                 {"flush_failed": True},
                 {"blocked": True, "leased": True, "events": 2},
             ][index % 4]
-            run = RunFactory(scope=f"s{index}", id=f"r{index}", **traits)
-            ProjectFactory(scope=f"s{index}", last_seen_run=run)
+            run = RunFactory.create(scope=f"s{index}", id=f"r{index}", **traits)
+            ProjectFactory.create(scope=f"s{index}", last_seen_run=run)
 
     def queries() -> int:
         with CaptureQueriesContext(connection) as captured:

@@ -45,7 +45,7 @@ def run_action(
 
 def blocked_run(run_id: str = "run-blocked", scope: str = "delta") -> Run:
     """Blocked at its first event (run.started), a ``<script>`` in a payload and the error."""
-    run = RunFactory(scope=scope, id=run_id, blocked=True)
+    run = RunFactory.create(scope=scope, id=run_id, blocked=True)
     services.append_events(
         run,
         [
@@ -145,7 +145,7 @@ def test_skip_blocked_event_skips_the_head_and_records_it(
 
 
 def test_skip_leaves_runs_that_are_not_blocked_alone(admin_client: Client) -> None:
-    run = RunFactory(scope="alpha", id="run-fine")
+    run = RunFactory.create(scope="alpha", id="run-fine")
     before = snapshot()
 
     response = run_action(admin_client, RUNS, "skip_blocked_event", run.pk, confirm=True)
@@ -157,7 +157,7 @@ def test_skip_leaves_runs_that_are_not_blocked_alone(admin_client: Client) -> No
 
 def test_skip_of_a_mixed_selection_confirms_only_the_blocked_runs(admin_client: Client) -> None:
     blocked = blocked_run()
-    fine = RunFactory(scope="alpha", id="run-fine")
+    fine = RunFactory.create(scope="alpha", id="run-fine")
 
     response = run_action(admin_client, RUNS, "skip_blocked_event", blocked.pk, fine.pk)
     html = response.content.decode()
@@ -171,7 +171,7 @@ def test_skip_of_a_mixed_selection_confirms_only_the_blocked_runs(admin_client: 
 
 
 def test_skipping_a_gap_is_logged_as_such(admin_client: Client) -> None:
-    run = RunFactory(scope="gaps", id="run-gap", events=3, blocked=True)
+    run = RunFactory.create(scope="gaps", id="run-gap", events=3, blocked=True)
     RunEvent.objects.filter(run=run, seq=1).delete()
     response = run_action(admin_client, RUNS, "skip_blocked_event", run.pk)
     assert "run-gap: broker down" in response.content.decode()  # listed among the gaps
@@ -186,8 +186,8 @@ def test_skipping_a_gap_is_logged_as_such(admin_client: Client) -> None:
 
 
 def test_mark_failed_asks_for_confirmation_first(admin_client: Client) -> None:
-    active = RunFactory(scope="alpha", id="run-active")
-    done = RunFactory(scope="beta", id="run-done", completed=True)
+    active = RunFactory.create(scope="alpha", id="run-active")
+    done = RunFactory.create(scope="beta", id="run-done", completed=True)
     before = snapshot()
 
     response = run_action(admin_client, RUNS, "mark_failed", active.pk, done.pk)
@@ -206,8 +206,8 @@ def test_mark_failed_asks_for_confirmation_first(admin_client: Client) -> None:
 
 
 def test_mark_failed_fails_active_runs_through_the_service(admin_client: Client) -> None:
-    active = RunFactory(scope="alpha", id="run-active")
-    done = RunFactory(scope="beta", id="run-done", completed=True)
+    active = RunFactory.create(scope="alpha", id="run-active")
+    done = RunFactory.create(scope="beta", id="run-done", completed=True)
 
     response = run_action(admin_client, RUNS, "mark_failed", active.pk, done.pk, confirm=True)
 
@@ -284,7 +284,7 @@ def test_the_history_page_says_who_did_what(client: Client) -> None:
 
 
 def test_a_failing_service_is_reported_and_not_logged(admin_client: Client) -> None:
-    run = RunFactory(scope="alpha", id="run-gone")
+    run = RunFactory.create(scope="alpha", id="run-gone")
     RunOutbox.objects.filter(pk=run.pk).delete()
     response = run_action(admin_client, RUNS, "retry_delivery", run.pk)
     assert texts(response) == [("error", "Run run-gone: No run with id 'run-gone'.")]
@@ -320,19 +320,19 @@ def test_actions_need_the_change_permission(client: Client) -> None:
 def test_without_an_actor_the_services_write_what_they_always_wrote(
     runs_outbox: RunsOutbox,
 ) -> None:
-    run = RunFactory(scope="plain", id="run-plain", blocked=True)
+    run = RunFactory.create(scope="plain", id="run-plain", blocked=True)
     services.retry_outbox(run)
     assert Run.objects.get(pk=run.pk).last_seq == 1  # no event for a plain retry
     scenarios.block_outbox(run)
     services.skip_outbox_event(run)
     assert "actor" not in last_event(run).payload
-    other = RunFactory(scope="plain-2", id="run-plain-2")
+    other = RunFactory.create(scope="plain-2", id="run-plain-2")
     services.fail_run(other, "boom")
     assert last_event(other).payload == {"reason": "error", "error": "boom"}
 
 
 def test_the_services_name_their_actor() -> None:
-    run = RunFactory(scope="named", id="run-named", blocked=True)
+    run = RunFactory.create(scope="named", id="run-named", blocked=True)
     services.retry_outbox(run, actor="ops@example.com")
     assert (last_event(run).type, last_event(run).payload) == (
         "outbox.retried",
@@ -360,7 +360,7 @@ def test_the_services_name_their_actor() -> None:
     ],
 )
 def test_a_bad_actor_is_refused_before_anything_is_written(actor: Any, message: str) -> None:
-    run = RunFactory(scope="bad", id="run-bad", blocked=True)
+    run = RunFactory.create(scope="bad", id="run-bad", blocked=True)
     before = snapshot()
     for call in [
         lambda: services.retry_outbox(run, actor=actor),

@@ -114,11 +114,11 @@ def test_run_list_and_a_blocked_run_fit_1400_px(
     browser: WebDriver, live_server: LiveServer
 ) -> None:
     # Runs in every state, with ids as long as generated ones (uuid4 hex).
-    RunFactory(scope="nightly-projects", id="4f0c2d1e9b8a47c6a1d2e3f405162738", events=3)
-    RunFactory(scope="weekly-projects", id="run-ok-1", completed=True, cleaned=True)
-    RunFactory(scope="crm-sync", id="run-failed-1", flush_failed=True)
-    blocked = RunFactory(scope="repositories", id="run-blocked-1", events=2, blocked=True)
-    RunFactory(scope="big-import", id="run-big-1", events=40, completed=True, leased=True)
+    RunFactory.create(scope="nightly-projects", id="4f0c2d1e9b8a47c6a1d2e3f405162738", events=3)
+    RunFactory.create(scope="weekly-projects", id="run-ok-1", completed=True, cleaned=True)
+    RunFactory.create(scope="crm-sync", id="run-failed-1", flush_failed=True)
+    blocked = RunFactory.create(scope="repositories", id="run-blocked-1", events=2, blocked=True)
+    RunFactory.create(scope="big-import", id="run-big-1", events=40, completed=True, leased=True)
 
     wait = log_in(browser, live_server, "/admin/runs_app/run/")
     table = wait.until(ec.presence_of_element_located((By.ID, "result_list")))
@@ -197,7 +197,7 @@ def test_run_list_and_a_blocked_run_fit_1400_px(
 def test_operator_marks_a_run_failed_after_confirming(
     browser: WebDriver, live_server: LiveServer
 ) -> None:
-    run = RunFactory(scope="crm-sync", id="run-stuck-1")
+    run = RunFactory.create(scope="crm-sync", id="run-stuck-1")
     wait = log_in(browser, live_server, f"/admin/runs_app/run/{run.pk}/change/")
     wait.until(ec.element_to_be_clickable((By.ID, "runs-mark-failed"))).click()
 

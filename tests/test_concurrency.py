@@ -28,7 +28,7 @@ class Rollback(Exception):
 def append_race(threads: int, rounds: int) -> None:
     """``threads`` appenders, ``rounds`` appends each of 1..3 events; every third append is rolled
     back on purpose after it got its seqs. Committed seqs must be exactly 1..n."""
-    run = RunFactory()
+    run = RunFactory.create()
 
     def appender(thread: int) -> list[tuple[str, list[int]]]:
         committed: list[tuple[str, list[int]]] = []

@@ -49,7 +49,7 @@ def test_ensure_run_creating() -> None:
 
 @pytest.mark.parametrize("count", [1, 25])
 def test_append_events(count: int) -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     faults = assert_atomic_under_faults(
         lambda: services.append_events(run, [Event("e", {"i": i}) for i in range(count)])
     )
@@ -59,7 +59,7 @@ def test_append_events(count: int) -> None:
 
 
 def test_complete_run_completed() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     faults = assert_atomic_under_faults(lambda: services.complete_run(run))
     assert faults >= CLOSE_STATEMENTS
     assert RunState.objects.get(run=run).status == RunStatus.COMPLETED
@@ -67,7 +67,7 @@ def test_complete_run_completed() -> None:
 
 
 def test_complete_run_fail_safe_failed() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     RunState.objects.filter(run=run).update(flush_status=FlushStatus.FAILED, flush_error="x")
     faults = assert_atomic_under_faults(lambda: services.complete_run(run))
     assert faults >= CLOSE_STATEMENTS
@@ -77,7 +77,7 @@ def test_complete_run_fail_safe_failed() -> None:
 
 
 def test_fail_run() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     faults = assert_atomic_under_faults(lambda: services.fail_run(run, "boom"))
     assert faults >= CLOSE_STATEMENTS
     assert RunState.objects.get(run=run).status == RunStatus.FAILED
@@ -85,7 +85,7 @@ def test_fail_run() -> None:
 
 def test_every_write_statement_is_covered() -> None:
     """The same paths, counting only writes: each write fails once, nothing half-written."""
-    run = RunFactory()
+    run = RunFactory.create()
     assert (
         assert_atomic_under_faults(
             lambda: services.append_events(run, [Event("a")]), writes_only=True
@@ -111,10 +111,10 @@ class Rollback(Exception):
 
 
 def test_callers_writes_and_events_roll_back_together() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     before = snapshot()
     with pytest.raises(Rollback), transaction.atomic():
-        ProjectFactory(key="mine")
+        ProjectFactory.create(key="mine")
         services.append_events(run, [Event("project.created", {"key": "mine"})])
         services.create_run("inner", run_id="inner", events=[Event("x")])
         raise Rollback
@@ -122,9 +122,9 @@ def test_callers_writes_and_events_roll_back_together() -> None:
 
 
 def test_callers_writes_and_events_commit_together() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     with transaction.atomic():
-        ProjectFactory(key="mine")
+        ProjectFactory.create(key="mine")
         services.append_events(run, [Event("project.created", {"key": "mine"})])
         services.create_run("inner", run_id="inner")
     assert Project.objects.filter(key="mine").exists()
@@ -133,10 +133,10 @@ def test_callers_writes_and_events_commit_together() -> None:
 
 
 def test_a_fault_inside_the_callers_transaction_rolls_back_the_callers_writes() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     before = snapshot()
     with pytest.raises(InjectedFault), transaction.atomic():
-        ProjectFactory(key="mine")
+        ProjectFactory.create(key="mine")
         # From here: SAVEPOINT, then the events' insert (on SQLite after UPDATE ... RETURNING
         # last_seq; on PostgreSQL that UPDATE is a CTE of the insert).
         insert = 1 + APPEND_WRITES

@@ -27,7 +27,7 @@ def events(count: int) -> list[Event]:
 
 
 def test_append_events_uses_a_constant_number_of_queries() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     counts = {
         n: len(queries_of(lambda n=n: services.append_events(run, events(n)))) for n in (1, 10, 100)
     }

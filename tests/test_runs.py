@@ -190,7 +190,7 @@ def test_ensure_run_in_a_busy_scope_raises() -> None:
 
 
 def test_append_events_allocates_contiguous_seqs() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     first = services.append_events(run, [Event("a", {"i": 1}), {"type": "b", "payload": {"i": 2}}])
     second = services.append_events(run.id, [{"type": "c"}])
     third = services.append_events(run, (Event(f"d{i}") for i in range(3)))
@@ -204,7 +204,7 @@ def test_append_events_allocates_contiguous_seqs() -> None:
 
 def test_appended_events_are_returned_as_stored() -> None:
     # They are built from the INSERT's RETURNING, not fetched again: each must be its row.
-    run = RunFactory()
+    run = RunFactory.create()
     events = [Event(f"t{i}", {"i": i, "s": "é\\u0000"}) for i in range(50)]
     returned = services.append_events(run, events)
     stored = RunEvent.objects.filter(run=run, seq__gt=1).order_by("seq")
@@ -216,14 +216,14 @@ def test_appended_events_are_returned_as_stored() -> None:
 
 
 def test_append_no_events_writes_nothing() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     before = snapshot()
     assert services.append_events(run, []) == []
     assert snapshot() == before
 
 
 def test_append_events_keeps_runs_apart() -> None:
-    one, two = RunFactory(), RunFactory()
+    one, two = RunFactory.create(), RunFactory.create()
     services.append_events(one, [Event("a")])
     services.append_events(two, [Event("b"), Event("c")])
     services.append_events(one, [Event("d")])
@@ -233,7 +233,7 @@ def test_append_events_keeps_runs_apart() -> None:
 
 @pytest.mark.parametrize("close", ["complete", "fail"])
 def test_append_to_a_closed_run_raises(close: str) -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     if close == "complete":
         services.complete_run(run)
     else:
@@ -250,7 +250,7 @@ def test_append_to_a_closed_run_raises(close: str) -> None:
 
 
 def test_complete_run_without_flush_completes_with_counts() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     state = state_of(run)
     state.rows_seen, state.rows_created = 5, 3
     state.save()
@@ -275,7 +275,7 @@ def test_complete_run_without_flush_completes_with_counts() -> None:
 
 
 def test_complete_run_after_a_successful_flush() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     RunState.objects.filter(run=run).update(flush_status=FlushStatus.SUCCEEDED, rows_seen=2)
     services.complete_run(run)
     assert state_of(run).status == RunStatus.COMPLETED
@@ -302,7 +302,7 @@ def test_complete_run_after_a_successful_flush() -> None:
 def test_complete_run_is_fail_safe(
     flush_status: str, flush_error: str, reason: str, error: str
 ) -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     state = state_of(run)
     state.flush_status = flush_status
     state.flush_error = flush_error
@@ -318,7 +318,7 @@ def test_complete_run_is_fail_safe(
 
 @pytest.mark.parametrize("close", ["complete", "fail"])
 def test_closing_a_closed_run_raises(close: str) -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     services.complete_run(run) if close == "complete" else services.fail_run(run)
     before = snapshot()
     with pytest.raises(RunClosed):
@@ -329,7 +329,7 @@ def test_closing_a_closed_run_raises(close: str) -> None:
 
 
 def test_fail_run_records_the_error() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     returned = services.fail_run(run, "it broke\x00 badly")
     assert returned.state.status == RunStatus.FAILED
     state = state_of(run)
@@ -339,7 +339,7 @@ def test_fail_run_records_the_error() -> None:
 
 
 def test_fail_run_cuts_a_long_error() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     services.fail_run(run, "e" * 20_000)
     assert len(state_of(run).error) == 10_000
 
@@ -354,7 +354,7 @@ def test_closing_frees_the_scope() -> None:
 
 
 def test_heartbeat_updates_heartbeat_at() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     old = timezone.now() - datetime.timedelta(hours=1)
     RunState.objects.filter(run=run).update(heartbeat_at=old)
     before = timezone.now()
@@ -364,7 +364,7 @@ def test_heartbeat_updates_heartbeat_at() -> None:
 
 
 def test_heartbeat_on_a_closed_run_raises() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     services.complete_run(run)
     before = snapshot()
     with pytest.raises(RunClosed):
@@ -373,7 +373,7 @@ def test_heartbeat_on_a_closed_run_raises() -> None:
 
 
 def test_get_run() -> None:
-    created = RunFactory(metadata={"a": 1})
+    created = RunFactory.create(metadata={"a": 1})
     with CaptureQueriesContext(connection) as queries:
         run = services.get_run(created.id)
         assert run == created
@@ -384,7 +384,7 @@ def test_get_run() -> None:
 
 
 def test_list_events_after_seq() -> None:
-    run = RunFactory()
+    run = RunFactory.create()
     services.append_events(run, [Event(f"e{i}") for i in range(2, 6)])
     assert [e.seq for e in services.list_events(run)] == [1, 2, 3, 4, 5]
     assert [e.seq for e in services.list_events(run, after_seq=3)] == [4, 5]
@@ -410,11 +410,11 @@ def test_flush_succeeded(flush_status: str, expected: bool | None) -> None:
 
 
 def test_deleting_a_run_never_deletes_projects() -> None:
-    old, new = RunFactory(scope="p"), None
+    old, new = RunFactory.create(scope="p"), None
     services.complete_run(old)
-    new = RunFactory(scope="p")
+    new = RunFactory.create(scope="p")
     seen_by_old = ProjectFactory.create_batch(3, scope="p", last_seen_run=old)
-    confirmed_by_old = ProjectFactory(scope="p", last_seen_run=new, last_confirmed_run=old)
+    confirmed_by_old = ProjectFactory.create(scope="p", last_seen_run=new, last_confirmed_run=old)
     Run.objects.filter(pk=old.pk).delete()
     assert Project.objects.count() == 4
     for project in seen_by_old:

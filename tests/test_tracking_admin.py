@@ -50,8 +50,8 @@ def keys(queryset: Any) -> set[str]:
 def completed(scope: str, run_id: str, *keys: str) -> Run:
     """A completed run of ``scope`` whose flush of projects succeeded and saw ``keys`` (rows
     made or re-stamped: their ``last_seen_run`` is this run)."""
-    run = RunFactory(scope=scope, id=run_id)
-    RunModelStateFactory(run=run, model=PROJECT, flushed=True)
+    run = RunFactory.create(scope=scope, id=run_id)
+    RunModelStateFactory.create(run=run, model=PROJECT, flushed=True)
     see(run, *keys)
     services.complete_run(run)
     return run
@@ -61,7 +61,7 @@ def see(run: Run, *keys: str) -> None:
     for key in keys:
         updated = Project.objects.filter(scope=run.scope, key=key).update(last_seen_run=run)
         if not updated:
-            ProjectFactory(scope=run.scope, key=key, last_seen_run=run)
+            ProjectFactory.create(scope=run.scope, key=key, last_seen_run=run)
 
 
 def url(name: str, *args: Any) -> str:
@@ -92,30 +92,32 @@ def scopes() -> Scopes:
     # another model; a5 active, the newest.
     completed("alpha", "a1", "a-old", "a-refreshed")
     completed("alpha", "a2", "a-seen", "a-refreshed")
-    a3 = RunFactory(scope="alpha", id="a3")
-    RunModelStateFactory(run=a3, model=PROJECT, flush_failed=True)
+    a3 = RunFactory.create(scope="alpha", id="a3")
+    RunModelStateFactory.create(run=a3, model=PROJECT, flush_failed=True)
     see(a3, "a-by-failed")
     services.fail_run(a3, "flush_failed", reason="flush_failed")
-    a4 = RunFactory(scope="alpha", id="a4")
+    a4 = RunFactory.create(scope="alpha", id="a4")
     services.complete_run(a4)
-    RunModelStateFactory(run=a4, model=PROJECT, cleanup_refused=True)
-    RunModelStateFactory(run=a4, model="example_project.repository", flushed=True)
-    a5 = RunFactory(scope="alpha", id="a5")
-    RunModelStateFactory(run=a5, model=PROJECT, flushed=True)
+    RunModelStateFactory.create(run=a4, model=PROJECT, cleanup_refused=True)
+    RunModelStateFactory.create(run=a4, model="example_project.repository", flushed=True)
+    a5 = RunFactory.create(scope="alpha", id="a5")
+    RunModelStateFactory.create(run=a5, model=PROJECT, flushed=True)
     see(a5, "a-by-active")
-    ProjectFactory(scope="alpha", key="a-null", last_seen_run=None)
+    ProjectFactory.create(scope="alpha", key="a-null", last_seen_run=None)
 
     # beta: b1 then b2 completed; a row of beta stamped by alpha's latest run (a scope
     # mismatch no flush makes, but a hand edit could) is not seen by beta's latest.
     completed("beta", "b1", "b-old")
     completed("beta", "b2", "b-seen")
-    ProjectFactory(scope="beta", key="b-stamped-by-alpha", last_seen_run=Run.objects.get(pk="a2"))
+    ProjectFactory.create(
+        scope="beta", key="b-stamped-by-alpha", last_seen_run=Run.objects.get(pk="a2")
+    )
 
     # gamma: flushed only by an active run: no completed run vouches for any row.
-    g1 = RunFactory(scope="gamma", id="g1")
-    RunModelStateFactory(run=g1, model=PROJECT, flushed=True)
+    g1 = RunFactory.create(scope="gamma", id="g1")
+    RunModelStateFactory.create(run=g1, model=PROJECT, flushed=True)
     see(g1, "g-by-active")
-    ProjectFactory(scope="gamma", key="g-null", last_seen_run=None)
+    ProjectFactory.create(scope="gamma", key="g-null", last_seen_run=None)
     return Scopes(
         seen={"a-seen", "a-refreshed", "b-seen"},
         not_seen={
@@ -161,10 +163,10 @@ def test_the_active_run_completing_becomes_the_latest(scopes: Scopes) -> None:
 
 
 def test_a_scope_no_completed_run_flushed_has_every_row_not_seen() -> None:
-    ProjectFactory(scope="new", key="never-stamped")
-    run = RunFactory(scope="new", id="n1")
+    ProjectFactory.create(scope="new", key="never-stamped")
+    run = RunFactory.create(scope="new", id="n1")
     services.complete_run(run)  # completed, but flushed nothing: no ledger line
-    ProjectFactory(scope="new", key="stamped", last_seen_run=run)
+    ProjectFactory.create(scope="new", key="stamped", last_seen_run=run)
     assert keys(projects().not_seen_by_latest_run()) == {"never-stamped", "stamped"}
     assert not projects().seen_by_latest_run().exists()
 
@@ -338,12 +340,12 @@ def test_the_list_costs_the_same_queries_for_3_rows_or_60(
 
     completed("s", "s1", "k0", "k1")
     completed("s", "s2", "k0")
-    ProjectFactory(scope="s", key="k-null")
+    ProjectFactory.create(scope="s", key="k-null")
     few = page()
     for index in range(20):
         completed(f"s{index}", f"s{index}-1", "k0", "k1")
         completed(f"s{index}", f"s{index}-2", "k0")
-        ProjectFactory(scope=f"s{index}", key="k-null")
+        ProjectFactory.create(scope=f"s{index}", key="k-null")
     with django_assert_num_queries(few):
         response = project_list(admin_client, query)
     assert len(response.context["cl"].result_list) >= 40
@@ -565,11 +567,11 @@ def test_the_stamps_join_the_declared_list_select_related(
 
 
 def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
-    run = RunFactory(scope="lines", id="lines-1")
-    RunModelStateFactory(
+    run = RunFactory.create(scope="lines", id="lines-1")
+    RunModelStateFactory.create(
         run=run, model=PROJECT, flushed=True, rows_created=1200, rows_updated=34, cleaned=True
     )
-    RunModelStateFactory(
+    RunModelStateFactory.create(
         run=run,
         model="example_project.repository",
         flush_failed=True,
@@ -618,7 +620,7 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
 
 
 def test_a_run_without_model_lines_says_so(viewer: Client) -> None:
-    run = RunFactory(scope="lines", id="lines-0")
+    run = RunFactory.create(scope="lines", id="lines-0")
     response = viewer.get(run_url(run.pk))
     assert response.status_code == 200
     assert "runs-model-lines" not in response.content.decode()
@@ -634,12 +636,14 @@ def test_the_run_page_costs_the_same_queries_for_1_model_or_8(
         assert response.status_code == 200
         return len(captured)
 
-    one = RunFactory(scope="q1", id="q1")
-    RunModelStateFactory(run=one, model=PROJECT, flushed=True)
+    one = RunFactory.create(scope="q1", id="q1")
+    RunModelStateFactory.create(run=one, model=PROJECT, flushed=True)
     few = page(one)
-    eight = RunFactory(scope="q8", id="q8")
+    eight = RunFactory.create(scope="q8", id="q8")
     for index in range(8):
-        RunModelStateFactory(run=eight, model=f"app.model{index}", flushed=True, cleaned=True)
+        RunModelStateFactory.create(
+            run=eight, model=f"app.model{index}", flushed=True, cleaned=True
+        )
     with django_assert_num_queries(few):
         response = admin_client.get(run_url(eight.pk))
     assert response.content.decode().count("app.model") == 8
@@ -647,10 +651,10 @@ def test_the_run_page_costs_the_same_queries_for_1_model_or_8(
 
 def test_flush_and_cleanup_statuses_are_the_ledgers(viewer: Client) -> None:
     """Every status the ledger line can hold renders (badge colours exist for each)."""
-    run = RunFactory(scope="all", id="all-1")
+    run = RunFactory.create(scope="all", id="all-1")
     statuses = list(itertools.zip_longest(FlushStatus, CleanupStatus))
     for index, (flush, cleanup) in enumerate(statuses):
-        RunModelStateFactory(
+        RunModelStateFactory.create(
             run=run,
             model=f"app.m{index}",
             flush_status=flush or FlushStatus.SUCCEEDED,

@@ -26,7 +26,7 @@ GOOD_EVENT = {"type": "ok", "payload": {"n": 1}}
 
 @pytest.fixture
 def run() -> Run:
-    return RunFactory(scope="validation", id="existing-run")
+    return RunFactory.create(scope="validation", id="existing-run")
 
 
 @pytest.fixture
