@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from django.apps import apps
 from django.db import OperationalError, connection, connections
@@ -238,7 +238,8 @@ def temporary_tracked_model(
     ``django_db(transaction=True)`` (a schema change cannot run inside the test's transaction on
     SQLite)."""
     options = type("Meta", (), {"app_label": "tracked_app", **(meta or {})})
-    model = type(
+    # Its fields exist only at run time: mypy knows it as a Model, not by its fields.
+    model: type[Model] = type(
         name,
         (TrackedModel,),
         {"__module__": "tests.tracked_app.models", "Meta": options, **attributes},
@@ -252,7 +253,8 @@ def temporary_tracked_model(
             with connection.schema_editor() as editor:
                 editor.delete_model(model)
     finally:
-        del apps.all_models["tracked_app"][model._meta.model_name]
+        # model_name is set on every model class (django-stubs types it optional).
+        del apps.all_models["tracked_app"][cast("str", model._meta.model_name)]
         apps.clear_cache()
 
 

@@ -153,9 +153,9 @@ def test_times_show_seconds_and_the_time_zone(viewer: Client, story: AdminStory)
     with timezone.override("Europe/Paris"):
         local = timezone.localtime(started)
         html = viewer.get(changelist("run")).content.decode()
-    assert local.strftime("%Y-%m-%d %H:%M:%S ") + local.tzname() in cells(
-        html, "run-active", "started"
-    )
+    zone = local.tzname()
+    assert zone is not None
+    assert local.strftime("%Y-%m-%d %H:%M:%S ") + zone in cells(html, "run-active", "started")
 
 
 def test_run_list_counts_delivery_after_progress(viewer: Client, story: AdminStory) -> None:
@@ -305,7 +305,9 @@ def _runs_markup(html: str) -> str:
 
 
 def test_the_strings_are_marked_for_translation() -> None:
-    for model_admin in [RunAdmin, RunOutboxAdmin]:
+    # Any: the options are read off the classes; django-stubs declares them per instance.
+    model_admins: list[Any] = [RunAdmin, RunOutboxAdmin]
+    for model_admin in model_admins:
         for name in [*model_admin.list_display, *DELIVERY_FIELDS]:
             column = getattr(model_admin, name, None)
             if column is not None and callable(column):
@@ -394,15 +396,16 @@ def test_outbox_and_event_filters(viewer: Client, story: AdminStory) -> None:
 def test_list_query_count_does_not_grow_with_the_number_of_runs(
     admin_client: Client, model: str
 ) -> None:
+    traits: list[dict[str, Any]] = [
+        {},
+        {"completed": True, "cleaned": True},
+        {"flush_failed": True},
+        {"blocked": True, "leased": True, "events": 2},
+    ]
+
     def make_runs(first: int, last: int) -> None:
         for index in range(first, last):
-            traits = [
-                {},
-                {"completed": True, "cleaned": True},
-                {"flush_failed": True},
-                {"blocked": True, "leased": True, "events": 2},
-            ][index % 4]
-            run = RunFactory.create(scope=f"s{index}", id=f"r{index}", **traits)
+            run = RunFactory.create(scope=f"s{index}", id=f"r{index}", **traits[index % 4])
             ProjectFactory.create(scope=f"s{index}", last_seen_run=run)
 
     def queries() -> int:

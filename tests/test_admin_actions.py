@@ -5,12 +5,12 @@ the admin log, and name the operator in the events they write. Also the operator
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.messages import get_messages
-from django.http import HttpResponse
 from django.test import Client
 from django.urls import reverse
 
@@ -24,19 +24,23 @@ from tests.factories import RunFactory
 from tests.helpers import snapshot
 from tests.scenarios import ESCAPED_SCRIPT, SCRIPT, make_staff
 
+if TYPE_CHECKING:
+    # What django-stubs says the test client returns (wsgi_request, templates, context).
+    from django.test.client import _MonkeyPatchedWSGIResponse as TestResponse
+
 pytestmark = pytest.mark.django_db
 
 RUNS = reverse("admin:runs_app_run_changelist")
 OUTBOXES = reverse("admin:runs_app_runoutbox_changelist")
 
 
-def texts(response: HttpResponse) -> list[tuple[str, str]]:
+def texts(response: TestResponse) -> list[tuple[str, str]]:
     return [(message.level_tag, message.message) for message in get_messages(response.wsgi_request)]
 
 
 def run_action(
     client: Client, url: str, action: str, *run_ids: str, confirm: bool = False
-) -> HttpResponse:
+) -> TestResponse:
     data: dict[str, Any] = {"action": action, "_selected_action": list(run_ids)}
     if confirm:
         data["post"] = "yes"
@@ -59,7 +63,10 @@ def blocked_run(run_id: str = "run-blocked", scope: str = "delta") -> Run:
 def history(run: Run) -> list[tuple[str, str]]:
     """The run's admin log (its History page), oldest first: (username, message)."""
     entries = LogEntry.objects.filter(object_id=run.pk, action_flag=CHANGE).order_by("pk")
-    assert all(entry.content_type.model_class() is Run for entry in entries)
+    assert all(
+        entry.content_type is not None and entry.content_type.model_class() is Run
+        for entry in entries
+    )
     return [(entry.user.get_username(), entry.get_change_message()) for entry in entries]
 
 
@@ -362,11 +369,12 @@ def test_the_services_name_their_actor() -> None:
 def test_a_bad_actor_is_refused_before_anything_is_written(actor: Any, message: str) -> None:
     run = RunFactory.create(scope="bad", id="run-bad", blocked=True)
     before = snapshot()
-    for call in [
+    calls: list[Callable[[], object]] = [
         lambda: services.retry_outbox(run, actor=actor),
         lambda: services.skip_outbox_event(run, actor=actor),
         lambda: services.fail_run(run, "x", actor=actor),
-    ]:
+    ]
+    for call in calls:
         with pytest.raises(InvalidInput) as raised:
             call()
         assert raised.value.field == "actor"

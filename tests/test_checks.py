@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ def test_valid_setting_value(key: str, case: tuple[str, list[Any], Any]) -> None
 
 
 def test_e001_runs_app_not_a_dict() -> None:
+    value: object
     for value in (None, [], "MAX_PAYLOAD_BYTES=1", 1):
         with override_settings(RUNS_APP=value):
             message = assert_one(list(runs_checks.check_settings()), "runs_app.E001")
@@ -313,6 +315,7 @@ def test_ready_starts_no_thread_and_opens_no_connection(tmp_path: Path) -> None:
 
 
 def test_ready_registers_the_checks() -> None:
-    registered = checks.registry.registry.get_checks()
+    # Sequence[object]: the registry types its items as a protocol the plain functions are not.
+    registered: Sequence[object] = checks.registry.registry.get_checks()
     assert runs_checks.check_settings in registered
     assert runs_checks.check_database in registered

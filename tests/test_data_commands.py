@@ -236,7 +236,8 @@ def test_fail_stale_runs_command() -> None:
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
 def test_older_than_must_be_a_positive_number(value: str) -> None:
     command = fail_stale_runs.Command()
-    command._called_from_command_line = True  # argparse exits 2, as from a shell
+    # argparse exits 2, as from a shell; the flag run_from_argv sets, not in django-stubs:
+    command._called_from_command_line = True  # type: ignore[attr-defined]
     parser = command.create_parser("manage.py", "fail_stale_runs")
     with pytest.raises(SystemExit) as caught:
         parser.parse_args(["--older-than", value])

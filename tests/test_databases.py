@@ -20,7 +20,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,4 +344,5 @@ def test_w001_names_the_runs_app_database(monkeypatch: pytest.MonkeyPatch) -> No
     assert [m.id for m in messages] == ["runs_app.W001"]
     assert "'runs'" in messages[0].msg
     assert 'DATABASES["runs"]["OPTIONS"]' in (messages[0].hint or "")
-    assert runs_checks.check_database_routing in checks.registry.registry.get_checks()
+    registered: Sequence[object] = checks.registry.registry.get_checks()
+    assert runs_checks.check_database_routing in registered

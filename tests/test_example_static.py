@@ -41,7 +41,7 @@ def test_login_page_links_a_stylesheet_the_wsgi_stack_serves() -> None:
 
     assert css.status_code == 200
     assert css["Content-Type"].startswith("text/css")
-    assert b"--body-bg" in b"".join(css.streaming_content)  # the admin's stylesheet, not a 404 page
+    assert b"--body-bg" in css.getvalue()  # the admin's stylesheet, not a 404 page
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ from example_project.management.commands.sync_repositories import (
 )
 from example_project.models import Owner, Repository
 from runs_app import services
+from runs_app.db import column
 from runs_app.models import CleanupStatus, FlushStatus, Run, RunEvent, RunModelState, RunStatus
 from tests.test_data_commands import manage
 
@@ -76,7 +77,7 @@ def restore(record: dict[str, Any]) -> Repository:
     through the model's field."""
     return Repository(
         **{
-            field.attname: field.to_python(record[field.column])
+            field.attname: field.to_python(record[column(field)])
             for field in Repository._meta.concrete_fields
         }
     )
@@ -364,7 +365,8 @@ def test_argument_errors(args: list[str]) -> None:
     with pytest.raises(CommandError, match="Error: argument"):
         call_command("sync_repositories", *args)
     command = sync_repositories.Command()
-    command._called_from_command_line = True  # argparse exits 2, as from a shell
+    # argparse exits 2, as from a shell; the flag run_from_argv sets, not in django-stubs:
+    command._called_from_command_line = True  # type: ignore[attr-defined]
     parser = command.create_parser("manage.py", "sync_repositories")
     with pytest.raises(SystemExit) as caught:
         parser.parse_args(args)

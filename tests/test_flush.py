@@ -259,7 +259,7 @@ def test_bad_batch_size_is_refused_before_anything() -> None:
     before = snapshot()
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InvalidInput) as caught:
-            services.flush_projects(run, [], batch_size=bad)
+            services.flush_projects(run, [], batch_size=bad)  # type: ignore[arg-type]  # 1.5, True: on purpose
         assert caught.value.field == "batch_size"
     assert snapshot() == before
 

@@ -9,14 +9,14 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client, override_settings
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -204,7 +204,9 @@ def test_opentelemetry_gauges_observe_the_same_facts() -> None:
         data = reader.get_metrics_data()
         assert data is not None
         return {
-            (metric.name, tuple(sorted((point.attributes or {}).items()))): point.value
+            (metric.name, tuple(sorted((point.attributes or {}).items()))): cast(
+                "NumberDataPoint", point
+            ).value
             for resource in data.resource_metrics
             for scope in resource.scope_metrics
             for metric in scope.metrics

@@ -418,6 +418,7 @@ def test_a_span_around_each_publish_and_its_context_in_every_message(
         "runs_app.seq.last": 2,
     }
     context = publish.get_span_context()
+    assert context is not None
     flags = int(context.trace_flags)
     traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
     for got in stream.read(2):

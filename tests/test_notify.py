@@ -108,7 +108,7 @@ def payloads_until_sentinel(listener: psycopg.Connection[Any]) -> list[str]:
     it: PostgreSQL delivers notifications in commit order, so that is everything sent so far."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_notify(%s, 'sentinel')", [CHANNEL])
-    received = []
+    received: list[str] = []
     for notification in listener.notifies(timeout=10):
         if notification.payload == "sentinel":
             return received

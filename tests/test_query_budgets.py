@@ -12,6 +12,7 @@ that a missing one fails its own tests only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import pytest
@@ -104,7 +105,7 @@ def test_append_events_costs_the_same_for_1_or_many_events() -> None:
     counts = {}
     for n in sizes:
         events = [{"type": "budget.event", "payload": {"i": i}} for i in range(n)]
-        counts[n], _ = statements(lambda events=events: services.append_events(run, events))
+        counts[n], _ = statements(partial(services.append_events, run, events))
     assert len(set(counts.values())) == 1, counts
     assert counts[1] <= 4, f"append_events: {counts[1]} statements"
     assert RunEvent.objects.filter(run=run).count() == 1 + sum(sizes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ def events(count: int) -> list[Event]:
 def test_append_events_uses_a_constant_number_of_queries() -> None:
     run = RunFactory.create()
     counts = {
-        n: len(queries_of(lambda n=n: services.append_events(run, events(n)))) for n in (1, 10, 100)
+        n: len(queries_of(partial(services.append_events, run, events(n)))) for n in (1, 10, 100)
     }
     assert counts[1] == counts[10] == counts[100], counts
     # Inside the test's transaction: savepoint, UPDATE ... RETURNING, bulk insert, release.

@@ -266,6 +266,7 @@ def test_skip_outbox_event_skips_the_head_of_a_blocked_run() -> None:
 
     skipped = services.skip_outbox_event(run)
 
+    assert skipped is not None
     assert (skipped.seq, skipped.type) == (2, "step")
     assert skipped.skipped_at is not None and skipped.published_at is None
     box = outbox("a")

@@ -139,8 +139,12 @@ def test_relays_killed_mid_batch_lose_nothing_and_keep_order(tmp_path: Path) -> 
     try:
         for _ in range(5):
             progress = len(read_deliveries(tmp_path))
+
+            def progressed(since: int = progress) -> bool:
+                return len(read_deliveries(tmp_path)) >= since + 30
+
             wait_until(
-                lambda progress=progress: len(read_deliveries(tmp_path)) >= progress + 30,
+                progressed,
                 60,
                 "progress since the last kill",
             )

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -61,6 +63,13 @@ def test_two_relays_with_a_publish_longer_than_the_lease_deliver_every_run(
     assert_cursor_invariant()
 
 
+def lease_untils() -> dict[str, datetime]:
+    """run id -> lease_until of every outbox; each must hold a lease."""
+    untils = dict(RunOutbox.objects.values_list("run_id", "lease_until"))
+    assert None not in untils.values(), untils
+    return cast("dict[str, datetime]", untils)
+
+
 def test_the_lease_keeper_renews_reports_a_taken_lease_and_survives_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -75,7 +84,7 @@ def test_the_lease_keeper_renews_reports_a_taken_lease_and_survives_errors(
         services.create_run(name, run_id=name)
     with override_settings(RUNS_APP={"LEASE_SECONDS": 0.3}):
         claim = relay.claim_runs(10)
-        first = dict(RunOutbox.objects.values_list("run_id", "lease_until"))
+        first = lease_untils()
         real = lease.renew_leases
         calls: list[int] = []
 
@@ -90,10 +99,7 @@ def test_the_lease_keeper_renews_reports_a_taken_lease_and_survives_errors(
         assert keeper is not None
         try:
             wait_until(
-                lambda: all(
-                    until > first[run_id]
-                    for run_id, until in RunOutbox.objects.values_list("run_id", "lease_until")
-                ),
+                lambda: all(until > first[run_id] for run_id, until in lease_untils().items()),
                 30,
                 "both leases renewed after a failed renewal",
             )

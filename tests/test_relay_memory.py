@@ -4,6 +4,7 @@ whatever the batch size and the payload sizes. Asserted through what each read r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from django.test import override_settings
 
 from runs_app import relay, services
 from runs_app.relay import drain
-from runs_app.relay.read import Read
+from runs_app.relay.read import Read, read_batches
 from runs_app.testing import MemoryPublisher
 from tests.relay_helpers import assert_cursor_invariant, pending_count
 
@@ -21,7 +22,7 @@ BLOB = 20_000
 BUDGET = 100_000
 
 
-def payload_bytes(payload: dict[str, Any]) -> int:
+def payload_bytes(payload: Mapping[str, Any]) -> int:
     """The compact JSON text (SQLite stores it; PostgreSQL's jsonb text adds a space after each
     colon and comma)."""
     return len(json.dumps(payload, separators=(",", ":")).encode())
@@ -30,7 +31,7 @@ def payload_bytes(payload: dict[str, Any]) -> int:
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[Read]:
     seen: list[Read] = []
-    real = drain.read_batches
+    real = read_batches
 
     def spy(*args: Any, **kwargs: Any) -> Read:
         read = real(*args, **kwargs)

@@ -30,6 +30,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from runs_app import services
+from runs_app.db import column
 from runs_app.exceptions import CleanupRefused, RestoreRefused
 from runs_app.models import (
     CleanupStatus,
@@ -97,7 +98,8 @@ def decoded(field: Any, value: Any) -> Any:
 def as_stored(model: type[Model], record: dict[str, Any]) -> dict[str, Any]:
     """An audit record as ``values()`` gives the row: each column through its field."""
     return {
-        field.attname: decoded(field, record[field.column]) for field in model._meta.concrete_fields
+        field.attname: decoded(field, record[column(field)])
+        for field in model._meta.concrete_fields
     }
 
 

@@ -233,7 +233,7 @@ def ledger(run_id: str, model: type[Any]) -> RunModelState:
 def devices(tenant: str = "acme") -> dict[uuid.UUID, tuple[str, str | None]]:
     """uid -> (name, last_seen_run_id); a uid twice would show as a shorter dict than count."""
     rows = list(Device.objects.filter(tenant=tenant).values_list("uid", "name", "last_seen_run"))
-    found = {key: (name, seen) for key, name, seen in rows}
+    found: dict[uuid.UUID, tuple[str, str | None]] = {key: (name, seen) for key, name, seen in rows}
     assert len(found) == len(rows), "a key exists twice"
     return found
 
@@ -418,8 +418,8 @@ def test_a_restore_whose_audit_interleaves_with_a_newer_batch_never_deadlocks_it
     newer run's flush failed. Now the batch waits for the restore, then updates its rows."""
     sync(Device, "acme", range(10, 20))
     second = services.create_run("acme")
-    with services.flush(second, Device) as flush:
-        flush.write(
+    with services.flush(second, Device) as session:
+        session.write(
             {"uid": uid(i), "name": f"v1 {i}", "port": i} for i in [*range(10), *range(20, 30)]
         )
     services.complete_run(second)
