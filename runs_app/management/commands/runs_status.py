@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
 from ... import inspection
 from ...exceptions import InvalidInput
 from ...services.validation import validate_scope
 from ..argtypes import non_negative_int, non_negative_seconds
+from ..base import StrictCommand
 
 USAGE_ERROR = 2
 THRESHOLD_EXCEEDED = 1
@@ -34,7 +35,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Show the latest run of each scope and the outbox's delivery state. Exit 1 when a "
         "threshold is exceeded (strictly greater than its limit), 2 on usage errors."
