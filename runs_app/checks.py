@@ -13,8 +13,8 @@
   E022 DRAIN_MAX_BYTES.
 - ``runs_app.E020``: SQLite is older than 3.35.
 - ``runs_app.E021``: the publisher does not import or build.
-- ``runs_app.E030``: RETRY_MAX_SECONDS is below RETRY_BASE_SECONDS (relations between two
-  valid settings take ids from E030 on, one per relation in ``RELATIONS``).
+- ``runs_app.E025``: RETRY_MAX_SECONDS is below RETRY_BASE_SECONDS (relations between two
+  valid settings take ids from E025 on, one per relation in ``RELATIONS``).
 - ``runs_app.W001``: SQLite without ``transaction_mode`` IMMEDIATE.
 """
 
@@ -52,7 +52,7 @@ def _retry_ceiling_below_base(values: dict[str, Any]) -> str | None:
 
 RELATIONS: tuple[Relation, ...] = (
     Relation(
-        check_id="runs_app.E030",
+        check_id="runs_app.E025",
         keys=("RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS"),
         problem=_retry_ceiling_below_base,
         hint="The backoff ceiling must be at least the base delay: raise RETRY_MAX_SECONDS "
@@ -64,7 +64,7 @@ SQLITE_MIN_VERSION = (3, 35, 0)
 
 
 def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
-    """E001, E002, one id per invalid setting, then the relations (E030...)."""
+    """E001, E002, one id per invalid setting, then the relations (E025...)."""
     configured = user_settings()
     if not isinstance(configured, dict):
         return [

@@ -200,7 +200,7 @@ class RunsAppSettings:
         check_id="runs_app.E015",
         is_valid=is_duration,
         expected=DURATION,
-        # That it is at least RETRY_BASE_SECONDS is a relation between two settings: E030.
+        # That it is at least RETRY_BASE_SECONDS is a relation between two settings: E025.
     )
     POLL_INTERVAL = Setting[float](
         1.0,

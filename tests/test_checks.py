@@ -75,20 +75,32 @@ SETTING_CASES: dict[str, tuple[str, list[Any], Any]] = {
 }
 
 
+def all_check_ids() -> list[str]:
+    """Every id runs_app's checks report, each once per problem it stands for."""
+    every_id = [setting.check_id for setting in SETTINGS.values()]
+    every_id += [relation.check_id for relation in runs_checks.RELATIONS]
+    every_id += ["runs_app.E001", "runs_app.E002", "runs_app.E020", "runs_app.E021"]
+    return [*every_id, "runs_app.W001"]
+
+
 def test_every_setting_has_a_case_and_its_own_check_id() -> None:
     assert set(SETTING_CASES) == set(SETTINGS) == set(DEFAULTS)
     assert {key: case[0] for key, case in SETTING_CASES.items()} == {
         key: setting.check_id for key, setting in SETTINGS.items()
     }
-    every_id = [setting.check_id for setting in SETTINGS.values()]
-    every_id += [relation.check_id for relation in runs_checks.RELATIONS]
-    every_id += ["runs_app.E001", "runs_app.E002", "runs_app.E020", "runs_app.E021"]
-    every_id += ["runs_app.W001"]
+    every_id = all_check_ids()
     assert len(set(every_id)) == len(every_id), "a check id is used for two problems"
     # The module docstring lists every id, with what it means.
-    assert all(
-        check_id.removeprefix("runs_app.") in (runs_checks.__doc__ or "") for check_id in every_id
-    )
+    doc = runs_checks.__doc__ or ""
+    assert all(check_id.removeprefix("runs_app.") in doc for check_id in every_id)
+
+
+def test_every_setting_and_check_id_is_documented() -> None:
+    """The settings reference (README or docs/) has a row per key and names every id."""
+    pages = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages if page.exists())
+    assert [key for key in SETTINGS if f"| `{key}` |" not in text] == []
+    assert [check_id for check_id in all_check_ids() if f"`{check_id}`" not in text] == []
 
 
 def test_the_table_is_the_typed_settings_class() -> None:
@@ -150,12 +162,12 @@ def test_e002_unknown_key() -> None:
 
 def test_e030_retry_max_below_retry_base() -> None:
     message = assert_one(
-        runs_app_messages(RETRY_BASE_SECONDS=10, RETRY_MAX_SECONDS=5), "runs_app.E030"
+        runs_app_messages(RETRY_BASE_SECONDS=10, RETRY_MAX_SECONDS=5), "runs_app.E025"
     )
     assert "RETRY_BASE_SECONDS" in message.msg and "RETRY_MAX_SECONDS" in message.msg
     # Against the default base (1.0) too; equal is fine.
-    assert_one(runs_app_messages(RETRY_MAX_SECONDS=0.5), "runs_app.E030")
-    assert_one(runs_app_messages(RETRY_BASE_SECONDS=601), "runs_app.E030")  # default ceiling
+    assert_one(runs_app_messages(RETRY_MAX_SECONDS=0.5), "runs_app.E025")
+    assert_one(runs_app_messages(RETRY_BASE_SECONDS=601), "runs_app.E025")  # default ceiling
     assert runs_app_messages(RETRY_BASE_SECONDS=7, RETRY_MAX_SECONDS=7) == []
 
 
