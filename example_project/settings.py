@@ -4,6 +4,8 @@ DATABASE_URL  default: a SQLite file next to this project (WAL, IMMEDIATE transa
               PostgreSQL: postgres://USER@HOST:5432/NAME (psycopg 3)
 SECRET_KEY    default: an insecure development key
 DEBUG         default: False
+STATIC_ROOT   default: unset (WhiteNoise serves the apps' static files where they are installed);
+              set it to a directory to run collectstatic
 """
 
 from pathlib import Path
@@ -31,6 +33,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's CSS and JS under DEBUG=False too (runserver serves none then), from the
+    # one process the example runs in: no web server, no collectstatic step.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -87,7 +92,10 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "example_project" / "static"
+# WhiteNoise finds the files through the staticfiles finders (in the installed apps), so the
+# example needs no collectstatic; a missing STATIC_ROOT directory would only make it warn.
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT = env("STATIC_ROOT", default=None)
 
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 

@@ -4,18 +4,21 @@
 
 - ``runs_app.E001``: ``RUNS_APP`` is not a dict.
 - ``runs_app.E002``: ``RUNS_APP`` has unknown keys.
-- ``runs_app.E003`` ... ``E018`` and ``E022``: one setting's value is invalid, one id per
-  setting (``Setting.check_id`` in ``conf.RunsAppSettings``): E003 MAX_PAYLOAD_BYTES,
+- ``runs_app.E003`` ... ``E018``, ``E022`` ... ``E024``: one setting's value is invalid, one id
+  per setting (``Setting.check_id`` in ``conf.RunsAppSettings``): E003 MAX_PAYLOAD_BYTES,
   E004 FLUSH_BATCH_SIZE, E005 CLEANUP_BATCH_SIZE, E006 CLEANUP_MAX_DELETE_FRACTION,
   E007 CLEANUP_MAX_DELETE_COUNT, E008 RUN_STALE_AFTER, E009 PUBLISHER, E010 PUBLISHER_OPTIONS,
   E011 DRAIN_BATCH_SIZE, E012 LEASE_SECONDS, E013 MAX_ATTEMPTS, E014 RETRY_BASE_SECONDS,
   E015 RETRY_MAX_SECONDS, E016 POLL_INTERVAL, E017 NOTIFY, E018 NOTIFY_CHANNEL,
-  E022 DRAIN_MAX_BYTES.
+  E022 DRAIN_MAX_BYTES, E023 CLEANUP_GRACE_RUNS, E024 TOMBSTONE_RETENTION.
 - ``runs_app.E020``: SQLite is older than 3.35.
 - ``runs_app.E021``: the publisher does not import or build.
-- ``runs_app.E025``: RETRY_MAX_SECONDS is below RETRY_BASE_SECONDS (relations between two
-  valid settings take ids from E025 on, one per relation in ``RELATIONS``).
+- ``runs_app.E025``: RETRY_MAX_SECONDS is below RETRY_BASE_SECONDS (a relation between two
+  settings, checked once both are valid on their own: ``RELATIONS``).
 - ``runs_app.W001``: SQLite without ``transaction_mode`` IMMEDIATE.
+
+The checks of tracked models' declarations (E030 ...) live in ``runs_app.tracking``. A new
+check takes the next free id, never one that already means something.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ from django.conf import settings as django_settings
 #: or retention, and far below what ``datetime`` arithmetic overflows at.
 MAX_DURATION_SECONDS = 100 * 365 * 24 * 3600
 
+#: The most consecutive runs a grace period may span (``sync_grace_runs``, CLEANUP_GRACE_RUNS).
+MAX_GRACE_RUNS = 1000
+
 NOTIFY_CHANNEL_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 T = TypeVar("T")
@@ -146,6 +149,18 @@ class RunsAppSettings:
         check_id="runs_app.E007",
         is_valid=lambda v: v is None or (is_int(v) and v >= 0),
         expected="None (no limit) or an integer >= 0",
+    )
+    CLEANUP_GRACE_RUNS = Setting[int](
+        1,
+        check_id="runs_app.E023",
+        is_valid=lambda v: is_int(v) and 1 <= v <= MAX_GRACE_RUNS,
+        expected=f"an integer from 1 to {MAX_GRACE_RUNS} (runs)",
+    )
+    TOMBSTONE_RETENTION = Setting[float | None](
+        None,
+        check_id="runs_app.E024",
+        is_valid=lambda v: v is None or is_duration(v),
+        expected="None or " + DURATION,
     )
     RUN_STALE_AFTER = Setting[float](
         3600,

@@ -12,6 +12,9 @@ CleanupRefusalReason = Literal[
     "empty_run",
     "too_many_deletions",
     "rows_referenced",
+    "cleanup_restored",
+    "approval_exceeded",
+    "nothing_withheld",
 ]
 
 #: Refusal reasons in the order cleanup checks them (the first that applies wins).
@@ -19,9 +22,17 @@ CLEANUP_REFUSAL_REASONS: tuple[CleanupRefusalReason, ...] = (
     "flush_failed",
     "run_not_completed",
     "not_flushed",
+    "cleanup_restored",
     "superseded",
     "empty_run",
     "too_many_deletions",
+)
+
+#: Refusals of an approval (``safe_cleanup(..., approve=N)``) once the guards above passed or
+#: were the withheld ones: the run has no withheld plan, or the plan grew past the approval.
+CLEANUP_APPROVAL_REFUSALS: tuple[CleanupRefusalReason, ...] = (
+    "nothing_withheld",
+    "approval_exceeded",
 )
 
 #: A refusal met while deleting, after the guards passed: a batch's DELETE hit a row that
@@ -132,6 +143,23 @@ class CleanupRefused(RunsError):
     """Cleanup refused to delete anything. ``reason`` is a code from ``CLEANUP_REFUSAL_REASONS``."""
 
     def __init__(self, reason: CleanupRefusalReason, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{reason}: {message}")
+
+
+RestoreRefusalReason = Literal[
+    "cleanup_not_run", "cleanup_refused", "audit_missing", "run_not_completed"
+]
+
+
+class RestoreRefused(RunsError):
+    """``restore_cleanup`` had nothing it could put back; nothing was written. ``reason``:
+    ``cleanup_not_run`` (the run's cleanup of the model never ran), ``cleanup_refused`` (it was
+    refused: it removed nothing), ``audit_missing`` (rows were deleted but their audit events
+    are gone, pruned from the outbox)."""
+
+    def __init__(self, reason: RestoreRefusalReason, message: str) -> None:
         self.reason = reason
         self.message = message
         super().__init__(f"{reason}: {message}")

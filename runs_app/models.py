@@ -14,10 +14,11 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from .statuses import CleanupStatus, FlushSessionStatus, FlushStatus, RunStatus
-from .tracking import TrackedModel
+from .statuses import CleanupMode, CleanupStatus, FlushSessionStatus, FlushStatus, RunStatus
+from .tracking import SoftDeleteTrackedModel, TrackedModel
 
 __all__ = [
+    "CleanupMode",
     "CleanupStatus",
     "FlushSessionStatus",
     "FlushStatus",
@@ -29,6 +30,7 @@ __all__ = [
     "RunOutbox",
     "RunState",
     "RunStatus",
+    "SoftDeleteTrackedModel",
     "TrackedModel",
 ]
 
@@ -190,6 +192,33 @@ class RunModelState(Ledger):
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="model_states")
     model = models.CharField(max_length=100)  # "app_label.model_name"
+
+    # How this run's cleanup removed rows (the model's sync_cleanup when it ran): a restore
+    # undoes it the same way, whatever the model declares by then.
+    cleanup_mode = models.CharField(
+        max_length=8, choices=CleanupMode.choices, default=CleanupMode.DELETE
+    )
+    # Tombstoned rows this run's flush listed again, and so revived (soft models).
+    rows_revived = models.PositiveBigIntegerField(default=0)
+    # Rows this run's cleanup left in place because the grace period had not run out for them.
+    rows_waiting = models.PositiveBigIntegerField(default=0)
+
+    # The plan of a cleanup withheld for empty_run or too_many_deletions, for an operator to
+    # approve (``safe_cleanup(..., approve=N)``), and who approved what.
+    withheld_count = models.PositiveBigIntegerField(null=True, blank=True)
+    withheld_keys = models.JSONField(default=list, blank=True)
+    approved_by = models.CharField(max_length=150, blank=True, default="")
+    approved_count = models.PositiveBigIntegerField(null=True, blank=True)
+    approved_at = models.DateTimeField(null=True, blank=True)
+
+    # The undo of this run's cleanup (``restore_cleanup``).
+    rows_restored = models.PositiveBigIntegerField(default=0)
+    restore_conflicts = models.PositiveBigIntegerField(default=0)
+    restored_by = models.CharField(max_length=150, blank=True, default="")
+    restored_at = models.DateTimeField(null=True, blank=True)
+
+    # Tombstones of this run's soft cleanup deleted for good (``purge_tombstones``).
+    rows_purged = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["run", "id"]

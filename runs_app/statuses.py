@@ -23,6 +23,15 @@ class CleanupStatus(models.TextChoices):
     IN_PROGRESS = "in_progress", "in progress"
     REFUSED = "refused", "refused"
     DONE = "done", "done"
+    # The cleanup ran, then ``restore_cleanup`` put its rows back: it is not run again.
+    RESTORED = "restored", "restored"
+
+
+class CleanupMode(models.TextChoices):
+    """How a tracked model's cleanup removes a row (``sync_cleanup``)."""
+
+    DELETE = "delete", "delete"  # the row is deleted; its columns stay in the audit events
+    SOFT = "soft", "soft"  # the row stays, with a tombstone (deleted_at, deleted_by_run, ...)
 
 
 class FlushSessionStatus(models.TextChoices):

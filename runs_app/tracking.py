@@ -56,11 +56,16 @@ from django.db import models
 from django.db.models import Exists, Field, OuterRef
 from django.utils import timezone
 
+from .conf import MAX_GRACE_RUNS
 from .exceptions import InvalidInput
-from .statuses import FlushStatus, RunStatus
+from .statuses import CleanupMode, FlushStatus, RunStatus
 
 #: The fields the base adds; a model's own field of one of these names is refused (E033).
 STAMPS = ("last_seen_run", "last_confirmed_run", "created_at", "updated_at")
+
+#: The tombstone a soft-deleting model carries (``SoftDeleteTrackedModel``), set by cleanup.
+TOMBSTONE = ("deleted_at", "deleted_by_run", "deleted_reason")
+
 
 #: Fields a scope may be held in: the run's scope is a string.
 SCOPE_FIELD_TYPES = (models.CharField, models.TextField)
@@ -105,6 +110,29 @@ class TrackedQuerySet(models.QuerySet[_T]):
         flushed the scope (then every row). See the module's docstring."""
         return self.filter(~seen_by_latest_run(self.model))
 
+    def live(self) -> TrackedQuerySet[_T]:
+        """Rows without a tombstone: for a soft-deleting model, those whose ``deleted_at`` is
+        NULL; for a deleting model, every row (cleanup deletes the others)."""
+        if sync_spec(self.model).soft:
+            return self.filter(deleted_at__isnull=True)
+        return self.all()
+
+    def tombstoned(self) -> TrackedQuerySet[_T]:
+        """Rows a soft cleanup tombstoned (and no flush revived since); none for a deleting
+        model."""
+        if sync_spec(self.model).soft:
+            return self.filter(deleted_at__isnull=False)
+        return self.none()
+
+
+class LiveTrackedManager(models.Manager[_T]):
+    """A manager that hides tombstoned rows, for a project that wants ``objects`` to: declare
+    ``objects = LiveTrackedManager()`` and keep ``all_objects = TrackedQuerySet.as_manager()``
+    for the rest. runs_app's services never use it: they read through ``_base_manager``."""
+
+    def get_queryset(self) -> TrackedQuerySet[_T]:
+        return TrackedQuerySet(self.model, using=self._db).live()
+
 
 class TrackedModel(models.Model):
     """Abstract base of a model synced by runs (see the module's docstring).
@@ -122,12 +150,20 @@ class TrackedModel(models.Model):
       * ``sync_name``: how events and errors call these rows (``<sync_name>.flushed``,
         ``<sync_name>[i].field``); None (default): events are named after the model's label
         (``app_label.model_name.flushed``) and errors say ``rows[i].field``.
+      * ``sync_cleanup``: ``"delete"`` (default): cleanup deletes the rows a run did not see;
+        ``"soft"``: it sets their tombstone instead (inherit :class:`SoftDeleteTrackedModel`,
+        which declares it and adds the tombstone fields).
+      * ``sync_grace_runs``: cleanup removes only the rows that the last N consecutive
+        completed runs of the scope that flushed the model all missed; None (default): the
+        ``CLEANUP_GRACE_RUNS`` setting (default 1: the cleaning run alone).
     """
 
     sync_key: ClassVar[tuple[str, ...]] = ()
     sync_scope: ClassVar[str | None] = None
     sync_fields: ClassVar[tuple[str, ...] | None] = None
     sync_name: ClassVar[str | None] = None
+    sync_cleanup: ClassVar[str] = CleanupMode.DELETE
+    sync_grace_runs: ClassVar[int | None] = None
 
     # SET_NULL: deleting a run never deletes rows. No reverse accessor: a run is not the
     # place to list every tracked model's rows.
@@ -153,6 +189,24 @@ class TrackedModel(models.Model):
         return errors
 
 
+class SoftDeleteTrackedModel(TrackedModel):
+    """Abstract base of a tracked model whose cleanup tombstones rows instead of deleting them
+    (``sync_cleanup = "soft"``). A tombstoned row keeps every column; a flush that lists its key
+    again revives it (clears the tombstone, counted as ``revived``). The default manager still
+    returns tombstoned rows: filter with ``.live()`` (or declare ``LiveTrackedManager``)."""
+
+    sync_cleanup: ClassVar[str] = CleanupMode.SOFT
+
+    deleted_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    deleted_by_run = models.ForeignKey(
+        "runs_app.Run", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    deleted_reason = models.CharField(max_length=32, blank=True, default="", db_default="")
+
+    class Meta:
+        abstract = True
+
+
 @dataclass(frozen=True)
 class SyncSpec:
     """A tracked model's declaration, resolved to fields (see :class:`TrackedModel`)."""
@@ -165,6 +219,8 @@ class SyncSpec:
     defaulted: tuple[Field[Any, Any], ...]  # inserted with their default, never updated
     rows_name: str  # "rows" or sync_name, in error messages
     event_prefix: str  # events "<prefix>.flushed", "<prefix>.removed"
+    soft: bool = False  # sync_cleanup == "soft": cleanup sets the tombstone
+    grace_runs: int | None = None  # sync_grace_runs; None: the setting
 
     @property
     def key_names(self) -> tuple[str, ...]:
@@ -195,6 +251,7 @@ def _syncable(model: type[models.Model]) -> list[Field[Any, Any]]:
         for field in model._meta.concrete_fields
         if not _is_automatic(field)
         and field.name not in STAMPS
+        and not (field.name in TOMBSTONE and is_soft(model))
         and not getattr(field, "generated", False)
     ]
 
@@ -228,7 +285,14 @@ def _sync_spec(model: Any) -> SyncSpec:
         defaulted=defaulted,
         rows_name=model.sync_name or "rows",
         event_prefix=model.sync_name or label,
+        soft=is_soft(model),
+        grace_runs=model.sync_grace_runs,
     )
+
+
+def is_soft(model: Any) -> bool:
+    """Does ``model`` declare soft cleanup (``sync_cleanup = "soft"``)?"""
+    return getattr(model, "sync_cleanup", CleanupMode.DELETE) == CleanupMode.SOFT
 
 
 def tracked_spec(model: Any) -> SyncSpec:
@@ -257,8 +321,8 @@ def _unique_sets(model: type[models.Model]) -> list[frozenset[str]]:
 
 
 def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
-    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E034``)."""
-    errors: list[checks.CheckMessage] = []
+    """The checks of a tracked model's declaration (ids ``runs_app.E030`` to ``E036``)."""
+    errors: list[checks.CheckMessage] = _check_cleanup_declaration(model)
     meta = model._meta
     names = {field.name for field in meta.get_fields()}
     label = model_label(model)
@@ -383,6 +447,48 @@ def check_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
                     id="runs_app.E031",
                 )
             )
+    return errors
+
+
+def _check_cleanup_declaration(model: type[TrackedModel]) -> list[checks.CheckMessage]:
+    """E035: ``sync_cleanup`` and its tombstone; E036: ``sync_grace_runs``."""
+    errors: list[checks.CheckMessage] = []
+    label = model_label(model)
+    mode = model.sync_cleanup
+    if mode not in CleanupMode.values:
+        errors.append(
+            checks.Error(
+                f"{label}.sync_cleanup must be 'delete' or 'soft', not {mode!r}",
+                hint="'delete' deletes the rows a run did not see; 'soft' tombstones them "
+                "(inherit runs_app.tracking.SoftDeleteTrackedModel).",
+                obj=model,
+                id="runs_app.E035",
+            )
+        )
+    elif mode == CleanupMode.SOFT and not issubclass(model, SoftDeleteTrackedModel):
+        errors.append(
+            checks.Error(
+                f"{label}.sync_cleanup is 'soft' but the model has no tombstone fields",
+                hint="Inherit runs_app.tracking.SoftDeleteTrackedModel (it adds deleted_at, "
+                "deleted_by_run and deleted_reason) instead of TrackedModel.",
+                obj=model,
+                id="runs_app.E035",
+            )
+        )
+    grace = model.sync_grace_runs
+    if grace is not None and not (
+        isinstance(grace, int) and not isinstance(grace, bool) and 1 <= grace <= MAX_GRACE_RUNS
+    ):
+        errors.append(
+            checks.Error(
+                f"{label}.sync_grace_runs must be None or an integer from 1 to "
+                f"{MAX_GRACE_RUNS}, not {grace!r}",
+                hint="N: cleanup removes the rows the last N completed runs of the scope all "
+                "missed; None uses the CLEANUP_GRACE_RUNS setting.",
+                obj=model,
+                id="runs_app.E036",
+            )
+        )
     return errors
 
 

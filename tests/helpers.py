@@ -24,10 +24,10 @@ from runs_app.models import (
     RunState,
     TrackedModel,
 )
-from tests.tracked_app.models import Device, Membership, Site
+from tests.tracked_app.models import Asset, Device, Membership, Site
 
 # The tracked models last: children before parents, the order reset_tables deletes in.
-TRACKED_MODELS = (Device, Membership, Site, Project)
+TRACKED_MODELS = (Asset, Device, Membership, Site, Project)
 ALL_MODELS = (Run, RunState, RunModelState, RunFlushSession, RunOutbox, RunEvent, *TRACKED_MODELS)
 
 

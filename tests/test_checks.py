@@ -60,6 +60,8 @@ SETTING_CASES: dict[str, tuple[str, list[Any], Any]] = {
     "PUBLISHER": ("runs_app.E009", ["", "NoDots", ".relative.Path", 42, None], "my.Publisher"),
     "PUBLISHER_OPTIONS": ("runs_app.E010", [None, [], "x=1", {1: "a"}], {"url": "x"}),
     "DRAIN_BATCH_SIZE": ("runs_app.E011", [0, -1, 1.0, True], 500),
+    "CLEANUP_GRACE_RUNS": ("runs_app.E023", [0, -1, 1.5, True, "2", 1001], 3),
+    "TOMBSTONE_RETENTION": ("runs_app.E024", [0, -1, float("nan"), "30d", 1e300], 86400),
     "DRAIN_MAX_BYTES": ("runs_app.E022", [0, -1, 1.5, "32MiB", True, None], 1),
     "LEASE_SECONDS": ("runs_app.E012", [0, -1, float("nan"), "60", 1e300], 0.25),
     "MAX_ATTEMPTS": ("runs_app.E013", [0, 2.0, "3", True], 1),

@@ -33,6 +33,7 @@ def test_demo_shows_every_guarantee() -> None:
         (SCOPE, RunStatus.COMPLETED),
         (SCOPE, RunStatus.FAILED),
         (SCOPE, RunStatus.COMPLETED),
+        (SCOPE, RunStatus.COMPLETED),
     ]
     assert states[1].rows_removed == 5
     assert (states[2].cleanup_status, states[2].cleanup_reason) == (
@@ -55,8 +56,21 @@ def test_demo_shows_every_guarantee() -> None:
         "example_project.repository": (FlushStatus.FAILED, CleanupStatus.REFUSED, "flush_failed"),
     }
     dropped = RunModelState.objects.get(run=states[5].run, model="example_project.repository")
-    assert (dropped.cleanup_status, dropped.rows_removed) == (CleanupStatus.DONE, 5)
-    assert (Owner.objects.count(), Repository.objects.count()) == (36, 295)
+    # Then undone (step 7): restored, every row back.
+    assert (dropped.cleanup_status, dropped.rows_removed, dropped.rows_restored) == (
+        CleanupStatus.RESTORED,
+        5,
+        5,
+    )
+    # A mass deletion withheld, then approved for the 200 rows shown (step 8).
+    approved = RunModelState.objects.get(run=states[6].run, model="example_project.repository")
+    assert (approved.cleanup_status, approved.rows_removed, approved.approved_count) == (
+        CleanupStatus.DONE,
+        200,
+        200,
+    )
+    assert approved.approved_by == "demo"
+    assert (Owner.objects.count(), Repository.objects.count()) == (36, 100)
 
     assert not RunEvent.objects.pending().exists()
     text = out.getvalue()
@@ -64,6 +78,9 @@ def test_demo_shows_every_guarantee() -> None:
     assert "   Before: 36 owner(s), 300 repositories.\n" in text
     assert "   After:  36 owner(s), 300 repositories: not one row lost.\n" in text
     assert "   -> removed exactly the 5 dropped repositories (github ids " in text
+    assert "Restored 5 row(s) of run " in text
+    assert "every restored row has its primary key and values back" in text
+    assert "removed 200 row(s) of example_project.repository. Approved by demo." in text
 
 
 @pytest.mark.django_db(transaction=True)
@@ -72,4 +89,4 @@ def test_demo_runs_again_on_a_database_it_filled() -> None:
     out = StringIO()
     call_command("demo", stdout=out, stderr=StringIO())
     assert "removed exactly the 5 dropped repositories" in out.getvalue()
-    assert (Owner.objects.count(), Repository.objects.count()) == (36, 295)
+    assert (Owner.objects.count(), Repository.objects.count()) == (36, 100)

@@ -1,7 +1,7 @@
 """No livelock when a publish outlasts the lease (PostgreSQL, real relay processes): the relay
 keeps the leases it holds alive while it publishes, so with two relays, ``LEASE_SECONDS=1`` and
 a 1.5 s publish every run advances and each event is delivered at most twice (once, unless a
-lease is lost; see the README's delivery bound)."""
+lease is lost; see docs/relay.md, the delivery bound)."""
 
 from __future__ import annotations
 

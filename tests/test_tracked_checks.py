@@ -1,4 +1,4 @@
-"""The checks of a tracked model's declaration, one test per id (runs_app.E030 to E034), and
+"""The checks of a tracked model's declaration, one test per id (runs_app.E030 to E036), and
 the declarations they accept."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from django.core import checks
 from django.db import models
 from django.test.utils import isolate_apps
 
-from runs_app.models import Project, TrackedModel
+from runs_app.models import Project, SoftDeleteTrackedModel, TrackedModel
 from runs_app.tracking import sync_spec
-from tests.tracked_app.models import Device, Membership, Site
+from tests.tracked_app.models import Asset, Device, Membership, Site
 
 
 def tracked_messages(model: type[models.Model]) -> list[checks.CheckMessage]:
@@ -156,3 +156,69 @@ def test_the_resolved_declaration() -> None:
     assert [f.name for f in spec.owned][:2] == ["uid", "name"]
     assert {f.name for f in spec.defaulted} == {"note", "token"}
     assert sync_spec(Project).event_prefix == "projects"
+
+
+# -- reversible cleanup: E035 (sync_cleanup), E036 (sync_grace_runs) -----------------------------
+
+
+def declare_soft(body: dict[str, Any]) -> type[models.Model]:
+    attrs: dict[str, Any] = {"__module__": __name__, **body}
+    attrs["Meta"] = type("Meta", (), {"app_label": "tracked_app"})
+    return type("SoftThing", (SoftDeleteTrackedModel,), attrs)
+
+
+def test_the_shipped_soft_declaration_passes() -> None:
+    assert_ids(Asset)
+    spec = sync_spec(Asset)
+    assert spec.soft and {field.name for field in spec.owned}.isdisjoint(
+        {"deleted_at", "deleted_by_run", "deleted_reason"}
+    )
+
+
+@isolate_apps("tests.tracked_app")
+@pytest.mark.parametrize(
+    ("base", "mode", "wanted"),
+    [
+        pytest.param(TrackedModel, "soft", "no tombstone fields", id="soft-without-tombstone"),
+        pytest.param(TrackedModel, "hard", "must be 'delete' or 'soft'", id="unknown-mode"),
+        pytest.param(SoftDeleteTrackedModel, None, "must be 'delete' or 'soft'", id="none"),
+    ],
+)
+def test_e035_a_cleanup_mode_the_model_cannot_honour(
+    base: type[models.Model], mode: Any, wanted: str
+) -> None:
+    body = {"code": models.CharField(max_length=10, unique=True), "sync_key": ("code",)}
+    if base is TrackedModel:
+        model = declare({**body, "sync_cleanup": mode})
+    else:
+        model = declare_soft({**body, "sync_cleanup": mode})
+    (message,) = assert_ids(model, "runs_app.E035")
+    assert wanted in message.msg
+
+
+@isolate_apps("tests.tracked_app")
+@pytest.mark.parametrize("grace", [0, -1, 1.5, "2", True, 1001])
+def test_e036_a_grace_period_out_of_range(grace: Any) -> None:
+    model = declare(
+        {
+            "code": models.CharField(max_length=10, unique=True),
+            "sync_key": ("code",),
+            "sync_grace_runs": grace,
+        }
+    )
+    (message,) = assert_ids(model, "runs_app.E036")
+    assert "sync_grace_runs must be None or an integer from 1 to 1000" in message.msg
+
+
+@isolate_apps("tests.tracked_app")
+@pytest.mark.parametrize("grace", [None, 1, 7, 1000])
+def test_a_grace_period_in_range_passes(grace: Any) -> None:
+    model = declare(
+        {
+            "code": models.CharField(max_length=10, unique=True),
+            "sync_key": ("code",),
+            "sync_grace_runs": grace,
+        }
+    )
+    assert_ids(model)
+    assert sync_spec(model).grace_runs == grace

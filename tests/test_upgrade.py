@@ -184,6 +184,7 @@ def test_upgrade_then_downgrade_then_upgrade_again(old_database: Apps) -> None:
 
 
 TRACKED = [("runs_app", "0003_tracked_models")]
+REVERSIBLE = [("runs_app", "0004_reversible_cleanup")]
 
 
 def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
@@ -196,11 +197,12 @@ def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
         cleanup_status="done", rows_removed=4, rows_confirmed=3
     )
     before = snapshot_values()
-    migrate(TRACKED)
+    tracked = migrate(TRACKED)
     assert snapshot_values() == before  # every row kept, as it was
+    Line = tracked.get_model("runs_app", "RunModelState")
     lines = {
         line.run_id: (line.model, line.flush_status, line.rows_seen, line.rows_confirmed)
-        for line in RunModelState.objects.all()
+        for line in Line.objects.all()
     }
     assert lines == {
         "old-done": ("runs_app.project", "succeeded", 3, 0),
@@ -208,8 +210,19 @@ def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
         "old-newest": ("runs_app.project", "succeeded", 3, 3),
         "old-active-flushed": ("runs_app.project", "succeeded", 3, 0),
     }
-    newest = RunModelState.objects.get(run_id="old-newest")
+    newest = Line.objects.get(run_id="old-newest")
     assert (newest.cleanup_status, newest.rows_removed) == ("done", 4)
+    # Reversible cleanup (0004): every line kept, a delete-mode cleanup, nothing restored yet.
+    migrate(REVERSIBLE)
+    assert snapshot_values() == before
+    upgraded = RunModelState.objects.get(run_id="old-newest")
+    assert (upgraded.cleanup_status, upgraded.rows_removed, upgraded.cleanup_mode) == (
+        "done",
+        4,
+        "delete",
+    )
+    assert (upgraded.rows_restored, upgraded.withheld_count, upgraded.rows_revived) == (0, None, 0)
+    assert RunModelState.objects.count() == 4
     # The upgraded ledger drives per-model cleanup and completion as the new release writes them.
     migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
     assert services.safe_cleanup("old-newest", Project).removed == 10

@@ -11,6 +11,7 @@ from .cleanup import CleanupResult, safe_cleanup, safe_cleanup_old_projects
 from .events import append_events, list_events
 from .flush import FlushResult, FlushSession, flush, flush_projects
 from .outbox import prune_outbox, retry_outbox, skip_outbox_event
+from .restore import RestoreResult, restore_cleanup
 from .runs import (
     complete_run,
     create_run,
@@ -22,6 +23,7 @@ from .runs import (
     latest_run,
     track_run,
 )
+from .tombstones import PurgeResult, purge_tombstones
 from .validation import Event
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "Event",
     "FlushResult",
     "FlushSession",
+    "PurgeResult",
+    "RestoreResult",
     "append_events",
     "complete_run",
     "create_run",
@@ -42,6 +46,8 @@ __all__ = [
     "latest_run",
     "list_events",
     "prune_outbox",
+    "purge_tombstones",
+    "restore_cleanup",
     "retry_outbox",
     "safe_cleanup",
     "safe_cleanup_old_projects",

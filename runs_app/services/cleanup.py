@@ -21,8 +21,9 @@ from django.utils import timezone
 
 from ..conf import runs_settings
 from ..db import db_alias
-from ..exceptions import CleanupRefusalReason, CleanupRefused, RunNotFound
+from ..exceptions import CleanupRefusalReason, CleanupRefused, InvalidInput, RunNotFound
 from ..models import (
+    CleanupMode,
     CleanupStatus,
     FlushStatus,
     Project,
@@ -32,7 +33,7 @@ from ..models import (
     RunStatus,
 )
 from ..tracking import SyncSpec, json_key, tracked_spec
-from .cleanup_batches import BatchCursor, batch_cursor, delete_batch
+from .cleanup_batches import BatchCursor, Tombstone, batch_cursor, delete_batch
 from .events import insert_encoded_events, insert_events
 from .runs import lock_state
 from .validation import (
@@ -42,6 +43,8 @@ from .validation import (
     encode_json_string,
     internal_error_text,
     run_id_of,
+    validate_positive_int,
+    validate_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,12 +55,16 @@ SAMPLE_SIZE = 10
 #: The guards ``force=True`` overrides; the others protect against an incomplete view.
 FORCEABLE: frozenset[CleanupRefusalReason] = frozenset({"empty_run", "too_many_deletions"})
 
+#: Refusals whose plan is recorded for an operator to approve (``approve=N``).
+WITHHELD: frozenset[CleanupRefusalReason] = FORCEABLE | {"approval_exceeded"}
+
 
 @dataclass(frozen=True)
 class CleanupResult:
     """What a cleanup did (or, for a dry run, would do).
 
-    ``planned``: rows the plan found to delete; ``removed``: rows deleted (0 for a dry run);
+    ``planned``: rows the plan found to delete; ``removed``: rows deleted, or tombstoned for a
+    soft-deleting model (0 for a dry run);
     ``sample_keys``: the first keys of the plan, in key order (a value per row for a one-field
     key, a tuple for a key of several fields); ``forced``: ``force=True``
     overrode a guard (``empty_run`` or ``too_many_deletions``); ``refusal``: for a dry run, the
@@ -72,6 +79,13 @@ class CleanupResult:
     refusal: CleanupRefusalReason | None
     refusal_message: str = ""
     model: str = "runs_app.project"
+    #: Rows not seen by this run but kept for their grace period (seen by one of the last
+    #: ``grace_runs`` completed runs of the scope that flushed the model).
+    waiting: int = 0
+    #: "delete" or "soft" (tombstones set instead of deleting).
+    mode: str = CleanupMode.DELETE
+    #: Who approved this withheld cleanup (``approve=``), else "".
+    approved_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,12 +100,21 @@ class Plan:
     run_id: str
     scope: str
     ordinal: int
-    total: int  # the scope's rows of the model
-    planned: int  # of which last seen by an older run of the scope
+    total: int  # the scope's (live) rows of the model
+    planned: int  # of which last seen by a run of the scope older than the grace cutoff
     sample_keys: tuple[Any, ...]
     refusal: Refusal | None  # the first guard that applies, in precedence order
     # A forced cleanup of this run was cut off half-way: a rerun finishes it as forced.
     resumes_forced: bool = False
+    # Rows last seen by a run older than this one's but inside the grace period.
+    waiting: int = 0
+    # Rows last seen by a run of the scope with an ordinal below it are removed.
+    cutoff: int = 0
+    # An approved cleanup cut off half-way: who approved it and how many rows it may still
+    # remove (a rerun finishes it under that approval).
+    resumes_approval: tuple[str, int] | None = None
+    # The model's ledger line as the plan found it (None: the run never touched the model).
+    line: RunModelState | None = None
 
 
 def safe_cleanup_old_projects(
@@ -102,56 +125,94 @@ def safe_cleanup_old_projects(
 
 
 def safe_cleanup(
-    run: Run | str, model: type[Model], *, dry_run: bool = False, force: bool = False
+    run: Run | str,
+    model: type[Model],
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    approve: int | None = None,
+    approved_by: str = "",
 ) -> CleanupResult:
-    """Delete the rows of the tracked ``model`` in the run's scope that this run did not see:
+    """Remove the rows of the tracked ``model`` in the run's scope that this run did not see:
     rows whose ``last_seen_run`` is an older run of the scope (by ``Run.ordinal``, never by
     clock). For a model whose whole table is one scope (``sync_scope = None``), the rows last
-    seen by an older run of the run's scope.
+    seen by an older run of the run's scope. A deleting model's rows are deleted; a
+    soft-deleting model's (``sync_cleanup = "soft"``) get their tombstone (``deleted_at``,
+    ``deleted_by_run``, ``deleted_reason``) and stay.
 
-    Refuses with ``CleanupRefused(reason, message)`` and deletes nothing when, in this order:
+    **Grace period** (``sync_grace_runs``, default the ``CLEANUP_GRACE_RUNS`` setting, 1): only
+    rows that the last N completed runs of the scope that flushed the model all missed are
+    removed, that is rows last seen by a run older than the N-th newest of those runs (this run
+    being the first). Fewer than N such runs: nothing is removed. The others are ``waiting``.
+
+    Refuses with ``CleanupRefused(reason, message)`` and removes nothing when, in this order:
     ``flush_failed`` (the run's flush failed or never finished, for any model),
     ``run_not_completed`` (active or failed), ``not_flushed`` (the run completed without
-    flushing this model), ``superseded`` (a newer active or completed run of the scope exists),
+    flushing this model), ``cleanup_restored`` (this run's cleanup of the model was undone by
+    ``restore_cleanup``: doing it again would redo what an operator undid),
+    ``superseded`` (a newer active or completed run of the scope exists),
     ``empty_run`` (the run flushed 0 rows of the model while the scope has some),
     ``too_many_deletions`` (more than ``CLEANUP_MAX_DELETE_FRACTION`` of the scope's rows or
     more than ``CLEANUP_MAX_DELETE_COUNT`` rows). While deleting, ``rows_referenced``: a batch
     met a row another table still references (the DELETE is SQL: ``on_delete`` of referencing
-    models does not run); that batch is rolled back, earlier ones stay. ``force=True``
-    overrides ``empty_run`` and ``too_many_deletions`` only,
-    and the ledger records that it did (``cleanup_forced``). A refusal is recorded on the
-    ledgers (the model's line and the run's summary: ``cleanup_status = refused``, reason,
-    message, time) with a ``cleanup.refused`` event, in one short transaction; nothing else is
-    written.
+    models does not run); that batch is rolled back, earlier ones stay.
+
+    **Withheld deletions**: a refusal for ``empty_run`` or ``too_many_deletions`` records its
+    plan on the model's ledger line (``withheld_count``, ``withheld_keys``: the count and the
+    first keys). ``approve=N, approved_by="who"`` approves it: the plan is made and the guards
+    checked again; the withheld guards are overridden when the plan holds at most N rows, and
+    at most N rows are removed; a plan that grew past N is refused (``approval_exceeded``, with
+    the new count, recorded as the new withheld plan); a run with no withheld plan is refused
+    (``nothing_withheld``, nothing written). The approval (who, how many, when) is recorded on
+    the ledger line and in a ``cleanup.approved`` event. ``force=True`` overrides
+    ``empty_run`` and ``too_many_deletions`` without a count, for scripts, and the ledger
+    records that it did (``cleanup_forced``). A refusal is recorded on the ledgers (the
+    model's line and the run's summary: ``cleanup_status = refused``, reason, message, time)
+    with a ``cleanup.refused`` event, in one short transaction; nothing else is written.
 
     ``dry_run=True`` writes nothing and never raises ``CleanupRefused``: it returns the plan with
-    ``refusal`` set to what a real cleanup would refuse with.
+    ``refusal`` set to what a real cleanup would refuse with, and ``waiting``.
 
-    Deletion: batches of ``CLEANUP_BATCH_SIZE`` rows, each one short transaction holding the
-    DELETE, the ``<sync_name>.removed`` events carrying the deleted rows (``{"scope", "model",
-    "rows": [every column of each row]}``, split so each payload stays within
-    ``MAX_PAYLOAD_BYTES``) and the ``rows_removed`` counts: a row is never gone without its
-    audit. The DELETE itself re-states the predicate as an allow-list of the scope's older runs
-    (never "not this run"), so a row that a newer run re-stamped after the plan was made is
-    never deleted. A final transaction (the DELETE that finds nothing left) records
-    ``cleanup_status = done``. Run twice, the second cleanup removes nothing.
+    Removal: batches of ``CLEANUP_BATCH_SIZE`` rows, each one short transaction holding the
+    DELETE (or UPDATE), the ``<sync_name>.removed`` events carrying the removed rows
+    (``{"scope", "model", "rows": [every column of each row]}``, plus ``"mode": "soft"`` for
+    tombstones; split so each payload stays within ``MAX_PAYLOAD_BYTES``) and the
+    ``rows_removed`` counts: a row is never gone without its audit. The statement itself
+    re-states the predicate as an allow-list of the scope's older runs (never "not this run"),
+    so a row that a newer run re-stamped after the plan was made is never removed. A final
+    transaction (the batch that finds nothing left) records ``cleanup_status = done``. Run
+    twice, the second cleanup removes nothing.
 
     Rows whose ``last_seen_run`` is NULL (their run row was deleted, so nobody can tell when
-    they were last seen) are never deleted; they count in the scope's total.
+    they were last seen) are never removed; they count in the scope's total.
 
     Called inside the caller's ``atomic()``, these transactions are savepoints of it.
-    Raises ``InvalidInput`` (not a tracked model), ``RunNotFound``, ``CleanupRefused``.
+    Raises ``InvalidInput`` (not a tracked model, a bad ``approve`` or ``approved_by``),
+    ``RunNotFound``, ``CleanupRefused``.
     """
     spec = tracked_spec(model)
-    plan = make_plan(run_id_of(run), spec)
+    run_id = run_id_of(run)
+    if approve is not None:
+        approve = validate_positive_int("approve", approve, None)
+        approved_by = validate_text("approved_by", approved_by, 150)
+        if force:
+            raise InvalidInput("force", "approve a withheld plan or force, not both")
+    plan = make_plan(run_id, spec)
     refusal = plan.refusal
     forced = False
-    if refusal is not None and (force or plan.resumes_forced) and refusal.reason in FORCEABLE:
+    approval: tuple[str, int] | None = plan.resumes_approval
+    if approve is not None:
+        refusal, approval = _approve(plan, approve, approved_by, dry_run)
+    elif refusal is not None and (force or plan.resumes_forced) and refusal.reason in FORCEABLE:
         refusal, forced = None, True
+    elif refusal is not None and approval is not None and refusal.reason in FORCEABLE:
+        refusal = None  # the rest of an approved cleanup cut off half-way
     elif refusal is None and plan.resumes_forced:
         # The rest of a forced cleanup cut off half-way may be under the guards: it is still
         # that forced cleanup, and its ledger must keep saying so.
         forced = True
+    mode = CleanupMode.SOFT if spec.soft else CleanupMode.DELETE
+    who = approval[0] if approval else ""
     if dry_run:
         return CleanupResult(
             True,
@@ -162,14 +223,68 @@ def safe_cleanup(
             refusal.reason if refusal else None,
             refusal.message if refusal else "",
             spec.label,
+            plan.waiting,
+            mode,
+            who,
         )
     if refusal is not None:
         _record_refusal(plan, refusal)
         raise CleanupRefused(refusal.reason, refusal.message)
-    removed = _delete_in_batches(plan, forced)
+    if approve is not None:
+        _record_approval(plan, approve, approved_by)
+    removed = _delete_in_batches(plan, forced, approval)
     return CleanupResult(
-        False, plan.planned, removed, plan.sample_keys, forced, None, "", spec.label
+        False,
+        plan.planned,
+        removed,
+        plan.sample_keys,
+        forced,
+        None,
+        "",
+        spec.label,
+        plan.waiting,
+        mode,
+        who,
     )
+
+
+def _approve(
+    plan: Plan, approve: int, approved_by: str, dry_run: bool
+) -> tuple[Refusal | None, tuple[str, int] | None]:
+    """The refusal an approval of ``approve`` rows meets (None: go ahead), and the approval."""
+    line = plan.line
+    withheld = (
+        line is not None
+        and line.cleanup_status == CleanupStatus.REFUSED
+        and line.cleanup_reason in (*FORCEABLE, "approval_exceeded")
+        and line.withheld_count is not None
+    )
+    if not withheld:
+        reason = f"{line.cleanup_status}" if line is not None else "not run"
+        if line is not None and line.cleanup_reason:
+            reason += f" ({line.cleanup_reason})"
+        refusal = Refusal(
+            "nothing_withheld",
+            f"run {plan.run_id!r} has no withheld cleanup of {plan.spec.label} to approve "
+            f"(its cleanup is {reason}); only a cleanup refused for empty_run or "
+            "too_many_deletions can be approved",
+        )
+        if dry_run:
+            return refusal, None
+        raise CleanupRefused(refusal.reason, refusal.message)  # nothing written
+    if plan.refusal is not None and plan.refusal.reason not in FORCEABLE:
+        return plan.refusal, None
+    if plan.planned > approve:
+        return (
+            Refusal(
+                "approval_exceeded",
+                f"the plan now removes {plan.planned} {rows_noun(plan.spec)}, more than the "
+                f"{approve} approved (the source shrank further since the plan was shown); "
+                f"review the new plan and approve {plan.planned} to remove them",
+            ),
+            None,
+        )
+    return None, (approved_by, approve)
 
 
 def make_plan(run_id: str, spec: SyncSpec) -> Plan:
@@ -182,25 +297,79 @@ def make_plan(run_id: str, spec: SyncSpec) -> Plan:
         raise RunNotFound(run_id) from None
     run = state.run
     line = RunModelState.objects.using(alias).filter(run_id=run_id, model=spec.label).first()
-    rows = scope_rows(spec, run.scope)
-    older = Run.objects.using(alias).filter(scope=run.scope, ordinal__lt=run.ordinal).values("id")
-    deletable = rows.filter(last_seen_run__in=older)
+    rows = live_rows(spec, run.scope)
+    cutoff = grace_cutoff(spec, run)
+    runs = Run.objects.using(alias).filter(scope=run.scope)
+    deletable = rows.filter(last_seen_run__in=runs.filter(ordinal__lt=cutoff).values("id"))
     total = rows.count()
     planned = deletable.count()
+    waiting = 0
+    if cutoff < run.ordinal:
+        waiting = rows.filter(
+            last_seen_run__in=runs.filter(ordinal__gte=cutoff, ordinal__lt=run.ordinal).values("id")
+        ).count()
     keys = [field.name for field in spec.key]
     sample = tuple(
         json_key(tuple(values))
         for values in deletable.order_by(*keys).values_list(*keys)[:SAMPLE_SIZE]
     )
     refusal = _guard(spec, state, line, run, total, planned)
-    resumes_forced = (
-        line is not None
-        and line.cleanup_status == CleanupStatus.IN_PROGRESS
-        and line.cleanup_forced
-    )
+    in_progress = line is not None and line.cleanup_status == CleanupStatus.IN_PROGRESS
+    resumes_forced = in_progress and line is not None and line.cleanup_forced
+    resumes_approval = None
+    if in_progress and line is not None and line.approved_count is not None:
+        resumes_approval = (line.approved_by, max(0, line.approved_count - line.rows_removed))
     return Plan(
-        spec, run_id, run.scope, run.ordinal, total, planned, sample, refusal, resumes_forced
+        spec,
+        run_id,
+        run.scope,
+        run.ordinal,
+        total,
+        planned,
+        sample,
+        refusal,
+        resumes_forced,
+        waiting,
+        cutoff,
+        resumes_approval,
+        line,
     )
+
+
+def grace_runs(spec: SyncSpec) -> int:
+    """N of the model's grace period: ``sync_grace_runs``, else ``CLEANUP_GRACE_RUNS``."""
+    return spec.grace_runs if spec.grace_runs is not None else runs_settings.CLEANUP_GRACE_RUNS
+
+
+def grace_cutoff(spec: SyncSpec, run: Run) -> int:
+    """The ordinal below which a row's ``last_seen_run`` makes it removable: that of the N-th
+    newest completed run of the scope, up to ``run``, whose flush of the model succeeded
+    (``run`` is the first). With fewer such runs, 0: nothing is removable yet. Ordinals are
+    what the runs already store: no per-row miss counter to keep in step."""
+    n = grace_runs(spec)
+    if n == 1:
+        return run.ordinal
+    nth = (
+        RunModelState.objects.using(db_alias())
+        .filter(
+            model=spec.label,
+            flush_status=FlushStatus.SUCCEEDED,
+            run__scope=run.scope,
+            run__ordinal__lte=run.ordinal,
+            run__state__status=RunStatus.COMPLETED,
+        )
+        .order_by("-run__ordinal")
+        .values_list("run__ordinal", flat=True)[n - 1 : n]
+    )
+    found = list(nth)
+    return int(found[0]) if found else 0
+
+
+def live_rows(spec: SyncSpec, scope: str) -> Any:
+    """The scope's rows a cleanup may count and remove: every row, but a tombstoned one of a
+    soft-deleting model (already removed)."""
+    rows = scope_rows(spec, scope)
+    return rows.filter(deleted_at__isnull=True) if spec.soft else rows
 
 
 def scope_rows(spec: SyncSpec, scope: str) -> Any:
@@ -250,6 +419,13 @@ def _guard(
             f"{name} completed without flushing {spec.label} (flush_status not_started); it "
             "saw nothing of it, so it cannot tell what is gone",
         )
+    if line.cleanup_status == CleanupStatus.RESTORED:
+        return Refusal(
+            "cleanup_restored",
+            f"the cleanup of {spec.label} by {name} was undone by restore_cleanup "
+            f"({line.restored_by or 'someone'}, {line.restored_at:%Y-%m-%d %H:%M:%S %Z}); it is "
+            "not done again: the next run's cleanup decides afresh",
+        )
     newer = (
         Run.objects.using(db_alias())
         .filter(
@@ -271,7 +447,8 @@ def _guard(
         return Refusal(
             "empty_run",
             f"{name} flushed 0 {noun} but scope {run.scope!r} has {total}; an empty source "
-            "looks like a broken source (force=True / --force deletes anyway)",
+            f"looks like a broken source; the plan is withheld: approve it for {planned} "
+            f"(approve={planned} / --approve {planned}) once checked",
         )
     fraction = runs_settings.CLEANUP_MAX_DELETE_FRACTION
     max_count = runs_settings.CLEANUP_MAX_DELETE_COUNT
@@ -279,14 +456,16 @@ def _guard(
         return Refusal(
             "too_many_deletions",
             f"would delete {planned} of {total} {noun} of scope {run.scope!r} "
-            f"({planned / total:.0%}), more than CLEANUP_MAX_DELETE_FRACTION ({fraction:g}) "
-            "(force=True / --force deletes anyway)",
+            f"({planned / total:.0%}), more than CLEANUP_MAX_DELETE_FRACTION ({fraction:g})"
+            f"; the plan is withheld: approve it for {planned} (approve={planned} / "
+            f"--approve {planned}) once checked",
         )
     if max_count is not None and planned > max_count:
         return Refusal(
             "too_many_deletions",
             f"would delete {planned} {noun} of scope {run.scope!r}, more than "
-            f"CLEANUP_MAX_DELETE_COUNT ({max_count}) (force=True / --force deletes anyway)",
+            f"CLEANUP_MAX_DELETE_COUNT ({max_count}); the plan is withheld: approve it for "
+            f"{planned} (approve={planned} / --approve {planned}) once checked",
         )
     return None
 
@@ -295,15 +474,24 @@ def _record_refusal(plan: Plan, refusal: Refusal) -> None:
     """One short transaction: the ledger's refusal and its ``cleanup.refused`` event."""
     with transaction.atomic(using=db_alias()):
         lock_state(plan.run_id)  # the run row first, the lock order of every writer of a run
-        outcome = {
+        outcome: dict[str, Any] = {
             "cleanup_status": CleanupStatus.REFUSED,
             "cleanup_reason": refusal.reason,
             "cleanup_message": refusal.message,
             "cleanup_at": timezone.now(),
         }
         RunState.objects.using(db_alias()).filter(run_id=plan.run_id).update(**outcome)
+        # A plan refused for its size is withheld for an operator to approve; any other
+        # refusal leaves nothing to approve.
+        withheld = refusal.reason in WITHHELD
         RunModelState.objects.using(db_alias()).update_or_create(
-            run_id=plan.run_id, model=plan.spec.label, defaults=outcome
+            run_id=plan.run_id,
+            model=plan.spec.label,
+            defaults={
+                **outcome,
+                "withheld_count": plan.planned if withheld else None,
+                "withheld_keys": list(plan.sample_keys) if withheld else [],
+            },
         )
         payload = {
             "model": plan.spec.label,
@@ -315,12 +503,51 @@ def _record_refusal(plan: Plan, refusal: Refusal) -> None:
         insert_events(plan.run_id, [PreparedEvent("cleanup.refused", payload)], allow_closed=True)
 
 
-def _delete_in_batches(plan: Plan, forced: bool) -> int:
-    walk = batch_cursor(plan.spec, plan.scope, plan.ordinal)
+def _record_approval(plan: Plan, approve: int, approved_by: str) -> None:
+    """One short transaction: who approved how many rows, on the model's ledger line, with a
+    ``cleanup.approved`` event; the cleanup is ``in_progress`` under that approval from here (a
+    rerun after a cut-off finishes it within what was approved)."""
+    alias = db_alias()
+    with transaction.atomic(using=alias):
+        lock_state(plan.run_id)
+        now = timezone.now()
+        approval = {
+            "cleanup_status": CleanupStatus.IN_PROGRESS,
+            "cleanup_reason": "",
+            "cleanup_message": "",
+            "cleanup_forced": False,
+            "cleanup_at": now,
+        }
+        RunState.objects.using(alias).filter(run_id=plan.run_id).update(**approval)
+        RunModelState.objects.using(alias).filter(run_id=plan.run_id, model=plan.spec.label).update(
+            **approval,
+            approved_by=approved_by,
+            approved_count=approve,
+            approved_at=now,
+            rows_removed=0,
+        )
+        payload = {
+            "model": plan.spec.label,
+            "approved_by": approved_by,
+            "approved_count": approve,
+            "planned": plan.planned,
+            "total": plan.total,
+            "sample_keys": list(plan.sample_keys),
+        }
+        insert_events(plan.run_id, [PreparedEvent("cleanup.approved", payload)], allow_closed=True)
+
+
+def _delete_in_batches(plan: Plan, forced: bool, approval: tuple[str, int] | None) -> int:
+    walk = batch_cursor(plan.spec, plan.scope, plan.cutoff)
     removed = 0
+    # An approval bounds what may go: never more rows than the operator saw and approved.
+    budget = approval[1] if approval is not None else None
     while True:
+        size = runs_settings.CLEANUP_BATCH_SIZE
+        if budget is not None:
+            size = min(size, budget - removed)
         try:
-            count = _delete_batch(plan, forced, walk)
+            count = _delete_batch(plan, forced, walk, size, approved=approval is not None)
         except IntegrityError as exc:
             # The DELETE is SQL, so a referencing model's on_delete never runs: a row still
             # referenced fails its batch (rolled back whole). Say so on the ledger, as a refusal.
@@ -338,17 +565,25 @@ def _delete_in_batches(plan: Plan, forced: bool) -> int:
         removed += count
 
 
-def _delete_batch(plan: Plan, forced: bool, walk: BatchCursor | None) -> int:
-    """One short transaction: delete up to ``CLEANUP_BATCH_SIZE`` rows, append their audit
-    events and count them on the ledgers (``cleanup_status = in_progress`` until the end, so a
-    cleanup cut off half-way never reads as not run); when nothing is left, mark the cleanup
-    done instead."""
+def _delete_batch(
+    plan: Plan, forced: bool, walk: BatchCursor | None, size: int, *, approved: bool
+) -> int:
+    """One short transaction: remove up to ``size`` rows, append their audit events and count
+    them on the ledgers (``cleanup_status = in_progress`` until the end, so a cleanup cut off
+    half-way never reads as not run); when nothing is left (or ``size`` is 0: an approval's
+    budget is spent), mark the cleanup done instead."""
     alias = db_alias()
+    spec = plan.spec
     with transaction.atomic(using=alias):
-        deleted = delete_batch(walk, plan.spec, plan.scope, plan.ordinal)
-        ledger = RunState.objects.using(alias).filter(run_id=plan.run_id)
-        line = RunModelState.objects.using(alias).filter(run_id=plan.run_id, model=plan.spec.label)
         now = timezone.now()
+        tombstone = None
+        if spec.soft:
+            reason = "forced" if forced else "approved" if approved else "not_seen"
+            tombstone = Tombstone(plan.run_id, now, reason)
+        deleted = delete_batch(walk, spec, plan.scope, plan.cutoff, size, tombstone) if size else []
+        ledger = RunState.objects.using(alias).filter(run_id=plan.run_id)
+        line = RunModelState.objects.using(alias).filter(run_id=plan.run_id, model=spec.label)
+        mode = CleanupMode.SOFT if spec.soft else CleanupMode.DELETE
         if not deleted:
             outcome: dict[str, Any] = {
                 "cleanup_status": CleanupStatus.DONE,
@@ -358,15 +593,17 @@ def _delete_batch(plan: Plan, forced: bool, walk: BatchCursor | None) -> int:
                 "cleanup_at": now,
             }
             ledger.update(**outcome)
-            line.update(**outcome)
+            line.update(
+                **outcome, cleanup_mode=mode, rows_waiting=plan.waiting, withheld_count=None
+            )
             return 0
         # The audit is built from the texts the database returned, never decoded: each row's
         # record is its columns as a JSON object, in key order.
         records = [record for _, record in sorted(deleted, key=lambda row: row[0])]
-        event = f"{plan.spec.event_prefix}.removed"
+        event = f"{spec.event_prefix}.removed"
         events = [
             EncodedEvent(event, text)
-            for text in split_removed(plan.scope, plan.spec.label, records)
+            for text in split_removed(plan.scope, spec.label, records, soft=spec.soft)
         ]
         insert_encoded_events(plan.run_id, events, allow_closed=True)
         progress: dict[str, Any] = {
@@ -378,7 +615,7 @@ def _delete_batch(plan: Plan, forced: bool, walk: BatchCursor | None) -> int:
             "cleanup_at": now,
         }
         ledger.update(**progress)
-        line.update(**progress)
+        line.update(**progress, cleanup_mode=mode)
     return len(deleted)
 
 
@@ -391,14 +628,21 @@ def _utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-def split_removed(scope: str, model: str, records: Sequence[str]) -> list[str]:
+def split_removed(
+    scope: str, model: str, records: Sequence[str], *, soft: bool = False, extra: str = ""
+) -> list[str]:
     """Pack removed rows' records (JSON texts), in order, into as few
     ``{"scope", "model", "rows"}`` payloads (JSON texts) as fit within ``MAX_PAYLOAD_BYTES``
-    each. A row
+    each (``"mode": "soft"`` too for tombstoned rows; ``extra``: more members, as JSON text
+    ``"key":value,...`` with a trailing comma). A row
     too big to fit even alone (possible only if the limit was lowered after it was stored)
     still gets an event of its own: the audit is never dropped."""
     limit = runs_settings.MAX_PAYLOAD_BYTES
-    head = f'{{"scope":{encode_json_string(scope)},"model":{encode_json_string(model)},"rows":['
+    mode = '"mode":"soft",' if soft else ""
+    head = (
+        f'{{"scope":{encode_json_string(scope)},"model":{encode_json_string(model)},'
+        f'{mode}{extra}"rows":['
+    )
     base = _utf8_size(head) + 2  # and "]}"
     payloads: list[str] = []
     current: list[str] = []

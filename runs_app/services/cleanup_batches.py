@@ -28,6 +28,10 @@ statement costs its batch, whatever the statistics say.
 
 SQLite (its writers are serialised; its planner has no such statistics-driven turns): one
 ``DELETE ... WHERE pk IN (SELECT ... LIMIT n) RETURNING``, each row as ``json_object(...)``.
+
+A soft-deleting model's batch is the same walk with an ``UPDATE`` that sets the tombstone in
+place of the ``DELETE``; every statement then also says ``deleted_at IS NULL``, so a batch never
+picks a row an earlier batch (or an earlier cleanup) tombstoned.
 """
 
 from __future__ import annotations
@@ -35,12 +39,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import models
 
-from ..conf import runs_settings
 from ..db import column, connection_for_write, db_alias, is_postgresql, table
 from ..models import Run
 from ..tracking import SyncSpec
@@ -50,6 +54,14 @@ RUN_WINDOW = 500
 
 # Index scans only, for the batch's own transaction.
 _PLANNER_SETTINGS = ("enable_seqscan", "enable_bitmapscan")
+
+
+class Tombstone(NamedTuple):
+    """What a soft cleanup's batch writes on each row instead of deleting it."""
+
+    run_id: str
+    at: datetime
+    reason: str
 
 
 @dataclass
@@ -74,27 +86,40 @@ class BatchCursor:
 
 
 def delete_batch(
-    cursor_state: BatchCursor | None, spec: SyncSpec, scope: str, ordinal: int
+    cursor_state: BatchCursor | None,
+    spec: SyncSpec,
+    scope: str,
+    ordinal: int,
+    size: int,
+    tombstone: Tombstone | None = None,
 ) -> list[tuple[tuple[Any, ...], str]]:
-    """Delete the next batch; return its rows as ``(key, record)``: the key's values and the
-    row's columns as a JSON text. An empty list means nothing is left. Call inside the batch's
-    transaction. ``cursor_state``: the PostgreSQL walk (``BatchCursor.for_plan``), None on
-    SQLite."""
+    """Remove the next batch of at most ``size`` rows last seen by a run of ``scope`` older than
+    ``ordinal``: delete them, or set ``tombstone`` on them (soft-deleting models). Return its
+    rows as ``(key, record)``: the key's values and the row's columns (after the tombstone) as a
+    JSON text. An empty list means nothing is left. Call inside the batch's transaction.
+    ``cursor_state``: the PostgreSQL walk (``BatchCursor.for_plan``), None on SQLite."""
     if cursor_state is None:
-        return _delete_batch_sqlite(spec, scope, ordinal)
+        return _delete_batch_sqlite(spec, scope, ordinal, size, tombstone)
     with _index_scans_only():
         while not cursor_state.done:
-            rows = _delete_batch_postgresql(cursor_state)
+            rows = _delete_batch_postgresql(cursor_state, size, tombstone)
             if rows is not None:
                 return rows
     return []
 
 
-def _delete_batch_postgresql(walk: BatchCursor) -> list[tuple[tuple[Any, ...], str]] | None:
+def _tombstone_sql(quote: Callable[[str], str]) -> str:
+    return ", ".join(
+        f"{quote(name)} = %s" for name in ("deleted_at", "deleted_by_run_id", "deleted_reason")
+    )
+
+
+def _delete_batch_postgresql(
+    walk: BatchCursor, size: int, tombstone: Tombstone | None
+) -> list[tuple[tuple[Any, ...], str]] | None:
     """One pick, lock and delete; None when the batch deleted nothing but rows may be left: the
     window had nothing left (the walk moved on), or every picked row was re-stamped by a newer
     run meanwhile (it no longer matches the pick)."""
-    size = runs_settings.CLEANUP_BATCH_SIZE
     window = walk.older_runs[walk.start : walk.start + RUN_WINDOW]
     connection = connection_for_write()
     spec = walk.spec
@@ -106,6 +131,8 @@ def _delete_batch_postgresql(walk: BatchCursor) -> list[tuple[tuple[Any, ...], s
     in_scope, scoped = "", []
     if spec.scope is not None:
         in_scope, scoped = f" AND {quote(column(spec.scope))} = %s", [walk.scope]
+    if tombstone is not None:
+        in_scope += f" AND {quote('deleted_at')} IS NULL"
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT p.{pk}, o.n FROM unnest(%s::text[]) WITH ORDINALITY AS o(run_id, n) "
@@ -132,12 +159,17 @@ def _delete_batch_postgresql(walk: BatchCursor) -> list[tuple[tuple[Any, ...], s
         if not locked:
             return None
         keys = ", ".join(f"d.{quote(column(field))}" for field in spec.key)
-        cursor.execute(
-            f"DELETE FROM {rows} AS d WHERE {pk} = ANY({pk_array}) "
-            f"AND last_seen_run_id = ANY(%s::text[]){in_scope} "
-            f"RETURNING {keys}, row_to_json(d)::text",
-            [locked, window, *scoped],
-        )
+        where = f"WHERE {pk} = ANY({pk_array}) AND last_seen_run_id = ANY(%s::text[]){in_scope}"
+        returning = f"RETURNING {keys}, row_to_json(d)::text"
+        if tombstone is None:
+            cursor.execute(
+                f"DELETE FROM {rows} AS d {where} {returning}", [locked, window, *scoped]
+            )
+        else:
+            cursor.execute(
+                f"UPDATE {rows} AS d SET {_tombstone_sql(quote)} {where} {returning}",
+                [tombstone.at, tombstone.run_id, tombstone.reason, locked, window, *scoped],
+            )
         count = len(spec.key)
         return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
 
@@ -177,7 +209,7 @@ def _index_scans_only() -> Iterator[None]:
 
 
 def _delete_batch_sqlite(
-    spec: SyncSpec, scope: str, ordinal: int
+    spec: SyncSpec, scope: str, ordinal: int, size: int, tombstone: Tombstone | None
 ) -> list[tuple[tuple[Any, ...], str]]:
     connection = connection_for_write()
     quote = connection.ops.quote_name
@@ -188,8 +220,30 @@ def _delete_batch_sqlite(
     if spec.scope is not None:
         older = f"{quote(column(spec.scope))} = %s AND {older}"
         params.insert(0, scope)
+    if tombstone is not None:
+        older = f"{quote('deleted_at')} IS NULL AND {older}"
     keys = ", ".join(quote(column(field)) for field in spec.key)
-    record = (
+    record = sqlite_record(spec, quote)
+    picked = f"WHERE {pk} IN (SELECT {pk} FROM {rows} WHERE {older} LIMIT %s)"
+    with connection.cursor() as cursor:
+        if tombstone is None:
+            cursor.execute(
+                f"DELETE FROM {rows} {picked} RETURNING {keys}, {record}", [*params, size]
+            )
+        else:
+            at = connection.ops.adapt_datetimefield_value(tombstone.at)
+            cursor.execute(
+                f"UPDATE {rows} SET {_tombstone_sql(quote)} {picked} RETURNING {keys}, {record}",
+                [at, tombstone.run_id, tombstone.reason, *params, size],
+            )
+        count = len(spec.key)
+        return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
+
+
+def sqlite_record(spec: SyncSpec, quote: Callable[[str], str]) -> str:
+    """A row's audit record on SQLite: every column, as ``json_object(...)`` of the row the
+    statement (a DELETE's, an UPDATE's or an INSERT's RETURNING) reads."""
+    return (
         "json_object("
         + ", ".join(
             f"'{column(field)}', {_sqlite_json_value(field, quote)}"
@@ -197,14 +251,6 @@ def _delete_batch_sqlite(
         )
         + ")"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"DELETE FROM {rows} WHERE {pk} IN (SELECT {pk} FROM {rows} WHERE {older} LIMIT %s) "
-            f"RETURNING {keys}, {record}",
-            [*params, runs_settings.CLEANUP_BATCH_SIZE],
-        )
-        count = len(spec.key)
-        return [(tuple(row[:count]), row[count]) for row in cursor.fetchall()]
 
 
 def _sqlite_json_value(field: Any, quote: Callable[[str], str]) -> str:

@@ -57,10 +57,14 @@ class FlushResult:
     seen: int = 0
     created: int = 0
     updated: int = 0
+    revived: int = 0  # of the updated rows, tombstoned ones revived (soft-deleting models)
 
     def __add__(self, other: FlushResult) -> FlushResult:
         return FlushResult(
-            self.seen + other.seen, self.created + other.created, self.updated + other.updated
+            self.seen + other.seen,
+            self.created + other.created,
+            self.updated + other.updated,
+            self.revived + other.revived,
         )
 
 
@@ -248,11 +252,11 @@ class FlushSession:
         with transaction.atomic(using=alias):
             state = lock_active_ledger(self.run_id)
             _check_not_failed(state)
-            created, updated = upsert(self._schema, state.scope, self.run_id, rows, now)
+            created, updated, revived = upsert(self._schema, state.scope, self.run_id, rows, now)
             seen = created + updated
             if is_postgresql():
                 counted = _count_batch_postgresql(
-                    self.run_id, self.spec.label, self._session_id, created, updated, now
+                    self.run_id, self.spec.label, self._session_id, created, updated, now, revived
                 )
             else:
                 counts = {
@@ -263,7 +267,7 @@ class FlushSession:
                 RunState.objects.using(alias).filter(run_id=self.run_id).update(
                     **counts, heartbeat_at=now
                 )
-                self._model_state().update(**counts)
+                self._model_state().update(**counts, rows_revived=F("rows_revived") + revived)
                 counted = (
                     RunFlushSession.objects.using(alias)
                     .filter(pk=self._session_id, status=FlushSessionStatus.OPEN)
@@ -285,10 +289,12 @@ class FlushSession:
                 "first_key": json_key(rows[0].key),
                 "last_key": json_key(rows[-1].key),
             }
+            if self.spec.soft:
+                payload["revived"] = revived
             event = f"{self.spec.event_prefix}.flushed"
             insert_events(self.run_id, [PreparedEvent(event, payload)])
         self._batches += 1
-        return FlushResult(seen, created, updated)
+        return FlushResult(seen, created, updated, revived)
 
     # -- open, close, fail ----------------------------------------------------------------------
 
@@ -420,7 +426,7 @@ class FlushSession:
 
 
 def _count_batch_postgresql(
-    run_id: str, model: str, session_id: int, created: int, updated: int, now: Any
+    run_id: str, model: str, session_id: int, created: int, updated: int, now: Any, revived: int
 ) -> int:
     """A batch's counts on the run's ledger, the model's line and the session, in one statement
     (the run and model ledgers as data-modifying CTEs, which PostgreSQL runs to completion
@@ -433,7 +439,8 @@ def _count_batch_postgresql(
     sql = (
         f"WITH s AS (UPDATE {table(RunState)} SET {counts}, heartbeat_at = %(now)s "
         "WHERE run_id = %(run)s RETURNING 1), "
-        f"m AS (UPDATE {table(RunModelState)} SET {counts} "
+        f"m AS (UPDATE {table(RunModelState)} SET {counts}, "
+        "rows_revived = rows_revived + %(revived)s "
         "WHERE run_id = %(run)s AND model = %(model)s RETURNING 1) "
         f"UPDATE {table(RunFlushSession)} SET batches = batches + 1, {counts} "
         "WHERE id = %(session)s AND status = %(open)s"
@@ -442,6 +449,7 @@ def _count_batch_postgresql(
         "seen": created + updated,
         "created": created,
         "updated": updated,
+        "revived": revived,
         "now": now,
         "run": run_id,
         "model": model,

@@ -28,14 +28,22 @@ from .validation import encode_json_string
 
 def upsert(
     schema: RowSchema, scope: str, run_id: str, rows: Sequence[PreparedRow], now: datetime
-) -> tuple[int, int]:
-    """Upsert ``rows`` (distinct keys, sorted); return ``(created, updated)`` as the database
-    counted them. Call inside the batch's transaction."""
+) -> tuple[int, int, int]:
+    """Upsert ``rows`` (distinct keys, sorted); return ``(created, updated, revived)`` as the
+    database counted them (``revived``: updated rows of a soft-deleting model whose tombstone
+    was cleared). Call inside the batch's transaction."""
     statement = _statement(schema)
     if is_postgresql():
         return statement.run_postgresql(scope, run_id, rows, now)
     return statement.run_sqlite(scope, run_id, rows, now)
 
+
+#: A soft-deleting model's tombstone columns as a revived row has them.
+_CLEARED_TOMBSTONE = (
+    ("deleted_at", "NULL"),
+    ("deleted_by_run_id", "NULL"),
+    ("deleted_reason", "''"),
+)
 
 _statements: dict[tuple[type[models.Model], str], UpsertStatement] = {}
 
@@ -67,8 +75,22 @@ class UpsertStatement:
         conflict = self.key_columns + ([self.scope_column] if self.scope_column else [])
         updated = [quote(column(field)) for field in spec.owned if field not in spec.key]
         updated += [quote("last_seen_run_id"), quote("updated_at")]
+        assignments = [f"{column} = excluded.{column}" for column in updated]
+        self.soft = spec.soft
+        if spec.soft:
+            # A row the source lists again is alive again: its tombstone goes. The revive
+            # statement (below) has cleared and counted it already, under the row's lock; this
+            # covers a tombstone set between the two statements.
+            assignments += [f"{quote(name)} = {value}" for name, value in _CLEARED_TOMBSTONE]
         self.on_conflict = f"ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET " + ", ".join(
-            f"{column} = excluded.{column}" for column in updated
+            assignments
+        )
+        self.revive = (
+            f"UPDATE {self.table} SET "
+            + ", ".join(f"{quote(name)} = {value}" for name, value in _CLEARED_TOMBSTONE)
+            + " WHERE "
+            + (f"{self.scope_column} = %s AND " if self.scope_column else "")
+            + f"{quote('deleted_at')} IS NOT NULL AND ({', '.join(self.key_columns)}) IN "
         )
         self.encoders = [
             _nullable(_json_encoder(field, connection), field) for field in schema.columns
@@ -83,7 +105,7 @@ class UpsertStatement:
 
     def run_postgresql(
         self, scope: str, run_id: str, rows: Sequence[PreparedRow], now: datetime
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         # One statement for the whole batch, its rows sent as one JSON array of arrays and
         # unnested server-side: close to COPY speed, yet visible to execute_wrapper (fault
         # injection) and CaptureQueriesContext, unlike cursor.copy(). One JSON text rather than
@@ -110,16 +132,24 @@ class UpsertStatement:
         )
         params: list[Any] = [scope] if self.scope_column else []
         params += [run_id, now, now, batch]
+        revived = 0
         with connection_for_write().cursor() as cursor:
+            if self.soft:
+                keys = ", ".join(self.selects[: len(self.key_columns)])
+                cursor.execute(
+                    f"{self.revive}(SELECT {keys} FROM jsonb_array_elements(%s::jsonb) r)",
+                    [*params[: len(params) - 4], batch],  # the scope, if any, and the batch
+                )
+                revived = cursor.rowcount
             cursor.execute(sql, params)
             created, updated = cursor.fetchone()
-        return int(created), int(updated)
+        return int(created), int(updated), revived
 
     # -- SQLite ---------------------------------------------------------------------------------
 
     def run_sqlite(
         self, scope: str, run_id: str, rows: Sequence[PreparedRow], now: datetime
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         # As on PostgreSQL, the batch travels as one JSON array of arrays (the values bound as
         # SQLite stores them), unnested by json_each: one INSERT whatever the batch's size, never
         # split by the bound-variable limit. SQLite cannot tell an insert from an update in
@@ -142,6 +172,7 @@ class UpsertStatement:
         keys = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(self.key_columns)))
         picked = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(self.value_columns)))
         constants = ", ".join(["%s"] * (len(scoped) + 3))
+        revived = 0
         with connection.cursor() as cursor:
             cursor.execute(
                 f"SELECT count(*) FROM {self.table} WHERE {scope_filter}"
@@ -149,17 +180,20 @@ class UpsertStatement:
                 [*scoped, batch],
             )
             existing = int(cursor.fetchone()[0])
+            if self.soft:
+                cursor.execute(f"{self.revive}(SELECT {keys} FROM json_each(%s))", [*scoped, batch])
+                revived = cursor.rowcount
             # "WHERE true": SQLite's parser needs it between a SELECT and ON CONFLICT.
             cursor.execute(
                 f"INSERT INTO {self.table} ({', '.join(self.insert_columns)}) "
                 f"SELECT {picked}, {constants} FROM json_each(%s) WHERE true {self.on_conflict}",
                 [*scoped, run_id, stamp, stamp, batch],
             )
-        return len(rows) - existing, existing
+        return len(rows) - existing, existing, revived
 
     def _run_sqlite_values(
         self, scope: str, run_id: str, rows: Sequence[PreparedRow], now: datetime
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """A model with a BinaryField: JSON cannot carry its bytes, so the values are bound as
         parameters, chunked under the bound-variable limit (several INSERTs for a large batch,
         all in the batch's transaction)."""
@@ -173,7 +207,7 @@ class UpsertStatement:
         ]
         key_count = len(self.key_columns)
         scoped = [scope] if self.scope_column else []
-        existing = 0
+        existing = revived = 0
         with connection.cursor() as cursor:
             per_count = (max_vars - 1) // key_count
             for start in range(0, len(prepared), per_count):
@@ -192,6 +226,13 @@ class UpsertStatement:
                     scoped + [value for values in chunk for value in values[:key_count]],
                 )
                 existing += int(cursor.fetchone()[0])
+                if self.soft:
+                    listed = where.split(" IN ", 1)[1]  # "(%s, ...)" or "(VALUES (...), ...)"
+                    cursor.execute(
+                        f"{self.revive}{listed}",
+                        scoped + [value for values in chunk for value in values[:key_count]],
+                    )
+                    revived += cursor.rowcount
             width = len(self.value_columns)
             constants = len(scoped) + 3
             per_insert = max(1, (max_vars - constants) // width)
@@ -210,7 +251,7 @@ class UpsertStatement:
                     f"{self.on_conflict}",
                     params,
                 )
-        return len(rows) - existing, existing
+        return len(rows) - existing, existing, revived
 
 
 def _pg_select(field: Field[Any, Any], index: int, connection: BaseDatabaseWrapper) -> str:

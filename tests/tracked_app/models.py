@@ -7,7 +7,7 @@ import uuid
 
 from django.db import models
 
-from runs_app.models import TrackedModel
+from runs_app.models import SoftDeleteTrackedModel, TrackedModel
 
 
 class Site(TrackedModel):
@@ -60,3 +60,26 @@ class Membership(TrackedModel):
 
     class Meta:
         unique_together = [("repo_id", "login")]
+
+
+class Asset(SoftDeleteTrackedModel):
+    """A soft-deleting model: cleanup tombstones its rows; typed columns, bytes, a foreign key."""
+
+    tenant = models.CharField(max_length=200)
+    code = models.CharField(max_length=40)
+    name = models.CharField(max_length=100)
+    size = models.IntegerField(default=0)
+    attrs = models.JSONField(default=dict, blank=True)
+    seen_on = models.DateTimeField(null=True, blank=True)
+    active = models.BooleanField(default=True)
+    blob = models.BinaryField(null=True, blank=True)
+    site = models.ForeignKey(Site, on_delete=models.PROTECT, null=True, blank=True)
+
+    sync_key = ("code",)
+    sync_scope = "tenant"
+    sync_name = "assets"
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "code"], name="tracked_app_asset_key"),
+        ]

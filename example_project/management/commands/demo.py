@@ -16,7 +16,12 @@ guarantee shows once on a fresh database:
    row is lost;
 6. ``sync_repositories --drop 5``: the source no longer lists 5 repositories; cleanup removes
    exactly those, and their rows travel in ``repositories.removed`` events;
-7. ``drain_outbox --once``: every event of the six runs leaves through the outbox.
+7. ``restore_cleanup``: that cleanup was wrong after all: undone with one command, every row
+   back with its primary key and values;
+8. ``sync_repositories --drop 200``: the source lost two thirds of its repositories; cleanup
+   refuses (``too_many_deletions``) and withholds its plan; ``cleanup_old_projects --approve
+   200`` approves it for the size shown, and exactly those go;
+9. ``drain_outbox --once``: every event of the seven runs leaves through the outbox.
 
 Exit 0 when each step behaved as the guarantees say, 1 otherwise.
 """
@@ -36,7 +41,9 @@ from example_project.management.commands.sync_repositories import (
 from example_project.models import Owner, Repository
 from runs_app import services
 from runs_app.management.base import StrictCommand
-from runs_app.models import Project, RunEvent, RunStatus
+from runs_app.models import Project, RunEvent, RunModelState, RunStatus
+
+REPOSITORY = "example_project.Repository"
 
 
 class Command(StrictCommand):
@@ -66,7 +73,7 @@ class Command(StrictCommand):
         self._repositories()
 
         self.stdout.write(
-            self.style.MIGRATE_HEADING("\n7. Deliver the events (drain_outbox --once)")
+            self.style.MIGRATE_HEADING("\n9. Deliver the events (drain_outbox --once)")
         )
         pending = RunEvent.objects.filter(published_at__isnull=True).count()
         call_command("drain_outbox", "--once", stdout=self.stdout, stderr=self.stderr)
@@ -106,6 +113,7 @@ class Command(StrictCommand):
 
         self._heading("6. The source dropped 5 repositories (sync_repositories --drop 5)")
         before = self._rows()
+        before_rows = self._repository_rows()
         call_command("sync_repositories", "--drop", "5", stdout=self.stdout)
         dropped = set(SampleSource(SAMPLE_SOURCE, drop=5).dropped_ids())
         gone = before[1] - self._rows()[1]
@@ -126,6 +134,79 @@ class Command(StrictCommand):
             f"(github ids {', '.join(map(str, sorted(gone)))}); their rows are in "
             "repositories.removed events."
         )
+        if run is None:
+            raise CommandError("the drop's sync left no run", returncode=1)
+        self._undo(run.pk, before_rows)
+        self._approve()
+
+    def _undo(self, run_id: str, before: dict[int, tuple[Any, ...]]) -> None:
+        """Step 7: the drop's cleanup undone; every row back as it was, primary key included."""
+        self._heading(
+            f"7. That cleanup was wrong: undo it (restore_cleanup --run {run_id} "
+            f"--model {REPOSITORY})"
+        )
+        call_command(
+            "restore_cleanup",
+            "--run",
+            run_id,
+            "--model",
+            REPOSITORY,
+            "--by",
+            "demo",
+            stdout=self.stdout,
+        )
+        if self._repository_rows() != before:
+            raise CommandError("the restore did not bring every row back as it was", returncode=1)
+        self.stdout.write(
+            f"   -> {self._counts()}: every restored row has its primary key and values back."
+        )
+
+    def _approve(self) -> None:
+        """Step 8: a mass deletion withheld, then approved for the size shown."""
+        self._heading("8. The source lost 200 repositories (sync_repositories --drop 200)")
+        try:
+            call_command("sync_repositories", "--drop", "200", stdout=self.stdout)
+        except CommandError as refusal:
+            self.stdout.write(f"   -> {refusal} (as intended)")
+        else:
+            raise CommandError("the mass deletion was not withheld", returncode=1)
+        run = services.latest_run(SCOPE)
+        if run is None:
+            raise CommandError("the mass-deletion sync left no run", returncode=1)
+        line = RunModelState.objects.get(run=run, model=REPOSITORY.lower())
+        if line.cleanup_reason != "too_many_deletions" or line.withheld_count != 200:
+            raise CommandError(
+                f"expected a withheld plan of 200, got {line.cleanup_reason} {line.withheld_count}",
+                returncode=1,
+            )
+        self._heading(
+            f"   An operator checks the plan and approves it (cleanup_old_projects --run "
+            f"{run.pk} --model {REPOSITORY} --approve 200)"
+        )
+        call_command(
+            "cleanup_old_projects",
+            "--run",
+            run.pk,
+            "--model",
+            REPOSITORY,
+            "--approve",
+            "200",
+            "--by",
+            "demo",
+            stdout=self.stdout,
+        )
+        if Repository.objects.count() != 100:
+            raise CommandError("the approved cleanup did not remove exactly 200", returncode=1)
+        self.stdout.write(f"   -> {self._counts()}.")
+
+    @staticmethod
+    def _repository_rows() -> dict[int, tuple[Any, ...]]:
+        return {
+            row[0]: tuple(row[1:])
+            for row in Repository.objects.values_list(
+                "pk", "github_id", "owner", "name", "stars", "source_created_at"
+            )
+        }
 
     @staticmethod
     def _rows() -> tuple[set[int], set[int]]:
