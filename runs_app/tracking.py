@@ -66,7 +66,6 @@ STAMPS = ("last_seen_run", "last_confirmed_run", "created_at", "updated_at")
 #: The tombstone a soft-deleting model carries (``SoftDeleteTrackedModel``), set by cleanup.
 TOMBSTONE = ("deleted_at", "deleted_by_run", "deleted_reason")
 
-
 #: Fields a scope may be held in: the run's scope is a string.
 SCOPE_FIELD_TYPES = (models.CharField, models.TextField)
 
