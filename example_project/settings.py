@@ -2,6 +2,8 @@
 
 DATABASE_URL  default: a SQLite file next to this project (WAL, IMMEDIATE transactions)
               PostgreSQL: postgres://USER@HOST:5432/NAME (psycopg 3)
+RUNS_APP_DATABASE_URL  optional: runs_app and the tracked models on this second database
+              (alias "runs", routed by example_project.routers.RunsAppRouter)
 SECRET_KEY    default: an insecure development key
 DEBUG         default: False
 STATIC_ROOT   default: unset (WhiteNoise serves the apps' static files where they are installed);
@@ -68,6 +70,17 @@ DATABASES = {
         "DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'example_project' / 'db.sqlite3'}"
     )
 }
+if env("RUNS_APP_DATABASE_URL", default=""):
+    # runs_app (and the tracked models) on a database of their own: see routers.py and
+    # docs/databases.md. Migrate it with `manage.py migrate --database=runs`.
+    DATABASES["runs"] = env.db("RUNS_APP_DATABASE_URL")
+    DATABASE_ROUTERS = ["example_project.routers.RunsAppRouter"]
+    if DATABASES["runs"]["ENGINE"] == "django.db.backends.sqlite3":
+        DATABASES["runs"]["OPTIONS"] = {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE: a transaction takes the write lock when it begins, so concurrent writers queue
     # (busy timeout) instead of failing half-way; WAL lets readers run beside the writer.

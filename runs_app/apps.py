@@ -15,4 +15,5 @@ class RunsAppConfig(AppConfig):
 
         checks.register(runs_checks.check_settings)
         checks.register(runs_checks.check_database)
+        checks.register(runs_checks.check_database_routing)
         checks.register(runs_checks.check_publisher)

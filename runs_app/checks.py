@@ -111,10 +111,13 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 
 
 def check_database(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
-    """SQLite needs RETURNING (3.35+) and, for safe concurrent writers, IMMEDIATE transactions."""
+    """On runs_app's database (the routers' choice for writes, not necessarily "default"):
+    SQLite needs RETURNING (3.35+) and, for safe concurrent writers, IMMEDIATE transactions.
+    Reads the connection's settings only: no connection is opened."""
     from .db import db_alias  # the database the services write to
 
-    connection = connections[db_alias()]
+    alias = db_alias()
+    connection = connections[alias]
     if connection.vendor != "sqlite":
         return []
     import sqlite3
@@ -132,15 +135,65 @@ def check_database(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
     if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
         problems.append(
             checks.Warning(
-                "The default database is SQLite without transaction_mode IMMEDIATE.",
+                f"runs_app's database ({alias!r}) is SQLite without transaction_mode IMMEDIATE.",
                 hint=(
-                    'Set DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE" '
+                    f'Set DATABASES["{alias}"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE" '
                     "so concurrent writers wait for each other instead of failing with "
                     '"database is locked".'
                 ),
                 id="runs_app.W001",
             )
         )
+    return problems
+
+
+def check_database_routing(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[Any]:
+    """E040: every runs_app model is written to one database (each service's transaction is on
+    one connection). E041: so is every tracked model (its run stamps are foreign keys to
+    ``Run``, and flush, completion and cleanup write its rows in runs_app's transactions).
+    Asks the routers only (``db_for_write``): no connection is opened."""
+    from django.apps import apps
+    from django.db import router
+
+    from .db import db_alias
+    from .tracking import is_tracked, model_label
+
+    alias = db_alias()
+    problems: list[Any] = []
+    for model in apps.get_models():
+        target = router.db_for_write(model) or "default"
+        if target == alias:
+            continue
+        if is_tracked(model):
+            problems.append(
+                checks.Error(
+                    f"The tracked model {model_label(model)} is routed to the database "
+                    f"{target!r}, runs_app to {alias!r}.",
+                    hint=(
+                        "A tracked model must live on runs_app's database: its last_seen_run "
+                        "and last_confirmed_run are foreign keys to runs_app.Run, and runs_app "
+                        "writes its rows in its own transactions. Route it (db_for_write, "
+                        f"db_for_read, allow_migrate) to {alias!r} like runs_app's models."
+                    ),
+                    obj=model,
+                    id="runs_app.E041",
+                )
+            )
+        elif model._meta.app_label == "runs_app":
+            problems.append(
+                checks.Error(
+                    f"runs_app.{model.__name__} is routed to the database {target!r}, "
+                    f"runs_app.Run to {alias!r}.",
+                    hint=(
+                        "Route every model of the app label 'runs_app' to one database: "
+                        "db_for_write must answer the same alias for all of them."
+                    ),
+                    obj=model,
+                    id="runs_app.E040",
+                )
+            )
     return problems
 
 

@@ -12,11 +12,25 @@ from .models import Run
 
 
 def db_alias() -> str:
-    """The database the services write to (the router's choice for Run; usually "default")."""
+    """The database runs_app writes to: the routers' ``db_for_write`` for ``Run`` ("default"
+    without routers). Every statement of the services and the relay runs there, their reads
+    too (a read that feeds a write must see the write's transaction and never lag behind it),
+    and every ``transaction.atomic`` of theirs is ``using`` it. The system checks require every
+    runs_app model and tracked model to route there (``runs_app.E040``, ``E041``)."""
     return router.db_for_write(Run) or "default"
 
 
+def db_alias_for_read() -> str:
+    """The database for runs_app's read-only views: the routers' ``db_for_read`` for ``Run``
+    (a replica, if the routers say so). Only for reads that feed no write and may lag a little
+    behind it: ``runs_status`` (:func:`runs_app.inspection.health`). The admin's querysets
+    follow the routers on their own (Django asks ``db_for_read``)."""
+    return router.db_for_read(Run) or "default"
+
+
 def connection_for_write() -> BaseDatabaseWrapper:
+    """The connection of :func:`db_alias`: the one every raw statement of runs_app runs on,
+    compiled for (``query.get_compiler(using=...)``), and quoted for."""
     return connections[db_alias()]
 
 
@@ -26,6 +40,7 @@ def table(model: type[Model]) -> str:
 
 
 def is_postgresql() -> bool:
+    """Whether runs_app's database (not necessarily "default") is PostgreSQL."""
     return connection_for_write().vendor == "postgresql"
 
 

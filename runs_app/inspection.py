@@ -35,7 +35,7 @@ from django.db.models import (
 from django.utils import timezone
 
 from .conf import runs_settings
-from .db import db_alias
+from .db import db_alias_for_read
 from .models import Run, RunEvent, RunModelState, RunOutbox, RunState, RunStatus
 
 
@@ -187,9 +187,10 @@ def _jsonable(value: Any) -> Any:
 
 def health(scope: str | None = None, now: datetime | None = None) -> Health:
     """Per-scope latest runs with their per-model lines, and outbox totals, in six queries
-    whatever the number of runs and models."""
+    whatever the number of runs and models. Read on ``db_alias_for_read()`` (a replica, if the
+    routers send runs_app's reads to one): a report, which may lag behind the writes."""
     now = timezone.now() if now is None else now
-    alias = db_alias()
+    alias = db_alias_for_read()
     runs = Run.objects.using(alias)
     if scope is not None:
         runs = runs.filter(scope=scope)

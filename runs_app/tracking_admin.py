@@ -36,6 +36,7 @@ from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
 
 from .tracking import STAMPS, TrackedModel, seen_by_latest_run, sync_spec
 
@@ -80,18 +81,18 @@ class NotSeenByLatestRunFilter(admin.SimpleListFilter):
     (``TrackedQuerySet.not_seen_by_latest_run``); no: the rows it saw. One query, whatever the
     number of rows (the predicate is a correlated subquery of the list's own statement)."""
 
-    title = "not seen by the scope's latest completed run"
+    title = _("not seen by the scope's latest completed run")
     parameter_name = "not_seen_by_latest_run"
 
     def __init__(
         self, request: HttpRequest, params: dict[str, Any], model: Any, model_admin: Any
     ) -> None:
         if sync_spec(model).scope is None:
-            self.title = "not seen by the latest completed run"
+            self.title = _("not seen by the latest completed run")
         super().__init__(request, params, model, model_admin)
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("yes", "Yes"), ("no", "No")]
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("yes", _("Yes")), ("no", _("No"))]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
         if self.value() == "yes":
@@ -158,10 +159,10 @@ class TrackedModelAdminMixin(_AdminBase):
                 shown.append(name)
         return shown
 
-    @admin.display(description="last seen", ordering="last_seen_run__ordinal")
+    @admin.display(description=_("last seen"), ordering="last_seen_run__ordinal")
     def last_seen_run_link(self, obj: TrackedModel) -> SafeString | str:
         return run_stamp(obj.last_seen_run, self.admin_site.name)
 
-    @admin.display(description="last confirmed", ordering="last_confirmed_run__ordinal")
+    @admin.display(description=_("last confirmed"), ordering="last_confirmed_run__ordinal")
     def last_confirmed_run_link(self, obj: TrackedModel) -> SafeString | str:
         return run_stamp(obj.last_confirmed_run, self.admin_site.name)

@@ -8,10 +8,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.db import connection
+
+if TYPE_CHECKING:
+    from tests.factories import AdminStory
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,3 +47,12 @@ def _fresh_claim_order() -> None:
     from runs_app.relay.claim import claim_order
 
     claim_order.reset()
+
+
+@pytest.fixture
+def admin_story() -> AdminStory:
+    """One run in each state an operator meets, made with the factories' traits (see
+    ``tests.factories.admin_story``); for the admin tests."""
+    from tests import factories  # after Django's set-up, like every model import here
+
+    return factories.admin_story()

@@ -8,6 +8,7 @@ Rows and ledger lines are made with the factories, as the flush and completion l
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import uuid
 from collections.abc import Callable
@@ -581,7 +582,7 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
     assert response.status_code == 200
     html = response.content.decode()
     assert "Per model" in html
-    table = html[html.index('<table class="runs-model-lines">') :]
+    table = html[html.index('class="runs-table runs-model-lines"') :]
     table = table[: table.index("</table>")]
     rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
     cells = [re.findall(r"<t[hd]>(.*?)</t[hd]>", row, re.S) for row in rows]
@@ -597,6 +598,7 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
         "cleanup",
         "cleanup message",
         "cleanup at",
+        "grace, approval, undo",
     ]
     project, repository = text[1:]
     assert project[:8] == [PROJECT, "succeeded", "1234", "1200", "34", "0", "1", "done"]
@@ -646,11 +648,17 @@ def test_the_run_page_costs_the_same_queries_for_1_model_or_8(
 def test_flush_and_cleanup_statuses_are_the_ledgers(viewer: Client) -> None:
     """Every status the ledger line can hold renders (badge colours exist for each)."""
     run = RunFactory(scope="all", id="all-1")
-    for index, (flush, cleanup) in enumerate(zip(FlushStatus, CleanupStatus, strict=True)):
+    statuses = list(itertools.zip_longest(FlushStatus, CleanupStatus))
+    for index, (flush, cleanup) in enumerate(statuses):
         RunModelStateFactory(
-            run=run, model=f"app.m{index}", flush_status=flush, cleanup_status=cleanup
+            run=run,
+            model=f"app.m{index}",
+            flush_status=flush or FlushStatus.SUCCEEDED,
+            cleanup_status=cleanup or CleanupStatus.DONE,
         )
     html = viewer.get(run_url(run.pk)).content.decode()
-    for flush, cleanup in zip(FlushStatus, CleanupStatus, strict=True):
+    for flush in FlushStatus:
         assert f">{flush.label}</span>" in html
+    for cleanup in CleanupStatus:
         assert f">{cleanup.label}</span>" in html
+    assert 'runs-badge--quiet">not run</span>' in html

@@ -127,7 +127,10 @@ def _claim(
             # An idle SQLite relay polls with this read alone: no write lock taken from the
             # application when there is nothing to claim.
             return []
-        sql, orm_params = candidates[:limit].values("run_id").query.sql_with_params()
+        # Compiled for the connection it runs on (``Query.sql_with_params`` compiles for
+        # "default", whatever the router says).
+        ids = candidates[:limit].values("run_id")
+        sql, orm_params = ids.query.get_compiler(using=ids.db).as_sql()
         params = list(orm_params)
     with transaction.atomic(using=db_alias()), connection.cursor() as cursor:
         cursor.execute(
@@ -173,12 +176,17 @@ LIMIT %s
 _OUTBOX_ROW_POSTGRESQL = """
     SELECT b.run_id FROM {outbox} b
     WHERE b.run_id = p.run_id AND b.blocked_at IS NULL
-    AND (b.lease_until IS NULL OR b.lease_until <= now())
+    AND (b.lease_until IS NULL OR b.lease_until <= statement_timestamp())
     {backoff}
     AND EXISTS (SELECT 1 FROM {event} c WHERE c.run_id = b.run_id AND c.seq >= b.next_seq)
     FOR UPDATE OF b SKIP LOCKED
 """
-_NO_BACKOFF_POSTGRESQL = "AND (b.next_attempt_at IS NULL OR b.next_attempt_at <= now())"
+# statement_timestamp(), not now(): the leases and backoffs are written with Django's Now(),
+# which is STATEMENT_TIMESTAMP() on PostgreSQL; now() is the transaction's start, which inside a
+# caller's long transaction (a test's) lags behind the times written since.
+_NO_BACKOFF_POSTGRESQL = (
+    "AND (b.next_attempt_at IS NULL OR b.next_attempt_at <= statement_timestamp())"
+)
 
 
 def _claim_postgresql(

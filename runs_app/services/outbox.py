@@ -18,21 +18,32 @@ from ..exceptions import OutboxNotBlocked, RunNotFound
 from ..models import Run, RunEvent, RunOutbox
 from ..notify import notify_outbox
 from .events import insert_events
-from .validation import PreparedEvent, run_id_of, validate_duration, validate_positive_int
+from .validation import (
+    PreparedEvent,
+    run_id_of,
+    validate_actor,
+    validate_duration,
+    validate_positive_int,
+)
 
 # The outbox fields of a lease; every release (ack, failure, retry, skip, unused) clears them all.
 NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_until": None, "leased_by": ""}
 
 
-def retry_outbox(run: Run | str) -> None:
+def retry_outbox(run: Run | str, *, actor: str | None = None) -> None:
     """Make a run claimable now: clear ``blocked_at``, ``attempts``, the backoff and any lease
     (``last_error`` stays, as history), and wake the listening relays. One transaction. A relay
     still publishing that run finds its acknowledgement fenced off, so at most its batch is
     delivered again.
 
-    Raises ``RunNotFound``.
+    ``actor``: who asked (an operator's name, e.g. the admin user's username). When given, the
+    retry is recorded as an ``outbox.retried`` event ``{"actor": ...}`` in the same transaction
+    (delivered like any other); without it nothing but the outbox row changes.
+
+    Raises ``RunNotFound``, ``InvalidInput`` (``actor``).
     """
     run_id = run_id_of(run)
+    actor = validate_actor(actor)
     alias = db_alias()
     with transaction.atomic(using=alias):
         updated = (
@@ -41,12 +52,15 @@ def retry_outbox(run: Run | str) -> None:
             .update(blocked_at=None, attempts=0, next_attempt_at=None, **NO_LEASE)
         )
         if updated:
+            if actor is not None:
+                retried = PreparedEvent("outbox.retried", {"actor": actor})
+                insert_events(run_id, [retried], allow_closed=True)
             notify_outbox()  # the relays may pick it up now, not at their next poll
     if not updated:
         raise RunNotFound(run_id)
 
 
-def skip_outbox_event(run: Run | str) -> RunEvent | None:
+def skip_outbox_event(run: Run | str, *, actor: str | None = None) -> RunEvent | None:
     """Skip what blocks a blocked run and unblock it: its head event, or a gap.
 
     One transaction (nested in the caller's): lock the outbox row, then
@@ -59,11 +73,14 @@ def skip_outbox_event(run: Run | str) -> RunEvent | None:
 
     clear the blocked state and backoff, and append an ``outbox.skipped`` event (the skipped
     seq, type and last error; for a gap ``"gap": [first, last]``, the missing seqs) that the relay
-    delivers like any other.
+    delivers like any other. ``actor``: who asked (an operator's name), added to that event's
+    payload as ``"actor"`` when given.
 
-    Raises ``RunNotFound``, ``OutboxNotBlocked`` (also when nothing is pending).
+    Raises ``RunNotFound``, ``OutboxNotBlocked`` (also when nothing is pending), ``InvalidInput``
+    (``actor``).
     """
     run_id = run_id_of(run)
+    actor = validate_actor(actor)
     alias = db_alias()
     with transaction.atomic(using=alias):
         try:
@@ -94,6 +111,8 @@ def skip_outbox_event(run: Run | str) -> RunEvent | None:
             next_seq = after if after is not None else outbox.run.last_seq + 1
             detail = {"seq": outbox.next_seq, "type": "", "gap": [outbox.next_seq, next_seq - 1]}
             detail.update(attempts=outbox.attempts, last_error=outbox.last_error)
+        if actor is not None:
+            detail["actor"] = actor
         RunOutbox.objects.using(alias).filter(run_id=run_id).update(
             next_seq=next_seq, attempts=0, next_attempt_at=None, blocked_at=None, **NO_LEASE
         )

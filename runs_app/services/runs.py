@@ -43,6 +43,7 @@ from .validation import (
     new_run_id,
     prepare_events,
     run_id_of,
+    validate_actor,
     validate_duration,
     validate_json_object,
     validate_run_id,
@@ -387,23 +388,30 @@ def ledger_counts(state: RunState) -> dict[str, Any]:
     }
 
 
-def fail_run(run: Run | str, error: str = "", *, reason: str = "error") -> Run:
+def fail_run(
+    run: Run | str, error: str = "", *, reason: str = "error", actor: str | None = None
+) -> Run:
     """Mark an active run failed with ``error`` (event ``run.failed``). One transaction.
 
-    Raises ``RunNotFound``, ``RunClosed``.
+    ``actor``: who asked (an operator's name, e.g. the admin user's username), added to the
+    ``run.failed`` payload as ``"actor"`` when given.
+
+    Raises ``RunNotFound``, ``RunClosed``, ``InvalidInput`` (``error``, ``actor``).
     """
     run_id = run_id_of(run)
     error = error_text(error)
+    actor = validate_actor(actor)
     with transaction.atomic(using=db_alias()):
-        return fail_locked(lock_active_state(run_id), error, reason)
+        return fail_locked(lock_active_state(run_id), error, reason, actor=actor)
 
 
-def fail_locked(state: RunState, error: str, reason: str) -> Run:
+def fail_locked(state: RunState, error: str, reason: str, *, actor: str | None = None) -> Run:
     """The one way a run becomes failed (``fail_run``, fail-safe completion, stale reaping).
     Call inside a transaction with the state locked."""
-    return close_run(
-        state, RunStatus.FAILED, "run.failed", {"reason": reason, "error": error}, error
-    )
+    payload = {"reason": reason, "error": error}
+    if actor is not None:
+        payload["actor"] = actor
+    return close_run(state, RunStatus.FAILED, "run.failed", payload, error)
 
 
 @contextmanager

@@ -20,6 +20,8 @@ from ..models import EVENT_TYPE_MAX_LENGTH, RUN_ID_MAX_LENGTH, SCOPE_MAX_LENGTH,
 # Deeper JSON than this is refused rather than risking a RecursionError half-way.
 JSON_MAX_DEPTH = 100
 ERROR_MAX_LENGTH = 10_000
+#: An operator's name recorded in an event (``actor=``): as long as Django's usernames may be.
+ACTOR_MAX_LENGTH = 150
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,18 @@ def validate_text(
         raise error(field_name, "contains a NUL character", limit="no NUL")
     check_encodable(field_name, value, error)
     return value
+
+
+def validate_actor(value: Any) -> str | None:
+    """Who asked for an operator service (``actor=``, e.g. the admin user's username): None
+    (nobody named), or a non-empty string of at most ``ACTOR_MAX_LENGTH`` characters without
+    control characters."""
+    if value is None:
+        return None
+    actor = validate_text("actor", value, ACTOR_MAX_LENGTH)
+    if _has_control_character(actor):
+        raise InvalidInput("actor", "must not contain control characters", limit="printable")
+    return actor
 
 
 def error_text(value: Any) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from django.core.management.base import CommandError, CommandParser
 
 from runs_app import services
+from runs_app.db import db_alias
 from runs_app.exceptions import CleanupRefused, InvalidInput, RunNotFound
 from runs_app.management.argtypes import positive_int, tracked_model
 from runs_app.management.base import StrictCommand
@@ -122,7 +123,8 @@ class Command(StrictCommand):
 
     def _withheld(self, run: Run, label: str) -> str:
         """How to approve the plan a refusal withheld, if it did."""
-        line = RunModelState.objects.filter(run=run, model=label).first()
+        # The write database: the refusal just committed this plan (a replica may lag).
+        line = RunModelState.objects.using(db_alias()).filter(run=run, model=label).first()
         if line is None or line.withheld_count is None:
             return ""
         keys = ", ".join(str(key) for key in line.withheld_keys)
