@@ -16,6 +16,8 @@
 - ``runs_app.E025``: RETRY_MAX_SECONDS is below RETRY_BASE_SECONDS (a relation between two
   settings, checked once both are valid on their own: ``RELATIONS``).
 - ``runs_app.W001``: SQLite without ``transaction_mode`` IMMEDIATE.
+- ``runs_app.E040``: a runs_app model is routed to another database than ``runs_app.Run``.
+- ``runs_app.E041``: a tracked model is routed to another database than runs_app's.
 
 The checks of tracked models' declarations (E030 ...) live in ``runs_app.tracking``. A new
 check takes the next free id, never one that already means something.

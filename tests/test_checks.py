@@ -82,7 +82,7 @@ def all_check_ids() -> list[str]:
     every_id = [setting.check_id for setting in SETTINGS.values()]
     every_id += [relation.check_id for relation in runs_checks.RELATIONS]
     every_id += ["runs_app.E001", "runs_app.E002", "runs_app.E020", "runs_app.E021"]
-    return [*every_id, "runs_app.W001"]
+    return [*every_id, "runs_app.E040", "runs_app.E041", "runs_app.W001"]
 
 
 def test_every_setting_has_a_case_and_its_own_check_id() -> None:
