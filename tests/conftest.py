@@ -14,6 +14,8 @@ import pytest
 from django.db import connection
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     from tests.factories import AdminStory
 
 
@@ -56,3 +58,20 @@ def admin_story() -> AdminStory:
     from tests import factories  # after Django's set-up, like every model import here
 
     return factories.admin_story()
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> InMemorySpanExporter:
+    """The spans finished during the test, from an OpenTelemetry SDK tracer provider installed
+    for this test only (the API sets its global provider once per process, so the test swaps
+    the module's global and pytest restores it)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    return exporter

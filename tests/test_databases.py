@@ -238,6 +238,12 @@ def test_runs_status_reads_the_runs_database(multidb: MultiDb) -> None:
     assert report["scopes"][0]["status"] == "completed"
 
 
+def test_runs_metrics_reads_the_runs_database(multidb: MultiDb) -> None:
+    multidb.scenario("events", "metrics")
+    text = multidb.ok("runs_metrics")
+    assert 'runs_app_runs{scope="metrics",status="completed"} 1.0' in text
+
+
 def test_admin_pages_follow_the_routers(multidb: MultiDb) -> None:
     facts = multidb.scenario("admin", "admin")
     pages = facts["pages"]

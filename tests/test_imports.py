@@ -33,16 +33,22 @@ MODULES = [
     "runs_app.relay.loop",
     "runs_app.relay.read",
     "runs_app.inspection",
+    "runs_app.metrics",
+    "runs_app.nats_publisher",
+    "runs_app.publish_metrics",
     "runs_app.publishers",
     "runs_app.services",
     "runs_app.services.outbox",
     "runs_app.testing",
+    "runs_app.tracing",
+    "runs_app.views",
 ]
 COMMANDS = [
     "cleanup_old_projects",
     "drain_outbox",
     "fail_stale_runs",
     "prune_outbox",
+    "runs_metrics",
     "runs_status",
 ]
 
