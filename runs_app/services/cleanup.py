@@ -28,6 +28,7 @@ from ..models import (
     FlushStatus,
     Project,
     Run,
+    RunEvent,
     RunModelState,
     RunState,
     RunStatus,
@@ -318,7 +319,8 @@ def make_plan(run_id: str, spec: SyncSpec) -> Plan:
     resumes_forced = in_progress and line is not None and line.cleanup_forced
     resumes_approval = None
     if in_progress and line is not None and line.approved_count is not None:
-        resumes_approval = (line.approved_by, max(0, line.approved_count - line.rows_removed))
+        since = line.rows_removed - _removed_before_approval(run_id, spec)
+        resumes_approval = (line.approved_by, max(0, line.approved_count - since))
     return Plan(
         spec,
         run_id,
@@ -334,6 +336,21 @@ def make_plan(run_id: str, spec: SyncSpec) -> Plan:
         resumes_approval,
         line,
     )
+
+
+def _removed_before_approval(run_id: str, spec: SyncSpec) -> int:
+    """Rows the run's cleanup of the model had removed when it was approved (cut off, then
+    withheld on its rerun), as its ``cleanup.approved`` event says. Pruned from the outbox
+    since: 0, so the rest of the approval is counted smaller, never larger."""
+    payload = (
+        RunEvent.objects.using(db_alias())
+        .filter(run_id=run_id, type="cleanup.approved", payload__model=spec.label)
+        .order_by("-seq")
+        .values_list("payload", flat=True)
+        .first()
+    )
+    before = payload.get("removed_before") if isinstance(payload, dict) else None
+    return before if isinstance(before, int) and not isinstance(before, bool) else 0
 
 
 def grace_runs(spec: SyncSpec) -> int:
@@ -510,6 +527,11 @@ def _record_approval(plan: Plan, approve: int, approved_by: str) -> None:
     alias = db_alias()
     with transaction.atomic(using=alias):
         lock_state(plan.run_id)
+        line = RunModelState.objects.using(alias).filter(run_id=plan.run_id, model=plan.spec.label)
+        # Rows removed before the approval (a cleanup cut off, then withheld on its rerun)
+        # stay counted: the ledger counts every row the run's cleanup removed, and the
+        # approval's budget is counted from here (``removed_before`` in its event).
+        removed_before = line.values_list("rows_removed", flat=True).get()
         now = timezone.now()
         approval = {
             "cleanup_status": CleanupStatus.IN_PROGRESS,
@@ -519,13 +541,7 @@ def _record_approval(plan: Plan, approve: int, approved_by: str) -> None:
             "cleanup_at": now,
         }
         RunState.objects.using(alias).filter(run_id=plan.run_id).update(**approval)
-        RunModelState.objects.using(alias).filter(run_id=plan.run_id, model=plan.spec.label).update(
-            **approval,
-            approved_by=approved_by,
-            approved_count=approve,
-            approved_at=now,
-            rows_removed=0,
-        )
+        line.update(**approval, approved_by=approved_by, approved_count=approve, approved_at=now)
         payload = {
             "model": plan.spec.label,
             "approved_by": approved_by,
@@ -533,6 +549,7 @@ def _record_approval(plan: Plan, approve: int, approved_by: str) -> None:
             "planned": plan.planned,
             "total": plan.total,
             "sample_keys": list(plan.sample_keys),
+            "removed_before": removed_before,
         }
         insert_events(plan.run_id, [PreparedEvent("cleanup.approved", payload)], allow_closed=True)
 

@@ -242,7 +242,12 @@ def _delete_batch_sqlite(
 
 def sqlite_record(spec: SyncSpec, quote: Callable[[str], str]) -> str:
     """A row's audit record on SQLite: every column, as ``json_object(...)`` of the row the
-    statement (a DELETE's, an UPDATE's or an INSERT's RETURNING) reads."""
+    statement (a DELETE's, an UPDATE's or an INSERT's RETURNING) reads. Registers the SQL
+    function it may use on the write connection (the statement runs on it next)."""
+    if any(isinstance(field, models.FloatField) for field in spec.model._meta.concrete_fields):
+        connection = connection_for_write()
+        connection.ensure_connection()
+        connection.connection.create_function("runs_app_real", 1, _real_json, deterministic=True)
     return (
         "json_object("
         + ", ".join(
@@ -263,6 +268,10 @@ def _sqlite_json_value(field: Any, quote: Callable[[str], str]) -> str:
         return f"json({name})"
     if isinstance(field, models.BooleanField):
         return f"json(CASE WHEN {name} THEN 'true' WHEN NOT {name} THEN 'false' END)"
+    if isinstance(field, models.FloatField):
+        # json_object writes a REAL with 15 significant digits (0.1 + 0.2 as 0.3): Python's
+        # repr is the shortest text that reads back as the same double, as row_to_json writes.
+        return f"json(runs_app_real({name}))"
     if isinstance(field, models.BinaryField):
         # JSON cannot hold a BLOB: hex text, as row_to_json writes a bytea ("\\x..."). typeof,
         # not IS NULL: in a DELETE's RETURNING, SQLite 3.40 answers IS NULL false for a NULL.
@@ -275,3 +284,9 @@ def _sqlite_json_value(field: Any, quote: Callable[[str], str]) -> str:
 def batch_cursor(spec: SyncSpec, scope: str, ordinal: int) -> BatchCursor | None:
     """The walk a cleanup's batches share: a ``BatchCursor`` on PostgreSQL, None on SQLite."""
     return BatchCursor.for_plan(spec, scope, ordinal) if is_postgresql() else None
+
+
+def _real_json(value: float | int | None) -> str | None:
+    """A REAL as a JSON number that reads back as the same double (a finite one: the flush
+    refuses the others)."""
+    return None if value is None else repr(float(value))

@@ -28,12 +28,20 @@ from django.utils import timezone
 
 from ..db import column, connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import RestoreRefused
-from ..models import CleanupMode, CleanupStatus, Run, RunEvent, RunModelState, RunState
+from ..models import (
+    CleanupMode,
+    CleanupStatus,
+    Run,
+    RunEvent,
+    RunModelState,
+    RunState,
+    RunStatus,
+)
 from ..tracking import TOMBSTONE, SyncSpec, json_key, tracked_spec
 from .cleanup import SAMPLE_SIZE, split_removed
 from .cleanup_batches import sqlite_record
 from .events import insert_encoded_events, insert_events
-from .runs import lock_state
+from .runs import RUN_CREATION_LOCK_KEY, lock_state
 from .validation import EncodedEvent, PreparedEvent, run_id_of, validate_text
 
 logger = logging.getLogger(__name__)
@@ -146,6 +154,7 @@ def _restore(run_id: str, spec: SyncSpec, restored_by: str, dry_run: bool) -> Re
             "removed nothing: there is nothing to restore",
         )
     soft = mode == CleanupMode.SOFT
+    _hold_off_flushes(spec, state.run.scope)
     walk = _Restorer(spec, run_id, state.run.scope, soft)
     event_ids = list(
         RunEvent.objects.using(db_alias())
@@ -157,7 +166,8 @@ def _restore(run_id: str, spec: SyncSpec, restored_by: str, dry_run: bool) -> Re
         walk.restore_event(event_id)
     if soft:
         walk.clear_remaining_tombstones()  # rows whose audit event was pruned
-    missing = max(0, line.rows_removed - walk.audited)
+    # A tombstone cleared without its audit event is a row back, not one missing.
+    missing = max(0, line.rows_removed - walk.audited - walk.unaudited)
     if not soft and walk.audited == 0 and line.rows_removed > 0:
         raise RestoreRefused(
             "audit_missing",
@@ -206,6 +216,27 @@ def _restore(run_id: str, spec: SyncSpec, restored_by: str, dry_run: bool) -> Re
     )
 
 
+def _hold_off_flushes(spec: SyncSpec, scope: str) -> None:
+    """PostgreSQL: keep the flushes that may write the rows being restored waiting until the
+    restore commits: the scope's run creation lock, then every active run of the scope (of
+    every scope, for a model without a scope field) in id order, the lock a flush batch takes
+    first. Without it, a restore inserting one audit event after another and a flush batch
+    writing its keys in key order could each wait for rows the other wrote: "deadlock
+    detected", and PostgreSQL failed the flush, whose run then failed."""
+    if not is_postgresql():
+        return  # SQLite's writers are serialised already
+    scoped = " AND s.scope = %s" if spec.scope is not None else ""
+    with connection_for_write().cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [RUN_CREATION_LOCK_KEY, scope]
+        )
+        cursor.execute(
+            f"SELECT r.id FROM {table(Run)} r JOIN {table(RunState)} s ON s.run_id = r.id "
+            f"WHERE s.status = %s{scoped} ORDER BY r.id FOR NO KEY UPDATE OF r",
+            [RunStatus.ACTIVE, *([scope] if spec.scope is not None else [])],
+        )
+
+
 class _Restorer:
     """The statements of one restore, and its running counts."""
 
@@ -218,6 +249,7 @@ class _Restorer:
         self.quote = self.connection.ops.quote_name
         self.pk = spec.model._meta.pk
         self.audited = 0  # rows found in the audit events
+        self.unaudited = 0  # tombstones cleared whose audit event was pruned
         self.restored = 0
         self.conflicts = 0
         self.sample_keys: list[Any] = []
@@ -263,7 +295,9 @@ class _Restorer:
         )
 
     def clear_remaining_tombstones(self) -> None:
-        self._count(self._untombstone(None))
+        back = self._untombstone(None)
+        self.unaudited += len(back)
+        self._count(back)
 
     def _count(self, back: list[tuple[Any, ...]]) -> None:
         if not back:
