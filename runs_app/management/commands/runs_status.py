@@ -257,6 +257,18 @@ class Command(StrictCommand):
             f"  held leases         {outbox.held_leases}",
             f"  stale runs          {facts.stale_runs}",
             "",
-            ("EXCEEDED: " + "; ".join(exceeded)) if exceeded else "OK",
+            ("EXCEEDED: " + "; ".join(exceeded)) if exceeded else _ok(facts),
         ]
         return lines
+
+
+def _ok(facts: inspection.Health) -> str:
+    """The last line when no threshold is exceeded: never a bare "OK" over a scope whose latest
+    run failed or whose cleanup was refused (the exit code stays 0: that takes --max-failed)."""
+    failed = [item.scope for item in facts.scopes if _has_failed(item)]
+    if not failed:
+        return "OK"
+    return (
+        f"OK (no threshold exceeded), but {len(failed)} scope(s) whose latest run failed or whose "
+        f"cleanup was refused: {', '.join(failed)} (--max-failed 0 exits 1 then)"
+    )
