@@ -1,116 +1,75 @@
-"""System checks for the ``RUNS_APP`` settings and the database (ids ``runs_app.E0xx``/``W0xx``).
+"""System checks for the ``RUNS_APP`` settings and the database.
 
-Each setting has one check id; ``manage.py check`` lists every problem at once, with a hint.
+``manage.py check`` lists every problem at once, each with a hint. Every id means one thing:
+
+- ``runs_app.E001``: ``RUNS_APP`` is not a dict.
+- ``runs_app.E002``: ``RUNS_APP`` has unknown keys.
+- ``runs_app.E003`` ... ``E018``, ``E022`` ... ``E024``: one setting's value is invalid, one id
+  per setting (``Setting.check_id`` in ``conf.RunsAppSettings``): E003 MAX_PAYLOAD_BYTES,
+  E004 FLUSH_BATCH_SIZE, E005 CLEANUP_BATCH_SIZE, E006 CLEANUP_MAX_DELETE_FRACTION,
+  E007 CLEANUP_MAX_DELETE_COUNT, E008 RUN_STALE_AFTER, E009 PUBLISHER, E010 PUBLISHER_OPTIONS,
+  E011 DRAIN_BATCH_SIZE, E012 LEASE_SECONDS, E013 MAX_ATTEMPTS, E014 RETRY_BASE_SECONDS,
+  E015 RETRY_MAX_SECONDS, E016 POLL_INTERVAL, E017 NOTIFY, E018 NOTIFY_CHANNEL,
+  E022 DRAIN_MAX_BYTES, E023 CLEANUP_GRACE_RUNS, E024 TOMBSTONE_RETENTION.
+- ``runs_app.E020``: SQLite is older than 3.35.
+- ``runs_app.E021``: the publisher does not import or build.
+- ``runs_app.E025``: RETRY_MAX_SECONDS is below RETRY_BASE_SECONDS (a relation between two
+  settings, checked once both are valid on their own: ``RELATIONS``).
+- ``runs_app.W001``: SQLite without ``transaction_mode`` IMMEDIATE.
+- ``runs_app.E040``: a runs_app model is routed to another database than ``runs_app.Run``.
+- ``runs_app.E041``: a tracked model is routed to another database than runs_app's.
+
+The checks of tracked models' declarations (E030 ...) live in ``runs_app.tracking``. A new
+check takes the next free id, never one that already means something.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from django.apps import AppConfig
 from django.core import checks
 from django.db import connections
 
-from .conf import DEFAULTS, MAX_DURATION_SECONDS, user_settings
-from .tracking import MAX_GRACE_RUNS
-
-NOTIFY_CHANNEL_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+from .conf import SETTINGS, user_settings
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class Relation:
+    """A rule between settings, checked only when each of ``keys`` is valid on its own (its own
+    id says so otherwise). ``problem`` gets the effective values by key and returns the message,
+    or None when the rule holds."""
+
+    check_id: str
+    keys: tuple[str, ...]
+    problem: Callable[[dict[str, Any]], str | None]
+    hint: str
 
 
-def _is_number(value: Any) -> bool:
-    if not (_is_int(value) or isinstance(value, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond any float: finite, but no setting can use it
-        return False
+def _retry_ceiling_below_base(values: dict[str, Any]) -> str | None:
+    base, ceiling = values["RETRY_BASE_SECONDS"], values["RETRY_MAX_SECONDS"]
+    if ceiling >= base:
+        return None
+    return f"RUNS_APP['RETRY_MAX_SECONDS'] ({ceiling!r}) is below RETRY_BASE_SECONDS ({base!r})."
 
 
-def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value > 0
-
-
-def _positive_number(value: Any) -> bool:
-    return _is_number(value) and value > 0
-
-
-def _duration(value: Any) -> bool:
-    return _positive_number(value) and value <= MAX_DURATION_SECONDS
-
-
-DURATION = f"a positive number of seconds, at most {MAX_DURATION_SECONDS} (100 years)"
-
-
-# key -> (check id, is the value valid?, what a valid value is)
-SETTING_RULES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
-    "MAX_PAYLOAD_BYTES": ("runs_app.E003", _positive_int, "a positive integer (bytes)"),
-    "FLUSH_BATCH_SIZE": ("runs_app.E004", _positive_int, "a positive integer (rows)"),
-    "CLEANUP_BATCH_SIZE": ("runs_app.E005", _positive_int, "a positive integer (rows)"),
-    "CLEANUP_MAX_DELETE_FRACTION": (
-        "runs_app.E006",
-        lambda v: _is_number(v) and 0 < v <= 1,
-        "a number greater than 0 and at most 1",
+RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        check_id="runs_app.E025",
+        keys=("RETRY_BASE_SECONDS", "RETRY_MAX_SECONDS"),
+        problem=_retry_ceiling_below_base,
+        hint="The backoff ceiling must be at least the base delay: raise RETRY_MAX_SECONDS "
+        "or lower RETRY_BASE_SECONDS.",
     ),
-    "CLEANUP_MAX_DELETE_COUNT": (
-        "runs_app.E007",
-        lambda v: v is None or (_is_int(v) and v >= 0),
-        "None (no limit) or an integer >= 0",
-    ),
-    "RUN_STALE_AFTER": ("runs_app.E008", _duration, DURATION),
-    "CLEANUP_GRACE_RUNS": (
-        "runs_app.E023",
-        lambda v: _is_int(v) and 1 <= v <= MAX_GRACE_RUNS,
-        f"an integer from 1 to {MAX_GRACE_RUNS} (runs)",
-    ),
-    "TOMBSTONE_RETENTION": (
-        "runs_app.E024",
-        lambda v: v is None or _duration(v),
-        "None or " + DURATION,
-    ),
-    "PUBLISHER": (
-        "runs_app.E009",
-        lambda v: isinstance(v, str) and "." in v and not v.startswith("."),
-        'a dotted import path such as "runs_app.publishers.LoggingPublisher"',
-    ),
-    "PUBLISHER_OPTIONS": (
-        "runs_app.E010",
-        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-        "a dict of keyword arguments for the publisher class",
-    ),
-    "DRAIN_BATCH_SIZE": ("runs_app.E011", _positive_int, "a positive integer (events)"),
-    "DRAIN_MAX_BYTES": (
-        "runs_app.E022",
-        _positive_int,
-        "a positive integer (bytes of event payloads read per claim)",
-    ),
-    "LEASE_SECONDS": ("runs_app.E012", _duration, DURATION),
-    "MAX_ATTEMPTS": ("runs_app.E013", _positive_int, "a positive integer"),
-    "RETRY_BASE_SECONDS": ("runs_app.E014", _duration, DURATION),
-    "RETRY_MAX_SECONDS": (
-        "runs_app.E015",
-        _duration,
-        "a positive number of seconds, at least RETRY_BASE_SECONDS, at most 3153600000",
-    ),
-    "POLL_INTERVAL": ("runs_app.E016", _duration, DURATION),
-    "NOTIFY": ("runs_app.E017", lambda v: isinstance(v, bool), "True or False"),
-    "NOTIFY_CHANNEL": (
-        "runs_app.E018",
-        lambda v: isinstance(v, str) and bool(NOTIFY_CHANNEL_PATTERN.match(v)),
-        "a PostgreSQL identifier: a letter or _, then letters, digits or _, 63 at most",
-    ),
-}
+)
 
 SQLITE_MIN_VERSION = (3, 35, 0)
 
 
 def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """E001, E002, one id per invalid setting, then the relations (E025...)."""
     configured = user_settings()
     if not isinstance(configured, dict):
         return [
@@ -121,35 +80,35 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             )
         ]
     errors: list[Any] = []
-    unknown = sorted(str(key) for key in configured if key not in DEFAULTS)
+    unknown = sorted(str(key) for key in configured if key not in SETTINGS)
     if unknown:
         errors.append(
             checks.Error(
                 f"RUNS_APP has unknown key(s): {', '.join(unknown)}.",
-                hint=f"Known keys: {', '.join(DEFAULTS)}.",
+                hint=f"Known keys: {', '.join(SETTINGS)}.",
                 id="runs_app.E002",
             )
         )
-    for key, (check_id, is_valid, expected) in SETTING_RULES.items():
-        if key in configured and not is_valid(configured[key]):
-            errors.append(
-                checks.Error(
-                    f"RUNS_APP[{key!r}] is {configured[key]!r}; it must be {expected}.",
-                    hint=f"Fix it or remove it to use the default ({DEFAULTS[key]!r}).",
-                    id=check_id,
-                )
-            )
-    base = configured.get("RETRY_BASE_SECONDS", DEFAULTS["RETRY_BASE_SECONDS"])
-    ceiling = configured.get("RETRY_MAX_SECONDS", DEFAULTS["RETRY_MAX_SECONDS"])
-    if _duration(base) and _duration(ceiling) and ceiling < base:
+    values: dict[str, Any] = {}
+    for key, setting in SETTINGS.items():
+        value = configured.get(key, setting.default)
+        if setting.is_valid(value):
+            values[key] = value
+            continue
         errors.append(
             checks.Error(
-                f"RUNS_APP['RETRY_MAX_SECONDS'] ({ceiling!r}) is below "
-                f"RETRY_BASE_SECONDS ({base!r}).",
-                hint="The backoff ceiling must be at least the base delay.",
-                id="runs_app.E015",
+                f"RUNS_APP[{key!r}] is {value!r}; it must be {setting.expected}.",
+                hint=setting.hint
+                or f"Fix it or remove it to use the default ({setting.default!r}).",
+                id=setting.check_id,
             )
         )
+    for relation in RELATIONS:
+        if not all(key in values for key in relation.keys):
+            continue
+        message = relation.problem(values)
+        if message is not None:
+            errors.append(checks.Error(message, hint=relation.hint, id=relation.check_id))
     return errors
 
 
@@ -246,10 +205,10 @@ def check_publisher(app_configs: Sequence[AppConfig] | None = None, **kwargs: An
     configured = user_settings()
     if not isinstance(configured, dict):
         return []  # E001 says so already
-    path = configured.get("PUBLISHER", DEFAULTS["PUBLISHER"])
-    options = configured.get("PUBLISHER_OPTIONS", DEFAULTS["PUBLISHER_OPTIONS"])
+    path = configured.get("PUBLISHER", SETTINGS["PUBLISHER"].default)
+    options = configured.get("PUBLISHER_OPTIONS", SETTINGS["PUBLISHER_OPTIONS"].default)
     for key, value in (("PUBLISHER", path), ("PUBLISHER_OPTIONS", options)):
-        if not SETTING_RULES[key][1](value):
+        if not SETTINGS[key].is_valid(value):
             return []  # E009/E010 say so already
     from .exceptions import PublisherError
     from .publishers import close_publisher, load_publisher

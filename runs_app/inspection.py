@@ -146,6 +146,9 @@ class ScopeHealth:
     cleanup_status: str
     cleanup_reason: str
     runs: int
+    #: When the scope's latest *completed* run finished (None: no run of the scope completed).
+    last_completed_at: datetime | None
+    last_completed_age_seconds: float | None
     models: list[ModelHealth]
 
 
@@ -194,7 +197,14 @@ def health(scope: str | None = None, now: datetime | None = None) -> Health:
 
     # Latest run of each scope: the highest ordinal (creation order, not clocks).
     per_scope = runs.values("scope").annotate(top=Max("ordinal"), runs=Count("pk"))
-    counts = {row["scope"]: row["runs"] for row in per_scope}
+    # The same grouped query, with the freshness of each scope (read here, not in the subquery
+    # below, which needs only ``top``).
+    summaries = {
+        row["scope"]: row
+        for row in per_scope.annotate(
+            last_completed_at=Max("state__finished_at", filter=Q(state__status=RunStatus.COMPLETED))
+        )
+    }
     latest = list(
         runs.filter(ordinal__in=per_scope.values("top")).select_related("state").order_by("scope")
     )
@@ -229,7 +239,9 @@ def health(scope: str | None = None, now: datetime | None = None) -> Health:
             rows_removed=run.state.rows_removed,
             cleanup_status=run.state.cleanup_status,
             cleanup_reason=run.state.cleanup_reason,
-            runs=counts[run.scope],
+            runs=summaries[run.scope]["runs"],
+            last_completed_at=summaries[run.scope]["last_completed_at"],
+            last_completed_age_seconds=age_seconds(summaries[run.scope]["last_completed_at"], now),
             models=lines[run.pk],
         )
         for run in latest

@@ -56,6 +56,7 @@ from django.db import models
 from django.db.models import Exists, Field, OuterRef
 from django.utils import timezone
 
+from .conf import MAX_GRACE_RUNS
 from .exceptions import InvalidInput
 from .statuses import CleanupMode, FlushStatus, RunStatus
 
@@ -64,9 +65,6 @@ STAMPS = ("last_seen_run", "last_confirmed_run", "created_at", "updated_at")
 
 #: The tombstone a soft-deleting model carries (``SoftDeleteTrackedModel``), set by cleanup.
 TOMBSTONE = ("deleted_at", "deleted_by_run", "deleted_reason")
-
-#: The most consecutive runs a grace period may span (``sync_grace_runs``, CLEANUP_GRACE_RUNS).
-MAX_GRACE_RUNS = 1000
 
 #: Fields a scope may be held in: the run's scope is a string.
 SCOPE_FIELD_TYPES = (models.CharField, models.TextField)

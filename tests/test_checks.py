@@ -23,7 +23,7 @@ from django.test import override_settings
 
 from runs_app import checks as runs_checks
 from runs_app.apps import RunsAppConfig
-from runs_app.conf import DEFAULTS, runs_settings
+from runs_app.conf import DEFAULTS, SETTINGS, RunsAppSettings, Setting, runs_settings
 from runs_app.models import Project, RunEvent
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -78,9 +78,55 @@ SETTING_CASES: dict[str, tuple[str, list[Any], Any]] = {
 }
 
 
-def test_every_setting_has_a_case_and_a_rule() -> None:
-    assert set(SETTING_CASES) == set(DEFAULTS) == set(runs_checks.SETTING_RULES)
-    assert len({case[0] for case in SETTING_CASES.values()}) == len(SETTING_CASES)
+def all_check_ids() -> list[str]:
+    """Every id runs_app's checks report, each once per problem it stands for."""
+    every_id = [setting.check_id for setting in SETTINGS.values()]
+    every_id += [relation.check_id for relation in runs_checks.RELATIONS]
+    every_id += ["runs_app.E001", "runs_app.E002", "runs_app.E020", "runs_app.E021"]
+    return [*every_id, "runs_app.E040", "runs_app.E041", "runs_app.W001"]
+
+
+def test_every_setting_has_a_case_and_its_own_check_id() -> None:
+    assert set(SETTING_CASES) == set(SETTINGS) == set(DEFAULTS)
+    assert {key: case[0] for key, case in SETTING_CASES.items()} == {
+        key: setting.check_id for key, setting in SETTINGS.items()
+    }
+    every_id = all_check_ids()
+    assert len(set(every_id)) == len(every_id), "a check id is used for two problems"
+    # The module docstring lists every id, with what it means.
+    doc = runs_checks.__doc__ or ""
+    assert all(check_id.removeprefix("runs_app.") in doc for check_id in every_id)
+
+
+def test_every_setting_and_check_id_is_documented() -> None:
+    """The settings reference (README or docs/) has a row per key and names every id."""
+    pages = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages if page.exists())
+    assert [key for key in SETTINGS if f"| `{key}` |" not in text] == []
+    assert [check_id for check_id in all_check_ids() if f"`{check_id}`" not in text] == []
+
+
+def test_the_table_is_the_typed_settings_class() -> None:
+    """Each ``Setting`` is an attribute of RunsAppSettings named after its key, with a valid
+    default and a type that mypy sees on ``runs_settings`` (checked by ``mypy`` itself)."""
+    for key, setting in SETTINGS.items():
+        assert getattr(RunsAppSettings, key) is setting and setting.key == key
+        assert setting.is_valid(setting.default), key
+        assert getattr(runs_settings, key) == setting.default
+        assert setting.expected and setting.check_id.startswith("runs_app.E")
+    assert list(SETTINGS)[:2] == ["MAX_PAYLOAD_BYTES", "FLUSH_BATCH_SIZE"]  # declaration order
+
+
+def test_a_setting_names_itself_after_its_attribute() -> None:
+    """Setting names itself from the attribute it is assigned to (``__set_name__``)."""
+
+    class Extra:
+        SOME_KEY = Setting[int](3, check_id="x.E1", is_valid=bool, expected="anything")
+
+    assert Extra.SOME_KEY.key == "SOME_KEY"
+    assert Extra().SOME_KEY == 3
+    with override_settings(RUNS_APP={"SOME_KEY": 4}):
+        assert Extra().SOME_KEY == 4
 
 
 @pytest.mark.parametrize(
@@ -118,14 +164,21 @@ def test_e002_unknown_key() -> None:
     assert "MAX_PAYLOAD_BYTES" in (message.hint or "")
 
 
-def test_e015_retry_max_below_retry_base() -> None:
+def test_e030_retry_max_below_retry_base() -> None:
     message = assert_one(
-        runs_app_messages(RETRY_BASE_SECONDS=10, RETRY_MAX_SECONDS=5), "runs_app.E015"
+        runs_app_messages(RETRY_BASE_SECONDS=10, RETRY_MAX_SECONDS=5), "runs_app.E025"
     )
-    assert "RETRY_BASE_SECONDS" in message.msg
+    assert "RETRY_BASE_SECONDS" in message.msg and "RETRY_MAX_SECONDS" in message.msg
     # Against the default base (1.0) too; equal is fine.
-    assert_one(runs_app_messages(RETRY_MAX_SECONDS=0.5), "runs_app.E015")
+    assert_one(runs_app_messages(RETRY_MAX_SECONDS=0.5), "runs_app.E025")
+    assert_one(runs_app_messages(RETRY_BASE_SECONDS=601), "runs_app.E025")  # default ceiling
     assert runs_app_messages(RETRY_BASE_SECONDS=7, RETRY_MAX_SECONDS=7) == []
+
+
+def test_e030_is_not_reported_over_an_invalid_setting() -> None:
+    """An invalid value has its own id (E014/E015); the relation is not checked on top."""
+    assert_one(runs_app_messages(RETRY_BASE_SECONDS=10, RETRY_MAX_SECONDS=-5), "runs_app.E015")
+    assert_one(runs_app_messages(RETRY_BASE_SECONDS="10", RETRY_MAX_SECONDS=5), "runs_app.E014")
 
 
 def test_every_problem_is_listed_at_once() -> None:

@@ -183,10 +183,8 @@ def test_relay_wakes_on_commit_and_not_on_rollback(tmp_path: Path) -> None:
         wait_until(lambda: delivered_seqs(tmp_path, run.id) == [1], 30, "the first pass")
 
         append_rolled_back(run.id)
-        # Nothing may happen: a bounded wait, then check that nothing did.
-        time.sleep(1.0)
-        assert WOKEN not in relay.output()
-        assert delivered_seqs(tmp_path, run.id) == [1]
+        # Nothing may happen: PostgreSQL never sends a rolled-back NOTIFY. No wait proves that;
+        # the count of wake-ups after the committed append below does (one, not two).
 
         committed_at = time.monotonic_ns()
         services.append_events(run, [{"type": "e", "payload": {}}])

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from runs_app import inspection, services
 from runs_app.management.commands.runs_status import Command
-from runs_app.models import RunEvent, RunOutbox, RunState
+from runs_app.models import CleanupStatus, Run, RunEvent, RunOutbox, RunState
 from tests import scenarios
 from tests.tracked_app.models import Device, Membership
 
@@ -117,7 +117,11 @@ def test_text_shows_the_latest_run_of_each_scope_and_the_outbox(
     assert "  blocked runs        0" in lines
     assert "  held leases         1" in lines
     assert "  stale runs          0" in lines
-    assert lines[-1] == "OK"
+    # No threshold given: exit 0, but never a bare OK over a failed latest run.
+    assert lines[-1] == (
+        "OK (no threshold exceeded), but 1 scope(s) whose latest run failed or whose cleanup "
+        "was refused: gamma (--max-failed 0 exits 1 then)"
+    )
 
 
 def test_json_has_the_same_facts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,7 +146,16 @@ def test_json_has_the_same_facts(monkeypatch: pytest.MonkeyPatch) -> None:
     assert outbox["blocked_runs"] == 1 and outbox["held_leases"] == 0
     assert 120 <= outbox["oldest_pending_age_seconds"] < 3600
     assert data["stale_runs"] == 1
-    assert data["thresholds"] == {"max_lag": None, "max_blocked": None, "max_stale": None}
+    assert data["thresholds"] == {
+        "max_lag": None,
+        "max_blocked": None,
+        "max_stale": None,
+        "max_age": None,
+        "max_failed": None,
+    }
+    assert data["failed_checks"] == [] and beta["problems"] == []
+    assert beta["last_completed_at"] is not None and beta["last_completed_age_seconds"] < 60
+    assert data["scopes"][1]["last_completed_at"] is None  # delta never completed
 
 
 def test_scope_option_restricts_every_fact(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,6 +257,13 @@ def test_stale_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         ["--max-lag", "nan"],
         ["--max-blocked", "1.5"],
         ["--max-stale", "-2"],
+        ["--max-age", "-1"],
+        ["--max-age", "0"],
+        ["--max-age", "soon"],
+        ["--max-age", "inf"],
+        ["--max-failed", "-1"],
+        ["--max-failed", "1.5"],
+        ["--max-fail", "1"],  # abbreviations are refused
         ["--frobnicate"],
         ["--scope", ""],
         ["--scope", "x" * 201],
@@ -259,6 +279,8 @@ def test_usage_errors_exit_2(
     assert out == ""
     message = err + capsys.readouterr().err  # argparse writes to sys.stderr
     assert "error" in message.lower() or "scope" in message
+    if argv[0] in ("--max-age", "--max-failed"):
+        assert f"{argv[0]}: {argv[1]!r}" in message  # names the option and the value
 
 
 def test_call_command_raises_command_error_with_the_exit_code() -> None:
@@ -346,3 +368,140 @@ def test_the_latest_runs_per_model_lines_are_shown_under_the_summary(
         "tracked_app.membership",
     ]
     assert scope["models"][0]["rows_confirmed"] == 2
+
+
+def finished_ago(run_id: str, seconds: float) -> None:
+    RunState.objects.filter(run_id=run_id).update(
+        finished_at=timezone.now() - timedelta(seconds=seconds)
+    )
+
+
+def test_max_age_flags_scopes_whose_last_completed_run_is_old_or_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scenarios.completed_run("alpha", "alpha-1")
+    finished_ago("alpha-1", 7200)
+    scenarios.active_run("alpha", "alpha-2")  # the latest run of alpha: not completed yet
+    scenarios.completed_run("beta", "beta-1")
+    scenarios.active_run("gamma", "gamma-1")  # gamma never completed a run
+
+    code, out, err = status("--max-age", "3600", monkeypatch=monkeypatch)
+
+    assert code == 1
+    assert err.startswith("CommandError: 2 scope(s) without a completed run within --max-age 3600s")
+    assert "alpha (last completed 2h 00m ago), gamma (no completed run)" in err
+    assert "EXCEEDED: 2 scope(s)" in out
+
+    code, data = as_json("--max-age", "3600", monkeypatch=monkeypatch)
+    assert code == 1 and data["ok"] is False
+    assert data["failed_checks"] == ["max_age"] and data["thresholds"]["max_age"] == 3600
+    assert {item["scope"]: item["problems"] for item in data["scopes"]} == {
+        "alpha": ["max_age"],
+        "beta": [],
+        "gamma": ["max_age"],
+    }
+    alpha = data["scopes"][0]
+    assert alpha["run_id"] == "alpha-2" and 7200 <= alpha["last_completed_age_seconds"] < 7260
+
+    assert status("--max-age", "3600", "--scope", "beta", monkeypatch=monkeypatch)[0] == 0
+    RunState.objects.filter(run_id="gamma-1").delete()
+    Run.objects.filter(pk="gamma-1").delete()
+    assert status("--max-age", "10800", monkeypatch=monkeypatch)[0] == 0
+
+
+def test_max_failed_flags_a_failed_latest_run_or_a_refused_cleanup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scenarios.failed_flush_run("alpha", "alpha-1")
+    scenarios.completed_run("alpha", "alpha-2")  # alpha recovered: its latest run completed
+    scenarios.completed_run("beta", "beta-1")
+    scenarios.failed_flush_run("gamma", "gamma-1")
+    refused = scenarios.completed_run("delta", "delta-1")
+    RunState.objects.filter(run=refused).update(
+        cleanup_status=CleanupStatus.REFUSED, cleanup_reason="too_many_deletions"
+    )
+
+    # Without the threshold the exit code stays 0, as documented; the last line says why not OK.
+    code, out, _ = status(monkeypatch=monkeypatch)
+    assert code == 0
+    assert out.rstrip().endswith("refused: delta, gamma (--max-failed 0 exits 1 then)")
+
+    code, out, err = status("--max-failed", "0", monkeypatch=monkeypatch)
+    assert code == 1
+    assert (
+        "2 scope(s) with a failed run or refused cleanup > --max-failed 0: "
+        "delta (cleanup refused: too_many_deletions), gamma (run failed)"
+    ) in err
+    assert out.splitlines()[-1].startswith("EXCEEDED: 2 scope(s) with a failed run")
+
+    code, data = as_json("--max-failed", "0", "--max-age", "3600", monkeypatch=monkeypatch)
+    assert code == 1
+    assert data["failed_checks"] == ["max_age", "max_failed"]  # gamma never completed a run
+    problems = {item["scope"]: item["problems"] for item in data["scopes"]}
+    assert problems == {
+        "alpha": [],
+        "beta": [],
+        "delta": ["max_failed"],
+        "gamma": ["max_age", "max_failed"],
+    }
+
+    assert status("--max-failed", "2", monkeypatch=monkeypatch)[0] == 0  # at the limit
+    assert status("--max-failed", "0", "--scope", "beta", monkeypatch=monkeypatch)[0] == 0
+
+
+def test_every_exceeded_threshold_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    scenarios.failed_flush_run("alpha", "alpha-1")
+    scenarios.block_outbox(scenarios.active_run("beta", "beta-1"))
+    age_pending_events("beta-1", 600)
+    argv = ["--max-lag", "60", "--max-blocked", "0", "--max-age", "60", "--max-failed", "0"]
+    code, data = as_json(*argv, monkeypatch=monkeypatch)
+    assert code == 1
+    assert data["failed_checks"] == ["max_lag", "max_blocked", "max_age", "max_failed"]
+    assert len(data["exceeded"]) == 4
+    problems = {item["scope"]: item["problems"] for item in data["scopes"]}
+    assert problems == {"alpha": ["max_age", "max_failed"], "beta": ["max_age"]}
+
+
+def test_max_age_at_and_over_the_limit() -> None:
+    """Strictly greater than the limit, on fixed facts (the clock cannot be pinned)."""
+
+    def facts(*ages: float | None) -> inspection.Health:
+        scopes = [
+            inspection.ScopeHealth(
+                scope=f"s{index}",
+                run_id=f"r{index}",
+                status="completed",
+                started_at=timezone.now(),
+                finished_at=timezone.now(),
+                age_seconds=0.0,
+                stale=False,
+                flush_status="succeeded",
+                rows_seen=0,
+                rows_created=0,
+                rows_updated=0,
+                rows_removed=0,
+                cleanup_status="not_run",
+                cleanup_reason="",
+                runs=1,
+                last_completed_at=None if age is None else timezone.now(),
+                last_completed_age_seconds=age,
+                models=[],
+            )
+            for index, age in enumerate(ages)
+        ]
+        outbox = inspection.OutboxHealth(
+            pending_events=0,
+            runs_with_pending=0,
+            oldest_pending_age_seconds=None,
+            blocked_runs=0,
+            held_leases=0,
+        )
+        return inspection.Health(
+            checked_at=timezone.now(), scopes=scopes, outbox=outbox, stale_runs=0
+        )
+
+    limits = {"max_age": 60.0}
+    assert Command.exceeded(facts(60.0, 0.0), limits) == []
+    (found,) = Command.exceeded(facts(60.0, 60.001, None), limits)
+    assert (found.check, found.scopes) == ("max_age", ("s1", "s2"))
+    assert Command.exceeded(facts(61), {"max_age": None}) == []  # not given: not checked

@@ -1,4 +1,5 @@
-"""runs_app.testing: the pytest plugin users get (MemoryPublisher, the runs_outbox fixture)."""
+"""runs_app.testing: what users get to test their code (MemoryPublisher, memory_outbox, the
+runs_outbox pytest fixture, RunsOutboxMixin for django.test.TestCase), with and without pytest."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.test import TestCase, override_settings
 
 from runs_app import services
+from runs_app.conf import runs_settings
 from runs_app.models import RunEvent, RunOutbox
-from runs_app.testing import RunsOutbox
+from runs_app.testing import (
+    INSTALLED_PUBLISHER,
+    MemoryPublisher,
+    RunsOutbox,
+    RunsOutboxMixin,
+    memory_outbox,
+)
 from tests.relay_helpers import ROOT
 
 
@@ -23,11 +32,12 @@ def test_plugin_is_registered_as_an_entry_point() -> None:
     assert plugins.get("runs_app") == "runs_app.testing"
 
 
-def test_importing_the_plugin_touches_no_model_and_no_database() -> None:
+@pytest.mark.parametrize("module", ["runs_app.testing", "runs_app.pytest_plugin"])
+def test_importing_the_plugin_touches_no_model_and_no_database(module: str) -> None:
     code = textwrap.dedent(
-        """
+        f"""
         import sys
-        import runs_app.testing
+        import {module}
         from django.conf import settings
         assert not settings.configured, "settings were configured"
         loaded = sorted(name for name in sys.modules if name.startswith("runs_app"))
@@ -132,3 +142,123 @@ def test_a_user_project_gets_the_fixture_from_the_entry_point(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout
+
+
+# --- without pytest: memory_outbox() and RunsOutboxMixin ----------------------------------------
+
+
+@pytest.mark.django_db
+def test_memory_outbox_installs_the_publisher_for_the_block_only() -> None:
+    before = runs_settings.PUBLISHER
+    with override_settings(RUNS_APP={"DRAIN_BATCH_SIZE": 7}):
+        with memory_outbox() as outbox:
+            assert runs_settings.PUBLISHER == INSTALLED_PUBLISHER
+            options = runs_settings.PUBLISHER_OPTIONS
+            assert options == {"instance": outbox.publisher}
+            assert runs_settings.DRAIN_BATCH_SIZE == 7  # the other settings as they were
+            services.create_run("sync", run_id="r1")
+            assert [m.id for m in outbox.drain()] == ["r1:1"]
+        assert runs_settings.DRAIN_BATCH_SIZE == 7
+        after = runs_settings.PUBLISHER
+        assert after == before
+
+
+class RunsOutboxMixinTests(RunsOutboxMixin, TestCase):
+    """A unittest-style Django test case, as a project without pytest writes one (pytest-django
+    runs it here; ``manage.py test`` runs it the same way, see the next test)."""
+
+    def test_drains_on_demand(self) -> None:
+        run = services.create_run("sync", run_id="r1")
+        services.append_events(run, [{"type": "project.seen", "payload": {"key": "a"}}])
+        self.assertEqual(self.runs_outbox.messages, [])  # nothing drains in the background
+
+        messages = self.runs_outbox.drain()
+
+        self.assertEqual(
+            [(m.id, m.type) for m in messages], [("r1:1", "run.started"), ("r1:2", "project.seen")]
+        )
+        self.assertEqual(self.runs_outbox.drain(), [])
+        services.create_run("other", run_id="r2")
+        call_command("drain_outbox", "--once", verbosity=0)  # the configured publisher is ours
+        self.assertEqual([m.id for m in self.runs_outbox.messages][-1], "r2:1")
+
+    def test_can_fail(self) -> None:
+        services.create_run("sync", run_id="r1")
+        self.runs_outbox.publisher.fail_with = ConnectionError("broker down")
+        self.assertEqual(self.runs_outbox.drain(), [])
+        self.assertEqual(
+            RunOutbox.objects.get(run_id="r1").last_error, "ConnectionError: broker down"
+        )
+
+    def test_each_test_gets_a_fresh_outbox(self) -> None:
+        self.assertIsInstance(self.runs_outbox.publisher, MemoryPublisher)
+        self.assertEqual(self.runs_outbox.messages, [])
+        self.assertEqual(runs_settings.PUBLISHER_OPTIONS, {"instance": self.runs_outbox.publisher})
+
+
+WITHOUT_PYTEST = """
+import sys
+import unittest
+
+sys.modules["pytest"] = None  # import pytest raises ImportError, as where it is not installed
+
+from runs_app.testing import MemoryPublisher, RunsOutboxMixin, memory_outbox
+
+try:
+    import runs_app.pytest_plugin
+except ImportError:
+    pass
+else:
+    raise AssertionError("pytest was importable")
+
+import django
+
+django.setup()
+
+from django.test import TestCase, override_settings
+from django.test.runner import DiscoverRunner
+
+from runs_app import services
+
+
+class SyncTests(RunsOutboxMixin, TestCase):
+    def test_drain(self):
+        services.create_run("sync", run_id="r1")
+        self.assertEqual([m.id for m in self.runs_outbox.drain()], ["r1:1"])
+        self.assertIsInstance(self.runs_outbox.publisher, MemoryPublisher)
+
+
+runner = DiscoverRunner(verbosity=0)
+runner.setup_test_environment()
+databases = runner.setup_databases()
+result = unittest.TextTestRunner(verbosity=0).run(
+    unittest.defaultTestLoader.loadTestsFromTestCase(SyncTests)
+)
+runner.teardown_databases(databases)
+runner.teardown_test_environment()
+print("ran", result.testsRun, "failures", len(result.failures), "errors", len(result.errors))
+"""
+
+
+def test_testing_helpers_work_without_pytest(tmp_path: Path) -> None:
+    """A project that tests with ``manage.py test`` and has no pytest installed imports
+    MemoryPublisher and RunsOutboxMixin, and a TestCase using the mixin passes."""
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="example_project.settings",
+        PYTHONPATH=str(ROOT),
+        # Its own SQLite files: never the database this suite (or another helper) is using.
+        DATABASE_URL=f"sqlite:///{tmp_path / 'user.sqlite3'}",
+        TEST_DATABASE_NAME=str(tmp_path / "test_user.sqlite3"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PYTEST],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "ran 1 failures 0 errors 0", done.stdout + done.stderr

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from example_project.management.commands.sync_repositories import (
     SAMPLE_SOURCE,
@@ -40,12 +40,13 @@ from example_project.management.commands.sync_repositories import (
 )
 from example_project.models import Owner, Repository
 from runs_app import services
+from runs_app.management.base import StrictCommand
 from runs_app.models import Project, RunEvent, RunModelState, RunStatus
 
 REPOSITORY = "example_project.Repository"
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "The example project's tour: projects and the project's own repositories, each synced, "
         "synced with removals and synced from a failing source; then drain the outbox."

@@ -15,11 +15,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, FlushFailed, RunInProgress
 from runs_app.management.argtypes import non_negative_int, positive_int
+from runs_app.management.base import StrictCommand
 from runs_app.models import Project, RunStatus
 
 SAMPLE_SOURCE = Path(__file__).resolve().parents[2] / "data" / "projects.json"
@@ -56,7 +57,7 @@ def pages(source: Iterator[Mapping[str, Any]], size: int) -> Iterator[list[Mappi
         yield page
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Sync the sample source into a scope: run, flush page by page, complete, safe "
         "cleanup, summary. Exit 1 if the flush failed or cleanup refused."

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from example_project.models import Owner, Repository
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, FlushFailed, RunInProgress
 from runs_app.management.argtypes import non_negative_int, positive_int
+from runs_app.management.base import StrictCommand
 from runs_app.models import RunModelState, RunStatus
 from runs_app.tracking import TrackedModel, model_label
 
@@ -112,7 +113,7 @@ def repository_row(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Sync the sample repositories and their owners (the example project's own tracked "
         "models): a run, one flush session per model page by page, completion, safe cleanup "

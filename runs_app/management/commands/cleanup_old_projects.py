@@ -13,12 +13,13 @@ from __future__ import annotations
 import getpass
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from runs_app import services
 from runs_app.db import db_alias
 from runs_app.exceptions import CleanupRefused, InvalidInput, RunNotFound
 from runs_app.management.argtypes import positive_int, tracked_model
+from runs_app.management.base import StrictCommand
 from runs_app.models import Project, Run, RunModelState
 from runs_app.tracking import sync_spec
 
@@ -26,7 +27,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Delete the rows of a tracked model (default: runs_app.Project) that a run of their "
         "scope did not see, behind the safety guards. "

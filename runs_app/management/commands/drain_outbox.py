@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
 
 from ... import relay
@@ -19,9 +19,10 @@ from ...models import RunOutbox
 from ...publishers import close_publisher, load_publisher
 from ...services.validation import validate_run_id
 from ..argtypes import positive_int, positive_seconds
+from ..base import StrictCommand
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Deliver pending outbox events, per run in seq order, through RUNS_APP['PUBLISHER']. "
         "--once: drain until nothing is claimable, then exit (1 if a publish failed). "

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from runs_app import services
 
 from ..argtypes import positive_seconds
+from ..base import StrictCommand
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Mark failed every active run without a heartbeat for RUN_STALE_AFTER seconds "
         "(or --older-than), with a run.failed event of reason 'stale'."

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from ...services.outbox import prune_outbox
 from ..argtypes import positive_seconds
+from ..base import StrictCommand
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Delete outbox events published more than SECONDS ago, in batches. Pending and skipped "
         "events are never deleted."

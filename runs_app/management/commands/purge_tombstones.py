@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from runs_app import services
 from runs_app.exceptions import InvalidInput
 from runs_app.management.argtypes import positive_int, positive_seconds, tracked_model
+from runs_app.management.base import StrictCommand
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Delete the tombstoned rows of a soft-deleting tracked model older than "
         "--older-than SECONDS (default: RUNS_APP['TOMBSTONE_RETENTION']), in batches, each "

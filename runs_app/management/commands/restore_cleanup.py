@@ -10,18 +10,19 @@ from __future__ import annotations
 import getpass
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from runs_app import services
 from runs_app.exceptions import InvalidInput, RestoreRefused, RunNotFound
 from runs_app.management.argtypes import tracked_model
+from runs_app.management.base import StrictCommand
 from runs_app.models import Project
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Undo a run's cleanup of a tracked model (default: runs_app.Project): every removed row "
         "back with its primary key, from the cleanup's audit events (or its tombstones cleared). "

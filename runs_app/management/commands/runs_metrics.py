@@ -10,14 +10,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from ...metrics import prometheus_text
+from ..base import StrictCommand
 
 USAGE_ERROR = 2
 
 
-class Command(BaseCommand):
+class Command(StrictCommand):
     help = (
         "Print the runs and outbox metrics in Prometheus' text format (pending events, oldest "
         "pending age, blocked runs, held leases, runs by status, rows, cleanup refusals). "
