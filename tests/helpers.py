@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 from django.apps import apps
+from django.core.management.base import BaseCommand, CommandParser
 from django.db import OperationalError, connection, connections
 from django.db.models import Model
 
@@ -270,3 +271,11 @@ def finish_worker(process: subprocess.Popen[str], timeout: float) -> dict[str, A
     assert process.returncode == 0, stderr[-3000:]
     result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
+
+
+def shell_parser(command: BaseCommand, name: str) -> CommandParser:
+    """``command``'s parser as ``manage.py name`` from a shell builds it: a bad argument exits 2
+    (``SystemExit``) with argparse's message instead of raising ``CommandError``."""
+    # The flag run_from_argv sets; django-stubs does not declare it.
+    command._called_from_command_line = True  # type: ignore[attr-defined]
+    return command.create_parser("manage.py", name)

@@ -273,7 +273,7 @@ def test_override_settings_takes_effect_immediately() -> None:
 
 def test_unknown_setting_attribute() -> None:
     with pytest.raises(AttributeError, match="NO_SUCH_SETTING"):
-        _ = runs_settings.NO_SUCH_SETTING
+        _ = runs_settings.NO_SUCH_SETTING  # type: ignore[attr-defined]  # missing on purpose
 
 
 # --- app config ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from django.core.management import get_commands, load_command_class
 from django.core.management.base import BaseCommand, CommandError
 
 from runs_app.management.base import StrictCommand
+from tests.helpers import shell_parser
 from tests.relay_helpers import ROOT
 
 OUR_APPS = ("runs_app", "example_project")
@@ -57,9 +58,7 @@ def test_abbreviated_options_exit_2_with_a_message(
     if name != "cleanup_old_projects":  # it has a --force of its own
         assert "--force" in refused
     for option in refused:
-        instance = command(name)
-        instance._called_from_command_line = True  # argparse exits, as on the command line
-        parser = instance.create_parser("manage.py", name)
+        parser = shell_parser(command(name), name)
         with pytest.raises(SystemExit) as exited:
             parser.parse_args([option, *REQUIRED.get(name, [])])
         assert exited.value.code == 2, option

@@ -19,7 +19,7 @@ from example_project.management.commands.sync_projects import SAMPLE_SOURCE
 from runs_app import services
 from runs_app.management.commands import fail_stale_runs
 from runs_app.models import Project, RunEvent, RunState
-from tests.helpers import keys, snapshot, stored, synced_run
+from tests.helpers import keys, shell_parser, snapshot, stored, synced_run
 from tests.test_stale import age
 from tests.tracked_app.models import Membership
 
@@ -235,10 +235,7 @@ def test_fail_stale_runs_command() -> None:
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
 def test_older_than_must_be_a_positive_number(value: str) -> None:
-    command = fail_stale_runs.Command()
-    # argparse exits 2, as from a shell; the flag run_from_argv sets, not in django-stubs:
-    command._called_from_command_line = True  # type: ignore[attr-defined]
-    parser = command.create_parser("manage.py", "fail_stale_runs")
+    parser = shell_parser(fail_stale_runs.Command(), "fail_stale_runs")
     with pytest.raises(SystemExit) as caught:
         parser.parse_args(["--older-than", value])
     assert caught.value.code == 2

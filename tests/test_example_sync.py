@@ -25,6 +25,7 @@ from example_project.models import Owner, Repository
 from runs_app import services
 from runs_app.db import column
 from runs_app.models import CleanupStatus, FlushStatus, Run, RunEvent, RunModelState, RunStatus
+from tests.helpers import shell_parser
 from tests.test_data_commands import manage
 
 # Real commits, as when the job runs: flush sessions, completion and each cleanup batch are
@@ -364,10 +365,7 @@ def test_a_run_in_progress_is_reported() -> None:
 def test_argument_errors(args: list[str]) -> None:
     with pytest.raises(CommandError, match="Error: argument"):
         call_command("sync_repositories", *args)
-    command = sync_repositories.Command()
-    # argparse exits 2, as from a shell; the flag run_from_argv sets, not in django-stubs:
-    command._called_from_command_line = True  # type: ignore[attr-defined]
-    parser = command.create_parser("manage.py", "sync_repositories")
+    parser = shell_parser(sync_repositories.Command(), "sync_repositories")
     with pytest.raises(SystemExit) as caught:
         parser.parse_args(args)
     assert caught.value.code == 2
