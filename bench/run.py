@@ -30,6 +30,7 @@ whenever the harness ran end to end), 1 when a target is missed or a step raised
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
@@ -83,6 +84,7 @@ BENCHMARKS = (
     "drain_unpruned",
     "latency",
     "memory",
+    "drain_memory",
 )
 
 
@@ -100,6 +102,8 @@ class Sizes:
     backlog_runs: tuple[int, ...]  # drain_backlog: 1 event per run, one drain at each size
     cleanup_removed: tuple[int, ...]  # cleanup: rows removed, from a scope 10x as large
     unpruned_events: int  # drain_unpruned: published events left in the table
+    # drain_memory: runs x events per run, each event's payload about MAX_PAYLOAD_BYTES
+    drain_memory: tuple[int, int] = (100, 100)
 
     @property
     def unpruned_runs(self) -> int:
@@ -135,6 +139,7 @@ SMOKE = Sizes(
     events=2_000,
     runs=20,
     memory_rows=5_000,
+    drain_memory=(5, 5),
     latency_samples=5,
     rounds=1,
     backlog_runs=(200, 400),
@@ -239,6 +244,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     # Internal: the memory benchmark measures each side in a fresh process.
     parser.add_argument("--memory-child", choices=("raw", "app"), help=argparse.SUPPRESS)
+    parser.add_argument("--drain-memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -250,6 +256,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         events=args.events or base.events,
         runs=args.runs or base.runs,
         memory_rows=args.memory_rows or base.memory_rows,
+        drain_memory=base.drain_memory,
         latency_samples=args.latency_samples or base.latency_samples,
         rounds=args.rounds or base.rounds,
         backlog_runs=args.backlog_runs or base.backlog_runs,
@@ -1451,6 +1458,95 @@ class Bench:
             note="; ".join(notes),
         )
 
+    def drain_memory(self) -> Row:
+        """Issue 14: peak RSS of ``drain_outbox --once`` over runs x events whose payloads are
+        about ``MAX_PAYLOAD_BYTES`` (256 KiB) each: a claim's read is bounded in bytes
+        (``DRAIN_MAX_BYTES``), not only in events, so the relay never holds a whole claim's
+        payloads at once. Seeded untimed; the drain runs in a fresh process."""
+        from runs_app.conf import runs_settings
+
+        runs, per = self.sizes.drain_memory
+        blob = int(runs_settings.MAX_PAYLOAD_BYTES) - 64  # the object's braces and key
+        self.raw.reset(self.conn)
+        events = self.raw.seed_outbox(self.conn, runs, per, prefix="mem")
+        with self.conn.transaction(), self.conn.cursor() as cursor:
+            cursor.execute(
+                "UPDATE runs_app_runevent SET payload = jsonb_build_object('blob', "
+                "repeat(md5(seq::text || run_id), %s / 32)) WHERE run_id LIKE 'mem-%%'",
+                (blob,),
+            )
+        self.raw.settle(self.conn)
+        child = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--drain-memory-child",
+                "--database-url",
+                self.url,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=3600,
+        )
+        if child.returncode:
+            raise RuntimeError(f"drain memory child failed:\n{child.stderr}")
+        report = json.loads(child.stdout.strip().splitlines()[-1])
+        self.expect(
+            "events published",
+            self.count(
+                "SELECT count(*) FROM runs_app_runevent "
+                "WHERE run_id LIKE %s AND published_at IS NOT NULL",
+                "mem-%",
+            ),
+            events,
+        )
+        note = (
+            f"{runs} runs x {per} events of {blob / 1024:,.0f} KiB ({events * blob / 2**30:.1f} "
+            f"GiB of payloads); peak {report['peak_mb']:.1f} MB from {report['baseline_mb']:.1f} "
+            f"MB at start, {report['seconds']:.1f} s; DRAIN_MAX_BYTES "
+            f"{int(runs_settings.DRAIN_MAX_BYTES) // 2**20} MiB"
+        )
+        log(f"    {note}")
+        return Row(
+            "drain_memory",
+            f"peak RSS of drain_outbox --once, {runs} runs x {per} events of 256 KiB",
+            "MB",
+            Target("app_max", 300, " MB"),
+            app=report["peak_mb"],
+            higher_is_better=False,
+            note=note,
+        )
+
+
+def drain_memory_child(url: str) -> None:
+    """``drain_outbox --once`` (the command, in this fresh process) over the seeded outbox of
+    large payloads, publishing to a publisher that keeps nothing; print the process's peak
+    RSS."""
+    configure_django(url)
+    from django.core.management import call_command
+    from django.test import override_settings
+
+    baseline = _status_mb("VmRSS")
+    began = time.perf_counter()
+    out = io.StringIO()
+    with override_settings(RUNS_APP={"PUBLISHER": "bench.publishers.NoopPublisher"}):
+        call_command("drain_outbox", "--once", stdout=out, stderr=out)
+    report = {
+        "peak_mb": _status_mb("VmHWM"),
+        "baseline_mb": baseline,
+        "seconds": time.perf_counter() - began,
+        "output": out.getvalue().strip().splitlines()[-1:],
+    }
+    print(json.dumps(report))
+
+
+def _status_mb(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 def memory_child(side: str, url: str, rows: int) -> None:
     """Flush ``rows`` projects from a generator in this fresh process; print its peak RSS."""
@@ -1674,6 +1770,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.memory_child:
         memory_child(args.memory_child, server_url, args.memory_rows)
         return 0
+    if args.drain_memory_child:
+        drain_memory_child(server_url)
+        return 0
     if urlsplit(server_url).scheme not in ("postgres", "postgresql", "pgsql"):
         print(f"DATABASE_URL must be PostgreSQL, not {server_url!r}", file=sys.stderr)
         return 2
@@ -1709,6 +1808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "drain_unpruned": bench.drain_unpruned,
         "latency": bench.latency,
         "memory": bench.memory,
+        "drain_memory": bench.drain_memory,
     }
     rows: list[Row] = []
     failed: list[str] = []
