@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 from django.apps import apps
@@ -25,6 +28,7 @@ from runs_app.models import (
     RunState,
     TrackedModel,
 )
+from tests.relay_helpers import ROOT, database_url
 from tests.tracked_app.models import Asset, Device, Membership, Site
 
 # The tracked models last: children before parents, the order reset_tables deletes in.
@@ -279,3 +283,40 @@ def shell_parser(command: BaseCommand, name: str) -> CommandParser:
     # The flag run_from_argv sets; django-stubs does not declare it.
     command._called_from_command_line = True  # type: ignore[attr-defined]
     return command.create_parser("manage.py", name)
+
+
+class Workers:
+    """Worker processes of a test module: ``python -c SCRIPT ROLE JSON`` running Django with the
+    suite's settings on the test's database. ``kill_leftovers()`` (from the module's autouse
+    fixture) kills any still alive when a test ends, e.g. one a failed assertion left waiting
+    for a marker, so no worker outlives its test."""
+
+    def __init__(self, script: str, settings: str = "tests.settings") -> None:
+        self.script = script
+        self.settings = settings
+        self.running: list[subprocess.Popen[str]] = []
+
+    def start(self, role: str, directory: Path, **args: Any) -> subprocess.Popen[str]:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "DJANGO_SETTINGS_MODULE": self.settings,
+            "PYTHONPATH": str(ROOT),
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-c", self.script, role, json.dumps({"dir": str(directory), **args})],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.running.append(process)
+        return process
+
+    def kill_leftovers(self) -> None:
+        while self.running:
+            process = self.running.pop()
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)

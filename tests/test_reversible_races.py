@@ -11,10 +11,7 @@ timeout; no sleep stands in for a condition.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,8 +22,8 @@ from django.test import override_settings
 
 from runs_app import services
 from runs_app.models import CleanupStatus, Run, RunEvent, RunModelState, RunStatus
-from tests.helpers import finish_worker
-from tests.relay_helpers import ROOT, database_url, wait_until
+from tests.helpers import Workers, finish_worker
+from tests.relay_helpers import wait_until
 from tests.tracked_app.models import Asset, Device
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
@@ -143,37 +140,14 @@ elif role == "cleaner":
 print(json.dumps(out))
 """
 
-#: Worker processes of the running test; any still alive when it ends is killed.
-_workers: list[subprocess.Popen[str]] = []
+WORKERS = Workers(WORKER)
+start_worker = WORKERS.start
 
 
 @pytest.fixture(autouse=True)
 def _kill_leftover_workers() -> Any:
     yield
-    while _workers:
-        process = _workers.pop()
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=30)
-
-
-def start_worker(role: str, directory: Path, **args: Any) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "PYTHONPATH": str(ROOT),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-c", WORKER, role, json.dumps({"dir": str(directory), **args})],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _workers.append(process)
-    return process
+    WORKERS.kill_leftovers()
 
 
 def finish(process: subprocess.Popen[str]) -> dict[str, Any]:

@@ -8,10 +8,7 @@ timeout: no sleep stands in for a condition. Every worker is bounded in count an
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -31,8 +28,8 @@ from runs_app.models import (
     RunState,
     RunStatus,
 )
-from tests.helpers import finish_worker
-from tests.relay_helpers import ROOT, database_url, wait_until
+from tests.helpers import Workers, finish_worker
+from tests.relay_helpers import wait_until
 from tests.tracked_app.models import Device, Membership
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
@@ -212,38 +209,14 @@ print(json.dumps(out))
 """
 
 
-#: Worker processes of the running test; any still alive when it ends (a failed assertion left
-#: it waiting for a marker) is killed, so no worker outlives its test.
-_workers: list[subprocess.Popen[str]] = []
+WORKERS = Workers(WORKER)
+start_worker = WORKERS.start
 
 
 @pytest.fixture(autouse=True)
 def _kill_leftover_workers() -> Any:
     yield
-    while _workers:
-        process = _workers.pop()
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=30)
-
-
-def start_worker(role: str, directory: Path, **args: Any) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "PYTHONPATH": str(ROOT),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-c", WORKER, role, json.dumps({"dir": str(directory), **args})],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _workers.append(process)
-    return process
+    WORKERS.kill_leftovers()
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
