@@ -13,7 +13,8 @@ and a plan that grew since is refused again (``approval_exceeded``) rather than 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from django.apps import apps
 from django.contrib import admin
@@ -30,20 +31,51 @@ from ..tracking import is_tracked
 from .actions import OperatorActions, operator, selected_run_ids
 from .confirmation import confirmation_page, confirmed
 
-#: A line whose cleanup removed (or tombstoned) rows that are not back yet.
-RESTORABLE = Q(cleanup_status__in=[CleanupStatus.DONE, CleanupStatus.IN_PROGRESS]) | Q(
-    cleanup_status=CleanupStatus.REFUSED, rows_removed__gt=0
+#: A line whose cleanup removed (or tombstoned) rows that are not back yet: done, cut off
+#: half-way, or refused after some batches (rows_referenced).
+RESTORABLE = Q(
+    cleanup_status__in=[CleanupStatus.DONE, CleanupStatus.IN_PROGRESS, CleanupStatus.REFUSED],
+    rows_removed__gt=0,
 )
 #: A line whose cleanup was refused for its size, with its plan kept for approval.
 WITHHELD = Q(cleanup_status=CleanupStatus.REFUSED, withheld_count__isnull=False)
 
 
 def has_restorable_cleanup(run: Run) -> bool:
-    return RunModelState.objects.filter(RESTORABLE, run_id=run.pk, rows_removed__gt=0).exists()
+    return RunModelState.objects.filter(RESTORABLE, run_id=run.pk).exists()
 
 
 def has_withheld_cleanup(run: Run) -> bool:
     return RunModelState.objects.filter(WITHHELD, run_id=run.pk).exists()
+
+
+class _Selection(NamedTuple):
+    """The ledger lines an action applies to among the selected runs."""
+
+    lines: list[RunModelState]
+    run_ids: list[str]  # the runs with such a line
+    left_alone: list[str]  # the selected runs without one
+
+    def each_model(self, run_id: str, act: Callable[[RunModelState, Any], str]) -> str:
+        """``act(line, model)`` for each of the run's lines whose model is still tracked; what
+        they did, joined for the admin log."""
+        done = []
+        for line in self.lines:
+            model = _tracked(line.model)
+            if line.run_id == run_id and model is not None:
+                done.append(act(line, model))
+        return "; ".join(done)
+
+
+def _select(queryset: QuerySet[Any], condition: Q) -> _Selection:
+    selected = selected_run_ids(queryset)
+    lines = list(
+        RunModelState.objects.filter(condition, run_id__in=selected)
+        .select_related("run")
+        .order_by("run_id", "id")
+    )
+    run_ids = sorted({line.run_id for line in lines})
+    return _Selection(lines, run_ids, [run_id for run_id in selected if run_id not in run_ids])
 
 
 def _tracked(label: str) -> Any:
@@ -64,51 +96,37 @@ class CleanupActions(OperatorActions):
     def restore_cleanup(
         self, request: HttpRequest, queryset: QuerySet[Any]
     ) -> TemplateResponse | None:
-        selected = selected_run_ids(queryset)
-        lines = list(
-            RunModelState.objects.filter(RESTORABLE, run_id__in=selected, rows_removed__gt=0)
-            .select_related("run")
-            .order_by("run_id", "id")
-        )
-        run_ids = sorted({line.run_id for line in lines})
-        nothing = [run_id for run_id in selected if run_id not in run_ids]
-        if run_ids and not confirmed(request):
+        selection = _select(queryset, RESTORABLE)
+        nothing = _("No cleanup to restore, left alone")
+        if selection.run_ids and not confirmed(request):
             return confirmation_page(
                 self,
                 request,
                 action="restore_cleanup",
-                run_ids=run_ids,
+                run_ids=selection.run_ids,
                 title=_("Restore these cleanups?"),
                 confirm_label=_("Yes, put the rows back"),
-                left_alone=nothing,
-                left_alone_label=_("No cleanup to restore, left alone"),
+                left_alone=selection.left_alone,
+                left_alone_label=nothing,
                 template="admin/runs_app/restore_cleanup_confirmation.html",
-                previews=[self._preview(line) for line in lines],
+                previews=[self._preview(line) for line in selection.lines],
             )
-        self.left_alone(request, nothing, _("No cleanup to restore, left alone"))
+        self.left_alone(request, selection.left_alone, nothing)
         actor = operator(request)
-        by_run: dict[str, list[RunModelState]] = {}
-        for line in lines:
-            by_run.setdefault(line.run_id, []).append(line)
+
+        def restore_model(line: RunModelState, model: Any) -> str:
+            result = services.restore_cleanup(line.run_id, model, restored_by=actor)
+            return _("%(model)s: %(restored)d row(s) back, %(conflicts)d conflict(s)") % {
+                "model": line.model,
+                "restored": result.restored,
+                "conflicts": result.conflicts,
+            }
 
         def restore(run_id: str) -> str:
-            done = []
-            for line in by_run[run_id]:
-                model = _tracked(line.model)
-                if model is None:
-                    continue
-                result = services.restore_cleanup(run_id, model, restored_by=actor)
-                done.append(
-                    _("%(model)s: %(restored)d row(s) back, %(conflicts)d conflict(s)")
-                    % {
-                        "model": line.model,
-                        "restored": result.restored,
-                        "conflicts": result.conflicts,
-                    }
-                )
-            return _("Restored the cleanup: %(what)s.") % {"what": "; ".join(done)}
+            what = selection.each_model(run_id, restore_model)
+            return _("Restored the cleanup: %(what)s.") % {"what": what}
 
-        self.run_each(request, run_ids, restore, _("Restored the cleanup"))
+        self.run_each(request, selection.run_ids, restore, _("Restored the cleanup"))
         return None
 
     @staticmethod
@@ -131,49 +149,39 @@ class CleanupActions(OperatorActions):
     def approve_withheld_cleanup(
         self, request: HttpRequest, queryset: QuerySet[Any]
     ) -> TemplateResponse | None:
-        selected = selected_run_ids(queryset)
-        lines = list(
-            RunModelState.objects.filter(WITHHELD, run_id__in=selected)
-            .select_related("run")
-            .order_by("run_id", "id")
-        )
-        run_ids = sorted({line.run_id for line in lines})
-        nothing = [run_id for run_id in selected if run_id not in run_ids]
-        if run_ids and not confirmed(request):
+        selection = _select(queryset, WITHHELD)
+        nothing = _("Nothing withheld, left alone")
+        if selection.run_ids and not confirmed(request):
             return confirmation_page(
                 self,
                 request,
                 action="approve_withheld_cleanup",
-                run_ids=run_ids,
+                run_ids=selection.run_ids,
                 title=_("Approve these withheld cleanups?"),
                 confirm_label=_("Yes, remove at most the rows shown"),
-                left_alone=nothing,
-                left_alone_label=_("Nothing withheld, left alone"),
+                left_alone=selection.left_alone,
+                left_alone_label=nothing,
                 template="admin/runs_app/approve_cleanup_confirmation.html",
-                lines=[{"line": line, "field": approval_field(line)} for line in lines],
+                lines=[{"line": line, "field": approval_field(line)} for line in selection.lines],
             )
-        self.left_alone(request, nothing, _("Nothing withheld, left alone"))
+        self.left_alone(request, selection.left_alone, nothing)
         actor = operator(request)
-        by_run: dict[str, list[RunModelState]] = {}
-        for line in lines:
-            by_run.setdefault(line.run_id, []).append(line)
+
+        def approve_model(line: RunModelState, model: Any) -> str:
+            # The count the confirmation page showed, carried by its form: never more.
+            shown = _approved_count(request, line)
+            result = services.safe_cleanup(line.run_id, model, approve=shown, approved_by=actor)
+            return _("%(model)s: %(removed)d row(s) removed of %(approved)d approved") % {
+                "model": line.model,
+                "removed": result.removed,
+                "approved": shown,
+            }
 
         def approve(run_id: str) -> str:
-            done = []
-            for line in by_run[run_id]:
-                model = _tracked(line.model)
-                if model is None:
-                    continue
-                # The count the confirmation page showed, carried by its form: never more.
-                shown = _approved_count(request, line)
-                result = services.safe_cleanup(run_id, model, approve=shown, approved_by=actor)
-                done.append(
-                    _("%(model)s: %(removed)d row(s) removed of %(approved)d approved")
-                    % {"model": line.model, "removed": result.removed, "approved": shown}
-                )
-            return _("Approved the withheld cleanup: %(what)s.") % {"what": "; ".join(done)}
+            what = selection.each_model(run_id, approve_model)
+            return _("Approved the withheld cleanup: %(what)s.") % {"what": what}
 
-        self.run_each(request, run_ids, approve, _("Approved the withheld cleanup"))
+        self.run_each(request, selection.run_ids, approve, _("Approved the withheld cleanup"))
         return None
 
 
