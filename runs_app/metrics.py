@@ -16,13 +16,11 @@ Without the extras installed nothing here costs more than one cached failed impo
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from types import ModuleType
 from typing import Any
 
 from django.db.models import Count, Sum
@@ -31,34 +29,16 @@ from django.utils import timezone
 from . import inspection
 from .db import db_alias_for_read
 from .models import RunState
+from .publish_metrics import otel_metrics_module, prometheus_module
 from .statuses import CleanupStatus
 
 #: The ledger counts summed per scope, as the ``kind`` label of ``runs_app_rows_total``.
 ROW_KINDS = ("seen", "created", "updated", "confirmed", "removed")
 
 
-@functools.cache
-def _prometheus() -> ModuleType | None:
-    try:
-        import prometheus_client
-        import prometheus_client.core
-    except ImportError:
-        return None
-    return prometheus_client
-
-
-@functools.cache
-def _otel_metrics() -> ModuleType | None:
-    try:
-        from opentelemetry import metrics
-    except ImportError:
-        return None
-    return metrics
-
-
 def import_prometheus() -> Any:
     """``prometheus_client``; ``ImportError`` naming the extra to install when it is absent."""
-    client = _prometheus()
+    client = prometheus_module()
     if client is None:
         raise ImportError("needs prometheus-client: pip install runs_app[prometheus]")
     return client
@@ -217,7 +197,7 @@ def register_otel_gauges(cache_seconds: float = 1.0, meter_provider: Any = None)
     The callbacks run where the SDK collects (its reader's thread), which opens its own
     database connection.
     """
-    api = _otel_metrics()
+    api = otel_metrics_module()
     if api is None:
         return False
     with _otel_lock:

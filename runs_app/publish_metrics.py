@@ -27,16 +27,20 @@ PUBLISH_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 @functools.cache
-def _prometheus() -> ModuleType | None:
+def prometheus_module() -> ModuleType | None:
+    """``prometheus_client`` (extra ``prometheus``), or None when it is not installed: the one
+    optional import of it, shared with :mod:`runs_app.metrics`."""
     try:
         import prometheus_client
+        import prometheus_client.core  # the custom collectors' metric families
     except ImportError:
         return None
     return prometheus_client
 
 
 @functools.cache
-def _otel_metrics() -> ModuleType | None:
+def otel_metrics_module() -> ModuleType | None:
+    """``opentelemetry.metrics`` (extra ``otel``), or None when it is not installed."""
     try:
         from opentelemetry import metrics
     except ImportError:
@@ -49,7 +53,7 @@ def _instruments() -> tuple[Any, Any]:
     """(Prometheus instruments or None, OpenTelemetry instruments or None), made once per
     process (a registry refuses a second metric of the same name)."""
     prometheus = None
-    client = _prometheus()
+    client = prometheus_module()
     if client is not None:
         prometheus = (
             client.Counter(
@@ -70,7 +74,7 @@ def _instruments() -> tuple[Any, Any]:
             ),
         )
     otel = None
-    api = _otel_metrics()
+    api = otel_metrics_module()
     if api is not None:
         meter = api.get_meter("runs_app")
         otel = (
