@@ -14,12 +14,20 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from .statuses import CleanupMode, CleanupStatus, FlushSessionStatus, FlushStatus, RunStatus
+from .statuses import (
+    CleanupMode,
+    CleanupStatus,
+    FlushMode,
+    FlushSessionStatus,
+    FlushStatus,
+    RunStatus,
+)
 from .tracking import SoftDeleteTrackedModel, TrackedModel
 
 __all__ = [
     "CleanupMode",
     "CleanupStatus",
+    "FlushMode",
     "FlushSessionStatus",
     "FlushStatus",
     "Project",
@@ -63,6 +71,9 @@ class Run(models.Model):
     # db_default too: rows inserted by raw SQL (a bulk import, a fixture) need not name it.
     closed = models.BooleanField(default=False, db_default=False, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
+    # The W3C trace context (traceparent, tracestate) of the span that created the run, when
+    # there was one (OpenTelemetry): its messages carry it, so a consumer's trace joins the job's.
+    trace_context = models.JSONField(default=empty_object, blank=True, editable=False)
 
     state: RunState
     outbox: RunOutbox
@@ -219,6 +230,16 @@ class RunModelState(Ledger):
 
     # Tombstones of this run's soft cleanup deleted for good (``purge_tombstones``).
     rows_purged = models.PositiveBigIntegerField(default=0)
+
+    # Incremental source state. ``flush_mode``: how the run read its source for the model
+    # (a run with one incremental session is incremental: its cleanup is refused).
+    # ``cursor``: where the source stands after what the run wrote (``write(rows, cursor=)``),
+    # committed with the batch it belongs to; NULL when the run set none. The next run starts
+    # from the cursor of the newest *completed* run of the scope that has one: a failed run's
+    # cursor is never a starting point.
+    flush_mode = models.CharField(max_length=16, choices=FlushMode.choices, default=FlushMode.FULL)
+    cursor = models.JSONField(null=True, blank=True, default=None)
+    cursor_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["run", "id"]

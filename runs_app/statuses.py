@@ -34,6 +34,14 @@ class CleanupMode(models.TextChoices):
     SOFT = "soft", "soft"  # the row stays, with a tombstone (deleted_at, deleted_by_run, ...)
 
 
+class FlushMode(models.TextChoices):
+    """How a run read its source for a tracked model (``services.flush(..., incremental=)``)."""
+
+    FULL = "full", "full"  # the whole source: rows it did not see are gone from the source
+    # Only what changed since the last completed run's cursor: rows it did not read may exist.
+    INCREMENTAL = "incremental", "incremental"
+
+
 class FlushSessionStatus(models.TextChoices):
     OPEN = "open", "open"
     SUCCEEDED = "succeeded", "succeeded"

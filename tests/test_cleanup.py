@@ -125,6 +125,20 @@ def _not_flushed() -> Run:
     return services.complete_run(services.create_run("s"))
 
 
+def _incremental() -> Run:
+    synced_run("s", keys(0, 10))
+    run = services.create_run("s")
+    with services.flush(run, incremental=True) as flush:
+        flush.write(project_rows(keys(0, 2)), cursor="2026-12-01")
+    return services.complete_run(run)
+
+
+def _incremental_and_superseded() -> Run:
+    run = _incremental()
+    services.create_run("s")  # newer, active
+    return run
+
+
 def _superseded() -> Run:
     synced_run("s", keys(0, 10))
     run = synced_run("s", keys(0, 8))
@@ -155,6 +169,7 @@ REFUSALS: list[tuple[str, Callable[[], Run]]] = [
     ("run_not_completed", _active),
     ("run_not_completed", _failed),
     ("not_flushed", _not_flushed),
+    ("incremental_run", _incremental),
     ("superseded", _superseded),
     ("superseded", _superseded_by_completed),
     ("empty_run", _empty),
@@ -208,6 +223,7 @@ PRECEDENCE: list[tuple[str, Callable[[], Run]]] = [
     ("flush_failed", lambda: _flush_failed_while_active()),
     ("run_not_completed", lambda: services.create_run("s")),
     ("not_flushed", lambda: _not_flushed_and_superseded()),
+    ("incremental_run", _incremental_and_superseded),
     ("superseded", lambda: _empty_and_superseded()),
     ("empty_run", _empty),  # an empty run also deletes 100 %
 ]

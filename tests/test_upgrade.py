@@ -1,6 +1,7 @@
 """Upgrading a database filled by an earlier release: 0001 to 0002 (every row kept, closed runs
 flagged closed, and on PostgreSQL new ordinals above every existing one), and 0002 to 0003
-(every row kept, each run that flushed gets its runs_app.project ledger line).
+(every row kept, each run that flushed gets its runs_app.project ledger line), 0004 and 0005
+(every line kept: delete-mode cleanups, full reads without a cursor).
 
 Standard MigrationExecutor use: migrate back to 0001, fill through the historical models as the
 previous release wrote its rows, migrate forward. The database is left fully migrated.
@@ -143,7 +144,7 @@ def test_after_upgrade_new_runs_get_larger_ordinals_and_old_runs_behave(
 ) -> None:
     fill(old_database)
     migrate(NEW)
-    migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    migrate(latest())
     top = max(ordinal for *_, ordinal, _, _ in RUNS)
     fresh = services.create_run("new-scope")
     assert fresh.ordinal > top
@@ -167,8 +168,14 @@ def test_after_upgrade_new_runs_get_larger_ordinals_and_old_runs_behave(
     assert services.latest_run("crm") == newer
 
 
+def latest() -> list[tuple[str, str]]:
+    """The leaf migrations: what the services of this release write through."""
+    loader = MigrationExecutor(connection).loader
+    return list(loader.graph.leaf_nodes())
+
+
 def test_upgrade_of_an_empty_database_starts_ordinals_at_one(old_database: Apps) -> None:
-    migrate(NEW)
+    migrate(latest())
     assert services.create_run("first").ordinal == 1
 
 
@@ -176,7 +183,7 @@ def test_upgrade_then_downgrade_then_upgrade_again(old_database: Apps) -> None:
     before = fill(old_database)
     migrate(NEW)
     migrate(OLD)
-    migrate(NEW)
+    migrate(latest())
     assert snapshot_values() == before
     assert services.create_run("again").ordinal > 900
     assert RunState.objects.count() == len(RUNS) + 1
@@ -185,6 +192,7 @@ def test_upgrade_then_downgrade_then_upgrade_again(old_database: Apps) -> None:
 
 TRACKED = [("runs_app", "0003_tracked_models")]
 REVERSIBLE = [("runs_app", "0004_reversible_cleanup")]
+SOURCE_STATE = [("runs_app", "0005_source_state_and_trace_context")]
 
 
 def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
@@ -213,9 +221,9 @@ def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
     newest = Line.objects.get(run_id="old-newest")
     assert (newest.cleanup_status, newest.rows_removed) == ("done", 4)
     # Reversible cleanup (0004): every line kept, a delete-mode cleanup, nothing restored yet.
-    migrate(REVERSIBLE)
+    reversible = migrate(REVERSIBLE)
     assert snapshot_values() == before
-    upgraded = RunModelState.objects.get(run_id="old-newest")
+    upgraded = reversible.get_model("runs_app", "RunModelState").objects.get(run_id="old-newest")
     assert (upgraded.cleanup_status, upgraded.rows_removed, upgraded.cleanup_mode) == (
         "done",
         4,
@@ -223,8 +231,16 @@ def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
     )
     assert (upgraded.rows_restored, upgraded.withheld_count, upgraded.rows_revived) == (0, None, 0)
     assert RunModelState.objects.count() == 4
+    # Source state (0005): every line read its source in full and set no cursor; no run has a
+    # trace context.
+    migrate(SOURCE_STATE)
+    assert snapshot_values() == before
+    assert set(RunModelState.objects.values_list("flush_mode", "cursor", "cursor_at")) == {
+        ("full", None, None)
+    }
+    assert [run.trace_context for run in Run.objects.all()] == [{}] * len(RUNS)
     # The upgraded ledger drives per-model cleanup and completion as the new release writes them.
-    migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+    migrate(latest())
     assert services.safe_cleanup("old-newest", Project).removed == 10
     with services.flush("old-active") as flush:
         flush.write([{"key": "e1", "name": "E1"}])

@@ -23,6 +23,7 @@ from django.utils.translation import gettext
 from .. import inspection
 from ..models import (
     CleanupStatus,
+    FlushMode,
     FlushSessionStatus,
     FlushStatus,
     RunEvent,
@@ -236,6 +237,22 @@ def attribute(
         return shown(found)
 
     return show
+
+
+#: How many characters of a cursor's JSON the run page shows.
+CURSOR_SHOWN = 80
+
+
+def source_note(line: Any) -> str:
+    """How a model's ledger line read its source: "full" or "incremental", and the cursor it
+    set (its JSON, cut to ``CURSOR_SHOWN`` characters)."""
+    note = str(FlushMode(line.flush_mode).label)
+    if line.cursor is not None:
+        text = json.dumps(line.cursor, ensure_ascii=False, separators=(",", ":"))
+        if len(text) > CURSOR_SHOWN:
+            text = text[: CURSOR_SHOWN - 1] + "…"
+        note += ", " + gettext("cursor %(cursor)s") % {"cursor": text}
+    return note
 
 
 def reversible_note(line: Any) -> str:

@@ -35,6 +35,7 @@ from .display import (
     session_badge,
     shorten,
     shown,
+    source_note,
     status_badge,
     timestamp,
 )
@@ -255,11 +256,12 @@ class RunAdmin(DeliveryColumns, CleanupActions, ButtonsMixin):
             return EMPTY
         rows = format_html_join(
             "",
-            "<tr>" + "<td>{}</td>" * 11 + "</tr>",
+            "<tr>" + "<td>{}</td>" * 12 + "</tr>",
             (
                 (
                     line.model,
                     flush_badge(line.flush_status),
+                    source_note(line),
                     shown(line.rows_seen),
                     shown(line.rows_created),
                     shown(line.rows_updated),
@@ -281,6 +283,7 @@ class RunAdmin(DeliveryColumns, CleanupActions, ButtonsMixin):
                 for header in [
                     _("model"),
                     _("flush"),
+                    _("source read, cursor"),
                     _("seen"),
                     _("created"),
                     _("updated"),

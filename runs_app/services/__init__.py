@@ -23,6 +23,7 @@ from .runs import (
     latest_run,
     track_run,
 )
+from .source_state import SourceState, source_state
 from .tombstones import PurgeResult, purge_tombstones
 from .validation import Event
 
@@ -33,6 +34,7 @@ __all__ = [
     "FlushSession",
     "PurgeResult",
     "RestoreResult",
+    "SourceState",
     "append_events",
     "complete_run",
     "create_run",
@@ -52,5 +54,6 @@ __all__ = [
     "safe_cleanup",
     "safe_cleanup_old_projects",
     "skip_outbox_event",
+    "source_state",
     "track_run",
 ]

@@ -25,6 +25,7 @@ from ..exceptions import CleanupRefusalReason, CleanupRefused, InvalidInput, Run
 from ..models import (
     CleanupMode,
     CleanupStatus,
+    FlushMode,
     FlushStatus,
     Project,
     Run,
@@ -149,7 +150,9 @@ def safe_cleanup(
     Refuses with ``CleanupRefused(reason, message)`` and removes nothing when, in this order:
     ``flush_failed`` (the run's flush failed or never finished, for any model),
     ``run_not_completed`` (active or failed), ``not_flushed`` (the run completed without
-    flushing this model), ``cleanup_restored`` (this run's cleanup of the model was undone by
+    flushing this model), ``incremental_run`` (the run read the model incrementally,
+    ``flush(..., incremental=True)``: rows it did not read were not looked at, not found gone;
+    not forceable), ``cleanup_restored`` (this run's cleanup of the model was undone by
     ``restore_cleanup``: doing it again would redo what an operator undid),
     ``superseded`` (a newer active or completed run of the scope exists),
     ``empty_run`` (the run flushed 0 rows of the model while the scope has some),
@@ -365,9 +368,10 @@ def grace_runs(spec: SyncSpec) -> int:
 
 def grace_cutoff(spec: SyncSpec, run: Run) -> int:
     """The ordinal below which a row's ``last_seen_run`` makes it removable: that of the N-th
-    newest completed run of the scope, up to ``run``, whose flush of the model succeeded
-    (``run`` is the first). With fewer such runs, 0: nothing is removable yet. Ordinals are
-    what the runs already store: no per-row miss counter to keep in step."""
+    newest completed run of the scope, up to ``run``, whose full flush of the model succeeded
+    (``run`` is the first). With fewer such runs, 0: nothing is removable yet. Incremental runs
+    do not count: not reading a row is no sign that it is gone. Ordinals are what the runs
+    already store: no per-row miss counter to keep in step."""
     n = grace_runs(spec)
     if n == 1:
         return run.ordinal
@@ -376,6 +380,7 @@ def grace_cutoff(spec: SyncSpec, run: Run) -> int:
         .filter(
             model=spec.label,
             flush_status=FlushStatus.SUCCEEDED,
+            flush_mode=FlushMode.FULL,
             run__scope=run.scope,
             run__ordinal__lte=run.ordinal,
             run__state__status=RunStatus.COMPLETED,
@@ -440,6 +445,13 @@ def _guard(
             "not_flushed",
             f"{name} completed without flushing {spec.label} (flush_status not_started); it "
             "saw nothing of it, so it cannot tell what is gone",
+        )
+    if line.flush_mode == FlushMode.INCREMENTAL:
+        return Refusal(
+            "incremental_run",
+            f"{name} read {spec.label} incrementally (only what changed since the last "
+            f"completed run's cursor), so {noun} it did not see may still exist; cleanup is "
+            "for a run that reads the whole source (a full flush)",
         )
     if line.cleanup_status == CleanupStatus.RESTORED:
         return Refusal(

@@ -14,10 +14,11 @@ source never deletes anything.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import FlushEnded, FlushFailed, FlushInTransaction, InvalidInput, RunClosed
 from ..models import (
+    FlushMode,
     FlushSessionStatus,
     FlushStatus,
     Project,
@@ -43,10 +45,16 @@ from ..tracking import SyncSpec, json_key, tracked_spec
 from .events import insert_events
 from .rows import PreparedRow, RowSchema
 from .runs import LockedLedger, lock_active_ledger, lock_active_state, lock_state
+from .source_state import SourceState, encode_cursor, source_state
 from .upsert import upsert
 from .validation import PreparedEvent, internal_error_text, run_id_of
 
 logger = logging.getLogger(__name__)
+
+# ``write(rows)`` without a cursor (None cannot say it: a cursor is never null).
+_NO_CURSOR: Any = object()
+# The end of a write's rows, when reading one ahead.
+_NO_ROW: Any = object()
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,11 @@ class FlushResult:
 
 
 def flush(
-    run: Run | str, model: type[Model] | None = None, *, batch_size: int | None = None
+    run: Run | str,
+    model: type[Model] | None = None,
+    *,
+    batch_size: int | None = None,
+    incremental: bool = False,
 ) -> FlushSession:
     """A flush session of ``run`` for the tracked model ``model`` (default ``Project``), to use
     as a context manager::
@@ -78,12 +90,26 @@ def flush(
             for page in source_pages():     # a source failing here fails the flush
                 flush.write(page)           # -> FlushResult of this write
 
+    ``incremental=True``: the run reads only what changed since the last completed run::
+
+        with services.flush(run, Repository, incremental=True) as flush:
+            for page in source.changed_since(flush.cursor):   # None on the first run
+                flush.write(page.rows, cursor=page.next_cursor)
+
+    ``flush.cursor`` is the cursor of the newest completed run of the scope that set one
+    (:mod:`runs_app.services.source_state`); ``write(rows, cursor=...)`` stores this run's, in
+    the transaction of the write's last batch. The run is marked incremental for the model, so
+    ``safe_cleanup`` refuses it (``incremental_run``): it cannot tell which rows are gone. A
+    full flush may set a cursor too, for the incremental runs after it.
+
     Validates its arguments at once (``InvalidInput``; nothing written); the session opens when
     the block is entered. See :class:`FlushSession` for the transactions and the guarantees.
     """
     run_id = run_id_of(run)
     spec = tracked_spec(Project if model is None else model)
-    return FlushSession(run_id, spec, _batch_size(batch_size))
+    if not isinstance(incremental, bool):
+        raise InvalidInput("incremental", f"must be True or False, not {incremental!r}")
+    return FlushSession(run_id, spec, _batch_size(batch_size), incremental=incremental)
 
 
 def flush_projects(
@@ -145,10 +171,14 @@ class FlushSession:
     written to: its ledger is left as it is and ``RunClosed`` is raised.
     """
 
-    def __init__(self, run_id: str, spec: SyncSpec, batch_size: int) -> None:
+    def __init__(
+        self, run_id: str, spec: SyncSpec, batch_size: int, *, incremental: bool = False
+    ) -> None:
         self.run_id = run_id
         self.spec = spec
         self.batch_size = batch_size
+        self.incremental = incremental
+        self._start: SourceState | None = None  # read when the session opens
         self._schema: RowSchema | None = None  # built when the session opens (needs the scope)
         self.id: int | None = None  # the FlushSession row, once open
         self.result = FlushResult()
@@ -161,6 +191,30 @@ class FlushSession:
         if self.id is None:
             raise RuntimeError("the flush session is not open")
         return self.id
+
+    @property
+    def cursor(self) -> Any:
+        """Where this run starts reading its source: the cursor of the newest completed run of
+        the scope that set one for the model (None when none did), as it was when the session
+        opened. Only for an incremental session: a full one reads the whole source."""
+        return self._start_state().cursor
+
+    @property
+    def cursor_run(self) -> str | None:
+        """The id of the run whose cursor :attr:`cursor` is (None when there is none)."""
+        return self._start_state().run_id
+
+    def _start_state(self) -> SourceState:
+        if not self.incremental:
+            raise RuntimeError(
+                "the cursor is for incremental sessions: open it with "
+                f"services.flush(run, {self.spec.model.__name__}, incremental=True), which "
+                "also marks the run incremental so that its cleanup never removes rows it did "
+                "not read"
+            )
+        if self._start is None:
+            raise RuntimeError("the cursor is read when the session opens: use it in its block")
+        return self._start
 
     # -- context manager ----------------------------------------------------------------------
 
@@ -194,18 +248,30 @@ class FlushSession:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def write(self, rows: Iterable[Mapping[str, Any] | Model]) -> FlushResult:
+    def write(
+        self, rows: Iterable[Mapping[str, Any] | Model], *, cursor: Any = _NO_CURSOR
+    ) -> FlushResult:
         """Upsert ``rows`` (any iterable of mappings or model instances, see
         :mod:`runs_app.services.rows`; read lazily, ``batch_size`` at a time) and return what
-        this call wrote. Raises ``FlushFailed`` (chained to the cause: bad input, the iterable
-        raising, a database error; the session is failed for good),
+        this call wrote.
+
+        ``cursor``: where the source stands once these rows are written (any JSON value but
+        null, at most ``CURSOR_MAX_BYTES``): stored on the run's line of the model in the
+        transaction of this call's last batch (a transaction of its own when ``rows`` is
+        empty), so it is never ahead of the rows committed. The last cursor written wins. It
+        becomes the scope's source state when the run completes.
+
+        Raises ``InvalidInput`` naming ``cursor`` (not JSON, null, too large) before anything
+        is read or written, the session still usable; ``FlushFailed`` (chained to the cause:
+        bad input, the iterable raising, a database error; the session is failed for good);
         ``RunClosed`` (the run was closed meanwhile, e.g. reaped as stale)."""
         if self.id is None or self._closed:
             raise RuntimeError("write() is only allowed inside the session's `with` block")
         if self._failure is not None:
             raise FlushFailed(self.run_id, f"this flush session failed already ({self._failure})")
+        cursor_text = None if cursor is _NO_CURSOR else encode_cursor(cursor)
         try:
-            return self._write_all(iter(rows))
+            return self._write_all(iter(rows), cursor_text)
         except RunClosed:
             self._failure = "the run was closed during the flush"
             raise
@@ -221,38 +287,53 @@ class FlushSession:
             self._failure = internal_error_text(f"{type(exc).__name__}: {exc}")
             raise
 
-    def _write_all(self, rows: Iterator[Any]) -> FlushResult:
+    def _write_all(self, rows: Iterator[Any], cursor: str | None) -> FlushResult:
         schema = self._schema
         if schema is None:
             raise RuntimeError("the flush session is not open")
         total = FlushResult()
         index = 0  # position in this call's input, for error messages
+        ahead: Any = _NO_ROW  # a row read to learn whether the batch before it was the last
         while True:
             # The batch is read and checked before its transaction opens: no input is read
             # while a transaction is open.
             batch: dict[tuple[Any, ...], PreparedRow] = {}
             read = 0
-            for value in islice(rows, self.batch_size):
+            source = rows if ahead is _NO_ROW else chain((ahead,), rows)
+            for value in islice(source, self.batch_size):
                 row = schema.prepare(value, index)
                 batch[row.key] = row  # a key repeated in the batch: the last one wins
                 index += 1
                 read += 1
-            if batch:
+            last = read < self.batch_size
+            if not last and cursor is not None:
+                # The cursor goes with the write's last batch: look one row ahead to know
+                # whether this full batch is it (rather than a transaction of its own after it).
+                ahead = next(rows, _NO_ROW)
+                last = ahead is _NO_ROW
+            if batch or (last and cursor is not None):
                 # Sorted by key (text by code point), the order cleanup locks rows in too.
-                written = self._write_batch([batch[key] for key in sorted(batch)])
+                written = self._write_batch(
+                    [batch[key] for key in sorted(batch)], cursor if last else None
+                )
                 total += written
                 self.result += written
-            if read < self.batch_size:
+            if last:
                 return total
 
-    def _write_batch(self, rows: list[PreparedRow]) -> FlushResult:
+    def _write_batch(self, rows: list[PreparedRow], cursor: str | None = None) -> FlushResult:
+        """One batch's transaction (``rows`` may be empty when it carries only the cursor)."""
         assert self._schema is not None
         now = timezone.now()
         alias = db_alias()
         with transaction.atomic(using=alias):
             state = lock_active_ledger(self.run_id)
             _check_not_failed(state)
-            created, updated, revived = upsert(self._schema, state.scope, self.run_id, rows, now)
+            created = updated = revived = 0
+            if rows:
+                created, updated, revived = upsert(
+                    self._schema, state.scope, self.run_id, rows, now
+                )
             seen = created + updated
             if is_postgresql():
                 counted = _count_batch_postgresql(
@@ -286,11 +367,15 @@ class FlushSession:
                 "seen": seen,
                 "created": created,
                 "updated": updated,
-                "first_key": json_key(rows[0].key),
-                "last_key": json_key(rows[-1].key),
+                "first_key": json_key(rows[0].key) if rows else None,
+                "last_key": json_key(rows[-1].key) if rows else None,
             }
             if self.spec.soft:
                 payload["revived"] = revived
+            if cursor is not None:
+                value = json.loads(cursor)
+                self._model_state().update(cursor=value, cursor_at=now)
+                payload["cursor"] = value
             event = f"{self.spec.event_prefix}.flushed"
             insert_events(self.run_id, [PreparedEvent(event, payload)])
         self._batches += 1
@@ -310,6 +395,11 @@ class FlushSession:
             # No get_or_create (and its savepoint): every writer of the line holds the run's
             # lock, taken above, so nobody can insert it in between.
             model_state = self._model_state().first()
+            if self.incremental:
+                self._start = source_state(
+                    state.scope, self.spec.model, before_ordinal=state.run.ordinal
+                )
+            mode = FlushMode.INCREMENTAL if self.incremental else FlushMode.FULL
             if model_state is not None and model_state.flush_status == FlushStatus.SUCCEEDED:
                 ended = True
                 _fail_flush(
@@ -334,9 +424,18 @@ class FlushSession:
                         run_id=self.run_id,
                         model=self.spec.label,
                         flush_status=FlushStatus.IN_PROGRESS,
+                        flush_mode=mode,
                     )
-                elif model_state.flush_status != FlushStatus.IN_PROGRESS:
-                    self._model_state().update(flush_status=FlushStatus.IN_PROGRESS)
+                else:
+                    # One incremental session makes the run's read of the model incremental
+                    # (never the other way round: that would let its cleanup run).
+                    line: dict[str, Any] = {}
+                    if model_state.flush_status != FlushStatus.IN_PROGRESS:
+                        line["flush_status"] = FlushStatus.IN_PROGRESS
+                    if self.incremental and model_state.flush_mode != FlushMode.INCREMENTAL:
+                        line["flush_mode"] = FlushMode.INCREMENTAL
+                    if line:
+                        self._model_state().update(**line)
                 self._schema = RowSchema(self.spec, state.scope, self.run_id)
         if ended:
             self._closed = True

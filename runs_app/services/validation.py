@@ -221,6 +221,8 @@ encode_json_string = json.encoder.encode_basestring
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
+PAYLOAD_LIMIT_NAME = "RUNS_APP['MAX_PAYLOAD_BYTES']"
+
 
 def encode_json_object(
     field_name: str,
@@ -228,6 +230,7 @@ def encode_json_object(
     *,
     error: type[InvalidInput] = InvalidInput,
     limit: int | None = None,
+    limit_name: str = PAYLOAD_LIMIT_NAME,
 ) -> str:
     """Validate a JSON object and return its compact JSON text.
 
@@ -239,7 +242,7 @@ def encode_json_object(
     text = _fast_json_text(value)
     if text is None:
         text = _plain_json_object(field_name, value, error)[1]
-    _check_size(field_name, text, error, limit)
+    _check_size(field_name, text, error, limit, limit_name)
     return text
 
 
@@ -249,17 +252,21 @@ def encode_json_value(
     *,
     error: type[InvalidInput] = InvalidInput,
     limit: int | None = None,
+    limit_name: str = PAYLOAD_LIMIT_NAME,
 ) -> str:
     """Validate any JSON value (object, array or scalar) and return its compact JSON text,
-    refused as ``encode_json_object`` refuses (NaN, sets, NUL, depth, size)."""
+    refused as ``encode_json_object`` refuses (NaN, sets, NUL, depth, size). ``limit_name``: what
+    the size error calls the limit."""
     if type(value) is dict:
-        return encode_json_object(field_name, value, error=error, limit=limit)
+        return encode_json_object(
+            field_name, value, error=error, limit=limit, limit_name=limit_name
+        )
     plain = _plain_json_value(field_name, value, 1, error)
     try:
         text = encode_json(plain)
     except ValueError as exc:  # an int of more than sys.get_int_max_str_digits() digits
         raise error(field_name, f"cannot be written as JSON ({exc})") from exc
-    _check_size(field_name, text, error, limit)
+    _check_size(field_name, text, error, limit, limit_name)
     return text
 
 
@@ -324,7 +331,13 @@ def _plain_keys(value: dict[Any, Any] | list[Any]) -> bool:
     return True
 
 
-def _check_size(field_name: str, text: str, error: type[InvalidInput], limit: int | None) -> None:
+def _check_size(
+    field_name: str,
+    text: str,
+    error: type[InvalidInput],
+    limit: int | None,
+    limit_name: str = PAYLOAD_LIMIT_NAME,
+) -> None:
     if text.isascii():
         size = len(text)
     else:
@@ -337,7 +350,7 @@ def _check_size(field_name: str, text: str, error: type[InvalidInput], limit: in
     if size > limit:
         raise error(
             field_name,
-            f"is {size} bytes of JSON; the limit is {limit} (RUNS_APP['MAX_PAYLOAD_BYTES'])",
+            f"is {size} bytes of JSON; the limit is {limit} ({limit_name})",
             limit=limit,
         )
 
