@@ -225,7 +225,10 @@ class NatsPublisher:
         else:
             # The CloudEvents distributed-tracing extension: the attributes sit beside the
             # envelope's own in structured mode.
-            data = {**message.as_cloudevent(), **trace_context}
+            data = message.as_cloudevent()
+            if trace_context:  # the publish span's context replaces the run's, never mixes
+                data = {key: v for key, v in data.items() if key not in tracing.TRACE_CONTEXT_KEYS}
+            data.update(trace_context)
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     def _headers(self, message: Message, trace_context: Mapping[str, str]) -> dict[str, str]:
@@ -235,7 +238,9 @@ class NatsPublisher:
             "Runs-App-Seq": str(message.seq),
             "Runs-App-Scope": message.scope,
             "Runs-App-Type": message.type,
-            **trace_context,
+            # The publish span's context (a child of the run's) when there is one, else the
+            # run's own.
+            **(trace_context or message.trace_context),
         }
 
     # --- publishing ------------------------------------------------------------------------

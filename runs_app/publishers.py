@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from django.utils.module_loading import import_string
@@ -41,10 +41,15 @@ class Message:
     type: str
     payload: Mapping[str, Any]
     occurred_at: dt.datetime
+    #: The W3C trace context of the span that created the run (``traceparent``, ``tracestate``),
+    #: empty when there was none: see :mod:`runs_app.tracing`.
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
     def as_cloudevent(self) -> dict[str, Any]:
-        """The message as a CloudEvents 1.0 structured-mode event (a JSON-ready dict)."""
+        """The message as a CloudEvents 1.0 structured-mode event (a JSON-ready dict), with the
+        run's trace context as the distributed-tracing extension's attributes when it has one."""
         return {
+            **self.trace_context,
             "specversion": "1.0",
             "id": self.id,
             "source": f"/runs_app/{self.scope}",

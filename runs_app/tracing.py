@@ -40,12 +40,28 @@ def enabled() -> bool:
     return _otel() is not None
 
 
+def current_trace_context() -> dict[str, str]:
+    """The caller's current span as W3C trace context headers (``traceparent``, and
+    ``tracestate`` when there is one), for a run to keep (``Run.trace_context``) so that its
+    messages carry it; ``{}`` when OpenTelemetry is absent or there is no valid current span."""
+    otel = _otel()
+    if otel is None:
+        return {}
+    trace, propagate = otel
+    if not trace.get_current_span().get_span_context().is_valid:
+        return {}
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return {key: value for key, value in carrier.items() if key in TRACE_CONTEXT_KEYS}
+
+
 @contextmanager
 def publish_span(
     messages: Sequence[Message], *, system: str, destination_template: str | None = None
 ) -> Iterator[dict[str, str]]:
     """A PRODUCER span named ``runs_app publish`` around one ``publish()`` call of one run's
-    messages, a child of the caller's current span.
+    messages: a child of the run's trace context when the run has one (the job that created
+    it), linked to the caller's current span (the relay's), else a child of the caller's span.
 
     Yields the span's trace context as W3C headers (``{"traceparent": ..., "tracestate": ...}``,
     only the keys the propagator wrote), for the publisher to put in every message; ``{}`` when
@@ -72,9 +88,20 @@ def publish_span(
         # The template, not the subject: one span covers messages of several subjects.
         attributes["messaging.destination.template"] = destination_template
     tracer = trace.get_tracer(TRACER_NAME)
+    parent = None
+    links = []
+    if first.trace_context:
+        parent = propagate.extract(dict(first.trace_context))
+        relay_span = trace.get_current_span().get_span_context()
+        if relay_span.is_valid:
+            links.append(trace.Link(relay_span))
     # record_exception / set_status_on_exception: the span says why the publish failed.
     with tracer.start_as_current_span(
-        "runs_app publish", kind=trace.SpanKind.PRODUCER, attributes=attributes
+        "runs_app publish",
+        context=parent,
+        kind=trace.SpanKind.PRODUCER,
+        attributes=attributes,
+        links=links,
     ) as span:
         carrier: dict[str, str] = {}
         if span.get_span_context().is_valid:

@@ -24,6 +24,7 @@ from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..models import Run, RunEvent
 from ..publishers import Message
+from ..tracing import TRACE_CONTEXT_KEYS
 
 # PostgreSQL reads each run's batch with a LATERAL subquery: one index range scan of (run, seq)
 # per run, stopping at the batch size whatever the run's backlog, and the run's scope by primary
@@ -32,11 +33,11 @@ from ..publishers import Message
 # over the claim (runs in claim order, then seq) cuts it at the byte budget on the server, so
 # what does not fit is never sent. The ORM says neither LATERAL nor a filter over a window.
 _READ_POSTGRESQL = """
-SELECT run_id, scope, seq, type, payload, created_at, upto, total FROM (
-    SELECT c.ord, c.run_id, r.scope, e.seq, e.type, e.payload, e.created_at,
+SELECT run_id, scope, trace_context, seq, type, payload, created_at, upto, total FROM (
+    SELECT c.ord, c.run_id, r.scope, r.trace_context, e.seq, e.type, e.payload, e.created_at,
         row_number() OVER w AS n, sum(e.size) OVER w AS upto, count(*) OVER () AS total
     FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS c(run_id, next_seq, ord)
-    CROSS JOIN LATERAL (SELECT scope FROM {run} WHERE id = c.run_id LIMIT 1) r
+    CROSS JOIN LATERAL (SELECT scope, trace_context FROM {run} WHERE id = c.run_id LIMIT 1) r
     CROSS JOIN LATERAL (
         SELECT seq, type, payload, created_at, octet_length(payload::text) AS size
         FROM {event} WHERE run_id = c.run_id AND seq >= c.next_seq
@@ -82,7 +83,13 @@ def read_batches(runs: Sequence[tuple[str, int]], limit: int, max_bytes: int | N
     else:
         rows, used, cut = _within_budget(_read_sqlite(runs, limit), budget)
     read = Read(payload_bytes=used, cut=cut)
-    for run_id, scope, seq, event_type, data, created_at in rows:
+    trace_field = Run._meta.get_field("trace_context")
+    connection = connection_for_write()
+    contexts: dict[str, dict[str, str]] = {}  # decoded once per run, not per event
+    for run_id, scope, trace_text, seq, event_type, data, created_at in rows:
+        trace_context = contexts.get(run_id)
+        if trace_context is None:
+            trace_context = contexts[run_id] = _trace_context(trace_field, trace_text, connection)
         read.batches.setdefault(run_id, []).append(
             Message(
                 id=f"{run_id}:{seq}",
@@ -92,9 +99,21 @@ def read_batches(runs: Sequence[tuple[str, int]], limit: int, max_bytes: int | N
                 type=event_type,
                 payload=data,
                 occurred_at=created_at,
+                trace_context=trace_context,
             )
         )
     return read
+
+
+def _trace_context(trace_field: Any, text: Any, connection: Any) -> dict[str, str]:
+    """A run's stored trace context (the JSON text PostgreSQL's raw read returns, or the value
+    the ORM decoded on SQLite), as the headers a message carries ({} when none)."""
+    if not text or text == "{}":
+        return {}
+    value = text if isinstance(text, dict) else trace_field.from_db_value(text, None, connection)
+    if not isinstance(value, dict):
+        return {}
+    return {str(key): str(item) for key, item in value.items() if key in TRACE_CONTEXT_KEYS}
 
 
 def read_claimed(
@@ -124,22 +143,23 @@ def _read_postgresql(
         (
             run_id,
             scope,
+            trace_text,
             seq,
             kind,
             payload.from_db_value(data, payload.cached_col, connection),
             created,
         )
-        for run_id, scope, seq, kind, data, created, _, _ in fetched
+        for run_id, scope, trace_text, seq, kind, data, created, _, _ in fetched
     ]
     if not fetched:
         return rows, 0, False
-    _, _, _, _, _, _, used, total = fetched[-1]
+    *_, used, total = fetched[-1]
     return rows, int(used), len(fetched) < int(total)
 
 
 def _read_sqlite(
     runs: Sequence[tuple[str, int]], limit: int
-) -> Iterable[tuple[str, str, int, str, Any, datetime, int]]:
+) -> Iterable[tuple[str, str, Any, int, str, Any, datetime, int]]:
     rank = Window(RowNumber(), partition_by=[F("run_id")], order_by=F("seq").asc())
     # The stored JSON text's size in bytes: what the budget counts (PostgreSQL counts the same).
     size = RawSQL(f"length(CAST({table(RunEvent)}.payload AS BLOB))", [])
@@ -155,13 +175,22 @@ def _read_sqlite(
         .annotate(rank=rank, size=size)
         .filter(rank__lte=limit)
         .order_by("run_id", "seq")
-        .values_list("run_id", "run__scope", "seq", "type", "payload", "created_at", "size")
+        .values_list(
+            "run_id",
+            "run__scope",
+            "run__trace_context",
+            "seq",
+            "type",
+            "payload",
+            "created_at",
+            "size",
+        )
     )
     return rows.iterator(chunk_size=100)  # streamed: the rows past the budget are never read
 
 
 def _within_budget(
-    rows: Iterable[tuple[str, str, int, str, Any, datetime, int]], budget: int
+    rows: Iterable[tuple[str, str, Any, int, str, Any, datetime, int]], budget: int
 ) -> tuple[list[tuple[Any, ...]], int, bool]:
     kept: list[tuple[Any, ...]] = []
     used = 0

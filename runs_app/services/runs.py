@@ -20,6 +20,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from .. import tracing
 from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import RunAlreadyExists, RunClosed, RunInProgress, RunNotFound
@@ -154,6 +155,8 @@ def _insert_run(
         last_seq=len(all_events),
         ordinal=ordinal,
         created_at=now,
+        # The job's span, if it runs in one: the run's messages carry it to their consumers.
+        trace_context=tracing.current_trace_context(),
     )
     run.state = RunState.objects.using(alias).create(
         run=run, scope=scope, started_at=now, heartbeat_at=now
