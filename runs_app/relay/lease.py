@@ -92,29 +92,31 @@ def acknowledge_batches(
         return _acknowledge_sqlite(cursor, batches, set(keep_lease), token_value)
 
 
-# PostgreSQL: the runs' values travel as arrays, each row finds its own by its run id's position
-# (array_position), so the statement joins nothing. A join of the outbox with the per-run rows
-# (``FROM (VALUES ...)``) is planned from the statistics of ``lease_token``: nearly all NULL, so
-# the planner expects one row for the claim's token, scans the outbox and rescans the per-run
-# rows for each row it finds (100 x 100 comparisons, 8 ms a pass at 10,000 runs). Here the rows
-# are found by primary key: ``= ANY(ARRAY(SELECT unnest(...)))`` hides the array's length from
-# the planner, which then expects a few keys of a unique index and walks it whatever the table's
-# size or statistics. The events are marked for exactly the runs the fenced outbox UPDATE
-# changed (a data-modifying CTE: one round trip a pass).
+# PostgreSQL: the runs' values travel as arrays (each sent once, in the one-row ``v``, which the
+# planner folds into constants: the ARRAY(...) below stays an InitPlan, run once), and each
+# outbox row finds its own at its run id's position (``array_position``), so the statement joins
+# no per-run rows. A join with them (``FROM (VALUES ...)``) is planned from the statistics of
+# ``lease_token``: nearly all NULL, so the planner expects one row for the claim's token, scans
+# the outbox and rescans the per-run rows for each row it finds (100 x 100 comparisons, 8 ms a
+# pass at 10,000 runs). Here the rows are found by primary key: ``= ANY(ARRAY(SELECT ...))``
+# hides the array's length from the planner, which then expects a few keys of a unique index
+# and walks it whatever the table's size or statistics. The events are marked for exactly the
+# runs the fenced outbox UPDATE changed (a data-modifying CTE: one round trip a pass).
 _ACKNOWLEDGE_POSTGRESQL = """
 WITH acked AS (
     UPDATE {outbox} o SET
-        next_seq = (%(last)s::bigint[])[array_position(%(runs)s::text[], o.run_id::text)] + 1,
+        next_seq = v.last_seqs[{at}] + 1,
         attempts = 0, last_error = '', next_attempt_at = NULL,
-        lease_until = CASE WHEN o.run_id = ANY(%(keep)s::text[]) THEN {lease} ELSE NULL END,
-        lease_token = CASE WHEN o.run_id = ANY(%(keep)s::text[]) THEN o.lease_token END,
-        leased_by = CASE WHEN o.run_id = ANY(%(keep)s::text[]) THEN o.leased_by ELSE '' END
-    WHERE o.run_id = ANY(ARRAY(SELECT unnest(%(runs)s::text[])))
-    AND o.lease_token = %(token)s
-    AND o.next_seq = (%(first)s::bigint[])[array_position(%(runs)s::text[], o.run_id::text)]
-    RETURNING o.run_id,
-        (%(first)s::bigint[])[array_position(%(runs)s::text[], o.run_id::text)] AS first_seq,
-        o.next_seq - 1 AS last_seq
+        lease_until = CASE WHEN v.keep[{at}] THEN {lease} END,
+        lease_token = CASE WHEN v.keep[{at}] THEN o.lease_token END,
+        leased_by = CASE WHEN v.keep[{at}] THEN o.leased_by ELSE '' END
+    FROM (
+        SELECT %(runs)s::text[] AS runs, %(first)s::bigint[] AS first_seqs,
+            %(last)s::bigint[] AS last_seqs, %(keep)s::boolean[] AS keep
+    ) v
+    WHERE o.run_id = ANY(ARRAY(SELECT unnest(v.runs)))
+    AND o.lease_token = %(token)s AND o.next_seq = v.first_seqs[{at}]
+    RETURNING o.run_id, v.first_seqs[{at}] AS first_seq, o.next_seq - 1 AS last_seq
 ), marked AS (
     UPDATE {event} e SET published_at = {now} FROM acked
     WHERE e.run_id = acked.run_id AND e.seq >= acked.first_seq AND e.seq <= acked.last_seq
@@ -127,19 +129,21 @@ SELECT run_id FROM acked
 def _acknowledge_postgresql(
     batches: Sequence[tuple[str, int, int]], keep: set[str], token_value: Any
 ) -> tuple[str, dict[str, Any]]:
-    # Named parameters: the statement uses the run ids several times.
     now_sql, now_params = compile_expression(Now())
     if now_params:  # STATEMENT_TIMESTAMP(): Django's Now() on PostgreSQL takes none
         raise NotImplementedError(f"unexpected parameters for Now(): {now_params}")
-    lease_sql = f"({now_sql} + %(lease)s)"  # db_now_plus, with a named parameter
     sql = _ACKNOWLEDGE_POSTGRESQL.format(
-        outbox=table(RunOutbox), event=table(RunEvent), lease=lease_sql, now=now_sql
+        outbox=table(RunOutbox),
+        event=table(RunEvent),
+        at="array_position(v.runs, o.run_id::text)",
+        lease=f"({now_sql} + %(lease)s)",  # db_now_plus, with a named parameter
+        now=now_sql,
     )
     return sql, {
         "runs": [run_id for run_id, _, _ in batches],
         "first": [first for _, first, _ in batches],
         "last": [last for _, _, last in batches],
-        "keep": sorted(keep),
+        "keep": [run_id in keep for run_id, _, _ in batches],
         "token": token_value,
         "lease": dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)),
     }
