@@ -132,10 +132,14 @@ def _claim(
         ids = candidates[:limit].values("run_id")
         sql, orm_params = ids.query.get_compiler(using=ids.db).as_sql()
         params = list(orm_params)
+    # PostgreSQL: = ANY(ARRAY(...)) runs the candidates first (an InitPlan) and updates their
+    # rows by primary key. With IN (...) the planner joins the candidates with the outbox, and
+    # on a table of some thousand rows it hashes them and scans the whole outbox every claim.
+    target = f"= ANY(ARRAY({sql}))" if is_postgresql() else f"IN ({sql})"
     with transaction.atomic(using=db_alias()), connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table(RunOutbox)} SET lease_token = %s, leased_by = %s,"
-            f" lease_until = {lease_sql} WHERE run_id IN ({sql})"
+            f" lease_until = {lease_sql} WHERE run_id {target}"
             " RETURNING run_id, next_seq, attempts",
             [token_value, holder, *lease_params, *params],
         )
