@@ -15,7 +15,7 @@ from django.utils import timezone
 from runs_app import relay
 from runs_app.db import table
 from runs_app.models import Run, RunEvent, RunOutbox, RunState
-from runs_app.relay import claim, read
+from runs_app.relay import claim, lease, read
 from runs_app.testing import MemoryPublisher
 from tests.relay_helpers import seed_runs
 
@@ -128,3 +128,18 @@ def test_a_pass_costs_the_same_statements_on_a_fresh_database() -> None:
     with CaptureQueriesContext(connection) as small:
         assert relay.drain_outbox_once(publisher=MemoryPublisher(), batch_size=2).published == 4
     assert len(big) == len(small)  # claim, read, acknowledgement (and their savepoints)
+
+
+def test_the_acknowledgement_touches_only_the_acknowledged_events_on_a_fresh_database() -> None:
+    seed()
+    taken = claim.claim_runs(LIMIT)
+    assert len(taken.runs) == LIMIT
+    batches = [(run.run_id, run.next_seq, run.next_seq + 4) for run in taken.runs]
+    token = RunOutbox._meta.get_field("lease_token").get_db_prep_value(taken.token, connection)
+    forget_statistics()
+    sql, params = lease._acknowledge_postgresql(batches, set(), token)
+    shape, rows = explain(sql, params)  # type: ignore[arg-type]
+    assert not [node for node in shape if node[0] == "Seq Scan"], shape
+    # Each acknowledged run's outbox row and its 5 events, found by key: not the 1,000 pending
+    # events of the other runs, nor the 40,000 published ones.
+    assert rows <= 3 * (LIMIT * 5 + LIMIT), (rows, shape)
