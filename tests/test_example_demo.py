@@ -11,6 +11,7 @@ from example_project.management.commands.sync_repositories import SCOPE
 from example_project.models import Owner, Repository
 from runs_app.models import (
     CleanupStatus,
+    FlushMode,
     FlushStatus,
     Project,
     RunEvent,
@@ -33,6 +34,8 @@ def test_demo_shows_every_guarantee() -> None:
         (SCOPE, RunStatus.COMPLETED),
         (SCOPE, RunStatus.FAILED),
         (SCOPE, RunStatus.COMPLETED),
+        (SCOPE, RunStatus.COMPLETED),
+        (SCOPE, RunStatus.FAILED),
         (SCOPE, RunStatus.COMPLETED),
     ]
     assert states[1].rows_removed == 5
@@ -70,7 +73,32 @@ def test_demo_shows_every_guarantee() -> None:
         200,
     )
     assert approved.approved_by == "demo"
-    assert (Owner.objects.count(), Repository.objects.count()) == (36, 100)
+    assert Repository.objects.filter(last_seen_run=states[6].run).count() == 100
+
+    # Step 9: incremental reads. The failing one wrote a page with its cursor; the next one
+    # started from step 8's cursor, not that one, and read exactly the other 200.
+    ids = sorted(Repository.objects.values_list("github_id", flat=True))
+    assert approved.cursor == ids[99]
+    failing = RunModelState.objects.get(run=states[7].run, model="example_project.repository")
+    assert (failing.flush_mode, failing.flush_status, failing.cursor) == (
+        FlushMode.INCREMENTAL,
+        FlushStatus.FAILED,
+        ids[199],
+    )
+    resumed = RunModelState.objects.get(run=states[8].run, model="example_project.repository")
+    assert (resumed.flush_mode, resumed.rows_created, resumed.rows_updated, resumed.cursor) == (
+        FlushMode.INCREMENTAL,
+        100,
+        100,
+        ids[-1],
+    )
+    assert (resumed.cleanup_status, resumed.cleanup_reason) == (
+        CleanupStatus.REFUSED,
+        "incremental_run",
+    )
+    read = Repository.objects.filter(last_seen_run=states[8].run)
+    assert sorted(read.values_list("github_id", flat=True)) == ids[100:]
+    assert (Owner.objects.count(), Repository.objects.count()) == (36, 300)
 
     assert not RunEvent.objects.pending().exists()
     text = out.getvalue()
@@ -81,6 +109,19 @@ def test_demo_shows_every_guarantee() -> None:
     assert "Restored 5 row(s) of run " in text
     assert "every restored row has its primary key and values back" in text
     assert "removed 200 row(s) of example_project.repository. Approved by demo." in text
+    starting = f"resuming after repository id {ids[99]}, from run {states[6].run_id}\n"
+    assert text.count(starting) == 2  # both incremental runs, the failed run's cursor unused
+    assert (
+        f"   -> run {states[7].run_id} failed after writing 100 repositories; its cursor "
+        f"(repository id {ids[199]}) is not a starting point.\n"
+    ) in text
+    assert (
+        f"   -> resumed after repository id {ids[99]} (run {states[6].run_id}'s cursor, not the "
+        f"failed run's {ids[199]}): read exactly the 200 repositories after it (100 updated: "
+        "those the failed run had written; 100 created)"
+    ) in text
+    assert "\n10. Deliver the events (drain_outbox --once)\n" in text
+    assert " 0 pending." in text
 
 
 @pytest.mark.django_db(transaction=True)
@@ -89,4 +130,5 @@ def test_demo_runs_again_on_a_database_it_filled() -> None:
     out = StringIO()
     call_command("demo", stdout=out, stderr=StringIO())
     assert "removed exactly the 5 dropped repositories" in out.getvalue()
-    assert (Owner.objects.count(), Repository.objects.count()) == (36, 100)
+    assert "read exactly the 200 repositories after it" in out.getvalue()
+    assert (Owner.objects.count(), Repository.objects.count()) == (36, 300)

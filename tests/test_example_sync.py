@@ -35,6 +35,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 SAMPLE = json.loads(SAMPLE_SOURCE.read_text(encoding="utf-8"))
 OWNERS = len(SAMPLE["owners"])
 REPOSITORIES = len(SAMPLE["repositories"])
+IDS = [record["id"] for record in SAMPLE["repositories"]]  # in id order (checked below)
+REPOSITORY = "example_project.repository"
 
 
 def sync(*args: str) -> str:
@@ -106,6 +108,7 @@ def test_a_full_sync_then_an_update() -> None:
         f"Run {run.pk}: completed.\n"
         "  owners:       flush succeeded, 36 seen (36 created, 0 updated), 36 confirmed\n"
         "  repositories: flush succeeded, 300 seen (300 created, 0 updated), 300 confirmed\n"
+        f"                cursor {IDS[-1]}: the next incremental run resumes after it\n"
         "Cleanup of repositories: removed 0 no longer in the source.\n"
         "Cleanup of owners: removed 0 no longer in the source.\n"
         "Tables: 36 owner(s), 300 repositories.\n"
@@ -170,7 +173,10 @@ def test_a_source_failing_between_two_pages_loses_nothing() -> None:
     assert "source connection lost after 2 page(s) of repositories" in out
     assert f"Run {run.pk}: failed (" in out
     assert "  owners:       flush succeeded, 36 seen" in out
-    assert "  repositories: flush failed, 200 seen (0 created, 200 updated), 0 confirmed" in out
+    assert (
+        "  repositories: flush failed, 200 seen (0 created, 200 updated), 0 confirmed\n"
+        f"                cursor {IDS[199]}: not a starting point: the run did not complete\n"
+    ) in out
     assert "Cleanup of repositories refused: flush_failed: " in out
     assert "Cleanup of owners refused: flush_failed: " in out
     assert out.endswith("Tables: 36 owner(s), 300 repositories. Nothing was deleted.\n")
@@ -376,6 +382,7 @@ def test_exit_codes_from_a_real_process() -> None:
     done = manage("sync_repositories")
     failed = manage("sync_repositories", "--fail-after-page", "1")
     bad = manage("sync_repositories", "--drop", "many")
+    incremental = manage("sync_repositories", "--incremental")
 
     assert done.returncode == 0, done.stderr
     assert "Tables: 36 owner(s), 300 repositories." in done.stdout
@@ -383,7 +390,149 @@ def test_exit_codes_from_a_real_process() -> None:
     assert failed.stderr.startswith("CommandError: sync incomplete: repositories flush failed")
     assert bad.returncode == 2
     assert "'many' is not an integer" in bad.stderr
+    # An incremental run's refused cleanup is expected: exit 0.
+    assert incremental.returncode == 0, incremental.stderr
+    assert f"  resuming after repository id {IDS[-1]}, from run " in incremental.stdout
+    assert "Cleanup of repositories: skipped: incremental_run: " in incremental.stdout
     assert Repository.objects.count() == REPOSITORIES
+
+
+# --- --incremental: the repositories after the last completed run's cursor -----------------
+
+
+def test_a_full_run_sets_the_cursor_and_an_incremental_run_reads_only_the_new_ones() -> None:
+    sync("--drop", "20")
+    full = latest()
+    assert lines(full)[REPOSITORY].cursor == IDS[-21]  # the highest id it read
+    before = content()
+
+    out = sync("--incremental")
+
+    run = latest()
+    assert out.startswith(
+        f"Run {run.pk} started (scope 'github'; repositories read incrementally).\nOwners:\n"
+        "  page 1: 36 flushed (0 created, 36 updated), 36 so far\n"
+        "Repositories (incremental):\n"
+        f"  resuming after repository id {IDS[-21]}, from run {full.pk}\n"
+        "  page 1: 20 flushed (20 created, 0 updated), 20 so far\n"
+        f"Run {run.pk}: completed.\n"
+    )
+    assert (
+        "  repositories: flush succeeded (incremental), 20 seen (20 created, 0 updated), "
+        "20 confirmed\n"
+        f"                cursor {IDS[-1]}: the next incremental run resumes after it\n"
+        f"Cleanup of repositories: skipped: incremental_run: run '{run.pk}' read "
+        "example_project.repository incrementally"
+    ) in out
+    assert (
+        "Cleanup of owners: skipped: an incremental run does not clean up repositories, and a "
+        "repository it did not read may still reference an owner the source no longer lists.\n"
+        "Tables: 36 owner(s), 300 repositories.\n"
+    ) in out
+    # Exactly the 20 "new" ones were read; the 280 others untouched, nothing removed.
+    read = Repository.objects.filter(last_seen_run=run).values_list("github_id", flat=True)
+    assert sorted(read) == IDS[-20:]
+    assert content()[1][:280] == before[1]
+    assert Repository.objects.filter(last_seen_run=full).count() == 280
+    ledger = lines(run)
+    repositories, owners = ledger[REPOSITORY], ledger["example_project.owner"]
+    assert (repositories.flush_mode, owners.flush_mode) == ("incremental", "full")
+    assert (repositories.cleanup_status, repositories.cleanup_reason) == (
+        CleanupStatus.REFUSED,
+        "incremental_run",
+    )
+    assert owners.cleanup_status == CleanupStatus.NOT_RUN  # skipped by the job, not refused
+    assert run.metadata == {"job": "sync_repositories", "incremental": True}
+    assert not RunEvent.objects.filter(run=run, type__endswith=".removed").exists()
+    # The cursor travels in the flushed event of the page that set it.
+    flushed = RunEvent.objects.get(run=run, type="repositories.flushed")
+    assert flushed.payload["cursor"] == IDS[-1]
+
+    # A full run after it reads everything and cleans up again.
+    out = sync("--drop", "5")
+    assert "Cleanup of repositories: removed 5 no longer in the source." in out
+    assert lines(latest())[REPOSITORY].cursor == IDS[-6]
+
+
+def test_a_first_incremental_run_reads_from_the_start_and_the_next_one_reads_nothing() -> None:
+    first = sync("--incremental")
+    assert "  no completed run set a cursor: reading from the start\n" in first
+    assert "repositories: flush succeeded (incremental), 300 seen (300 created, 0 updated)" in first
+    run = latest()
+    assert lines(run)[REPOSITORY].cursor == IDS[-1]
+
+    second = sync("--incremental")
+    assert f"  resuming after repository id {IDS[-1]}, from run {run.pk}\n" in second
+    assert "repositories: flush succeeded (incremental), 0 seen (0 created, 0 updated)" in second
+    assert "Tables: 36 owner(s), 300 repositories.\n" in second
+    assert not Repository.objects.filter(last_seen_run=latest()).exists()
+
+
+def test_a_failed_runs_cursor_is_never_a_starting_point() -> None:
+    sync("--drop", "150")
+    start = latest()
+
+    error, out = sync_failing("--incremental", "--fail-after-page", "1")
+
+    failed = latest()
+    assert failed.state.status == RunStatus.FAILED
+    assert str(error) == (
+        "sync incomplete: repositories flush failed; run failed; "
+        "repositories cleanup refused (flush_failed)"
+    )
+    assert f"  resuming after repository id {IDS[149]}, from run {start.pk}\n" in out
+    assert "  page 2: FLUSH FAILED: " in out
+    assert f"cursor {IDS[249]}: not a starting point: the run did not complete\n" in out
+    assert "Cleanup of owners: skipped: an incremental run" in out
+    assert lines(failed)[REPOSITORY].cursor == IDS[249]  # set, with the page it wrote
+    assert Repository.objects.count() == 250  # that page stays: rows are never lost
+
+    out = sync("--incremental")
+
+    # From the completed run's cursor, not the failed run's: the failed run's page is read again.
+    assert f"  resuming after repository id {IDS[149]}, from run {start.pk}\n" in out
+    assert "  page 1: 100 flushed (0 created, 100 updated), 100 so far\n" in out
+    assert "  page 2: 50 flushed (50 created, 0 updated), 150 so far\n" in out
+    assert lines(latest())[REPOSITORY].cursor == IDS[-1]
+    assert Repository.objects.count() == REPOSITORIES
+
+
+def test_an_incremental_dry_run_skips_the_cleanups_too() -> None:
+    sync("--drop", "20")
+    out = sync("--incremental", "--dry-run")
+    assert "Cleanup of repositories (dry run): skipped: incremental_run: " in out
+    assert "Cleanup of owners: skipped: an incremental run" in out
+    assert lines(latest())[REPOSITORY].cleanup_status == CleanupStatus.NOT_RUN
+
+
+def test_the_listing_is_in_id_order_whatever_the_files(tmp_path: Path) -> None:
+    path = write_source(tmp_path, SAMPLE["repositories"][::-1])
+    source = SampleSource(Path(path), drop=20)
+    assert [record["id"] for page in source.repositories() for record in page] == IDS[:-20]
+    assert source.dropped_ids() == IDS[-20:]
+    assert [record["id"] for page in source.repositories(IDS[-30]) for record in page] == (
+        IDS[-29:-20]
+    )
+
+    sync("--source", path, "--drop", "20")
+    assert lines(latest())[REPOSITORY].cursor == IDS[-21]
+    out = sync("--source", path, "--incremental")
+    assert "  page 1: 20 flushed (20 created, 0 updated), 20 so far\n" in out
+
+
+def test_a_cursor_that_is_not_a_repository_id_fails_the_flush() -> None:
+    """Another job of the scope left a cursor of its own: said, nothing read or written."""
+    with services.track_run(SCOPE) as run, services.flush(run.pk, Repository) as flush:
+        flush.write([], cursor="page-token")
+
+    error, out = sync_failing("--incremental")
+
+    assert (
+        f"  page 1: FLUSH FAILED: Flush of run '{latest().pk}' failed: ValueError: the cursor of "
+        f"run {run.pk} is 'page-token', not a repository id\n"
+    ) in out
+    assert error.returncode == 1
+    assert not Repository.objects.exists()
 
 
 def test_the_admin_lists_the_synced_rows(admin_client: Any) -> None:

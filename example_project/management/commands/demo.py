@@ -1,5 +1,5 @@
-"""``manage.py demo``: the README's main job. Six sync cycles and a relay pass, so every
-guarantee shows once on a fresh database:
+"""``manage.py demo``: the README's main job. Nine sync cycles, an undone cleanup, an approved
+one and a relay pass, so every guarantee shows once on a fresh database:
 
 1. ``sync_projects``: a full sync of the sample source (500 projects);
 2. ``sync_projects --remove 5``: the source no longer lists 5 projects; cleanup removes exactly
@@ -21,7 +21,11 @@ guarantee shows once on a fresh database:
 8. ``sync_repositories --drop 200``: the source lost two thirds of its repositories; cleanup
    refuses (``too_many_deletions``) and withholds its plan; ``cleanup_old_projects --approve
    200`` approves it for the size shown, and exactly those go;
-9. ``drain_outbox --once``: every event of the seven runs leaves through the outbox.
+9. ``sync_repositories --incremental``: only the repositories after the last completed run's
+   cursor (step 8's, which read the first 100): one that fails after a page (the run fails, and
+   its cursor is never a starting point), then one that resumes from step 8's cursor, not the
+   failed run's, and reads the other 200; its cleanup is skipped (``incremental_run``);
+10. ``drain_outbox --once``: every event of the nine runs leaves through the outbox.
 
 Exit 0 when each step behaved as the guarantees say, 1 otherwise.
 """
@@ -41,7 +45,7 @@ from example_project.management.commands.sync_repositories import (
 from example_project.models import Owner, Repository
 from runs_app import services
 from runs_app.management.base import StrictCommand
-from runs_app.models import Project, RunEvent, RunModelState, RunStatus
+from runs_app.models import CleanupStatus, FlushMode, Project, RunEvent, RunModelState, RunStatus
 
 REPOSITORY = "example_project.Repository"
 
@@ -49,7 +53,8 @@ REPOSITORY = "example_project.Repository"
 class Command(StrictCommand):
     help = (
         "The example project's tour: projects and the project's own repositories, each synced, "
-        "synced with removals and synced from a failing source; then drain the outbox."
+        "synced with removals and synced from a failing source; the repositories read "
+        "incrementally, resuming after a failed run; then drain the outbox."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -73,7 +78,7 @@ class Command(StrictCommand):
         self._repositories()
 
         self.stdout.write(
-            self.style.MIGRATE_HEADING("\n9. Deliver the events (drain_outbox --once)")
+            self.style.MIGRATE_HEADING("\n10. Deliver the events (drain_outbox --once)")
         )
         pending = RunEvent.objects.filter(published_at__isnull=True).count()
         call_command("drain_outbox", "--once", stdout=self.stdout, stderr=self.stderr)
@@ -85,7 +90,7 @@ class Command(StrictCommand):
         )
 
     def _repositories(self) -> None:
-        """Steps 4-6: the example project's own tracked models."""
+        """Steps 4-9: the example project's own tracked models."""
         self._heading("4. Your own models: repositories and owners (sync_repositories)")
         call_command("sync_repositories", stdout=self.stdout)
         sample = SampleSource(SAMPLE_SOURCE)
@@ -138,6 +143,7 @@ class Command(StrictCommand):
             raise CommandError("the drop's sync left no run", returncode=1)
         self._undo(run.pk, before_rows)
         self._approve()
+        self._incremental()
 
     def _undo(self, run_id: str, before: dict[int, tuple[Any, ...]]) -> None:
         """Step 7: the drop's cleanup undone; every row back as it was, primary key included."""
@@ -198,6 +204,105 @@ class Command(StrictCommand):
         if Repository.objects.count() != 100:
             raise CommandError("the approved cleanup did not remove exactly 200", returncode=1)
         self.stdout.write(f"   -> {self._counts()}.")
+
+    def _incremental(self) -> None:
+        """Step 9: incremental reads. A failed run's cursor is never a starting point: the
+        sync after it resumes from the last completed run's cursor."""
+        self._heading(
+            "9. Incremental: only the repositories after the last completed run's cursor "
+            "(sync_repositories --incremental)"
+        )
+        sample = SampleSource(SAMPLE_SOURCE)
+        ids = [record["id"] for page in sample.repositories() for record in page]
+        start = services.latest_run(SCOPE)
+        if start is None or start.state.status != RunStatus.COMPLETED:
+            raise CommandError("step 8 left no completed run to resume from", returncode=1)
+        start_cursor = self._cursor(start.pk)
+        held = sorted(Repository.objects.values_list("github_id", flat=True))
+        if start_cursor != held[-1] or held != ids[: len(held)]:
+            raise CommandError(
+                f"step 8's run has cursor {start_cursor}, not its last repository id {held[-1]}",
+                returncode=1,
+            )
+        self.stdout.write(
+            f"   The last completed run, {start.pk}, read the first {len(held)} repositories: its "
+            f"cursor is repository id {start_cursor}, the highest it read."
+        )
+
+        self._heading(
+            "   a) The source fails after one page (sync_repositories --incremental "
+            "--fail-after-page 1)"
+        )
+        try:
+            call_command(
+                "sync_repositories", "--incremental", "--fail-after-page", "1", stdout=self.stdout
+            )
+        except CommandError as refusal:
+            self.stdout.write(f"   -> {refusal} (as intended)")
+        else:
+            raise CommandError("the failing incremental sync did not fail", returncode=1)
+        failed = services.latest_run(SCOPE)
+        if failed is None or failed.state.status != RunStatus.FAILED:
+            raise CommandError("the failing incremental sync did not fail its run", returncode=1)
+        failed_cursor = self._cursor(failed.pk)
+        page = ids[len(held) : len(held) + 100]
+        if failed_cursor != page[-1]:
+            raise CommandError(
+                f"the failed run's cursor is {failed_cursor}, not the last id of the page it "
+                f"wrote ({page[-1]})",
+                returncode=1,
+            )
+        self.stdout.write(
+            f"   -> run {failed.pk} failed after writing {len(page)} repositories; its cursor "
+            f"(repository id {failed_cursor}) is not a starting point."
+        )
+
+        self._heading(
+            "   b) The next sync resumes from the last completed run (sync_repositories "
+            "--incremental)"
+        )
+        call_command("sync_repositories", "--incremental", stdout=self.stdout)
+        resumed = services.latest_run(SCOPE)
+        if resumed is None or resumed.state.status != RunStatus.COMPLETED:
+            raise CommandError("the resuming incremental sync did not complete", returncode=1)
+        line = RunModelState.objects.get(run=resumed, model=REPOSITORY.lower())
+        read = set(
+            Repository.objects.filter(last_seen_run=resumed).values_list("github_id", flat=True)
+        )
+        rest = ids[len(held) :]
+        checks = {
+            "flush_mode": (line.flush_mode, FlushMode.INCREMENTAL),
+            "repositories read": (sorted(read), rest),
+            "rows (created, updated)": (
+                (line.rows_created, line.rows_updated),
+                (len(rest) - len(page), len(page)),
+            ),
+            "cursor": (line.cursor, ids[-1]),
+            "cleanup": (
+                (line.cleanup_status, line.cleanup_reason),
+                (CleanupStatus.REFUSED, "incremental_run"),
+            ),
+            "tables": (self._tables(), (sum(map(len, sample.owners())), len(ids))),
+        }
+        wrong = {name: got for name, (got, want) in checks.items() if got != want}
+        if wrong:
+            raise CommandError(f"the resumed incremental sync is off: {wrong}", returncode=1)
+        self.stdout.write(
+            f"   -> resumed after repository id {start_cursor} (run {start.pk}'s cursor, not the "
+            f"failed run's {failed_cursor}): read exactly the {len(rest)} repositories after it "
+            f"({len(page)} updated: those the failed run had written; "
+            f"{len(rest) - len(page)} created); its cursor is now {line.cursor}. Its cleanup "
+            f"was skipped (incremental_run): {self._counts()}."
+        )
+
+    @staticmethod
+    def _cursor(run_id: str) -> Any:
+        """The repositories' cursor a run set (None if it set none)."""
+        return (
+            RunModelState.objects.filter(run_id=run_id, model=REPOSITORY.lower())
+            .values_list("cursor", flat=True)
+            .first()
+        )
 
     @staticmethod
     def _repository_rows() -> dict[int, tuple[Any, ...]]:

@@ -9,6 +9,15 @@ failed; then the safe cleanup of each model: repositories first, owners second (
 repositories.json`` (a subset of GitHub's API shape), served page by page; options simulate
 the failures the guards exist for.
 
+The repositories are listed as GitHub's ``GET /repositories?since=<id>`` lists them: in id order,
+each page's cursor being the id of its last repository (``flush.write(rows, cursor=last_id)``).
+A full run reads them all and so leaves the highest id as its cursor. ``--incremental`` reads
+only the repositories after the cursor of the last *completed* run (``flush(...,
+incremental=True)``): its repositories' cleanup is refused (``incremental_run``: it did not read
+the others, so it cannot tell which are gone), which is expected and printed as skipped, and the
+owners' cleanup is skipped (they are read whole, but a repository the run did not read may still
+reference an owner the source no longer lists).
+
 Exit 0 when the cycle finished cleanly, 1 when a flush failed, the run did not complete or a
 cleanup refused (the summary says which, and what was kept), 2 on bad arguments.
 """
@@ -28,7 +37,7 @@ from runs_app import services
 from runs_app.exceptions import CleanupRefused, FlushFailed, RunInProgress
 from runs_app.management.argtypes import non_negative_int, positive_int
 from runs_app.management.base import StrictCommand
-from runs_app.models import RunModelState, RunStatus
+from runs_app.models import FlushMode, RunModelState, RunStatus
 from runs_app.tracking import TrackedModel, model_label
 
 SAMPLE_SOURCE = Path(__file__).resolve().parents[2] / "data" / "repositories.json"
@@ -43,6 +52,9 @@ SCOPE = "github"
 #: would run into the ``PROTECT`` foreign key, so owners are left alone.
 ROW_REFUSALS = frozenset({"empty_run", "too_many_deletions"})
 
+#: The repositories' cleanup refusal an incremental run expects: not a problem.
+INCREMENTAL_REFUSAL = "incremental_run"
+
 
 class SourceFailed(Exception):
     """The simulated source failure of ``--fail-after-page``: an API dropping the connection."""
@@ -52,6 +64,7 @@ class SourceFailed(Exception):
 class SampleSource:
     """The sample, served as a paginated API: each listing is a generator of pages, and a page
     is fetched whole before the job writes it, so a failing source fails *between* two writes.
+    Repositories are listed in id order, whatever the order of the file (``since`` relies on it).
 
     ``drop``: the source no longer lists its last ``drop`` repositories (by id).
     ``fail_after_page``: the repositories listing raises ``SourceFailed`` after that many
@@ -72,9 +85,17 @@ class SampleSource:
         for start in range(0, len(records), self.page_size):
             yield records[start : start + self.page_size]
 
-    def repositories(self) -> Iterator[list[dict[str, Any]]]:
-        records = self._load()["repositories"]
+    def _all_repositories(self) -> list[dict[str, Any]]:
+        """Every repository of the file, in id order."""
+        return sorted(self._load()["repositories"], key=lambda record: int(record["id"]))
+
+    def repositories(self, since: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """The repositories listing, as ``GET /repositories?since=<id>``: those whose id is
+        greater than ``since`` (all of them when None), in id order."""
+        records = self._all_repositories()
         records = records[: max(len(records) - self.drop, 0)]
+        if since is not None:
+            records = [record for record in records if record["id"] > since]
         for number, start in enumerate(range(0, len(records), self.page_size)):
             if self.fail_after_page is not None and number >= self.fail_after_page:
                 raise SourceFailed(
@@ -84,7 +105,7 @@ class SampleSource:
 
     def dropped_ids(self) -> list[int]:
         """The ids of the repositories ``drop`` leaves out (what cleanup should remove)."""
-        records = self._load()["repositories"]
+        records = self._all_repositories()
         return [record["id"] for record in records[max(len(records) - self.drop, 0) :]]
 
 
@@ -117,7 +138,8 @@ class Command(StrictCommand):
     help = (
         "Sync the sample repositories and their owners (the example project's own tracked "
         "models): a run, one flush session per model page by page, completion, safe cleanup "
-        "of each model, summary. Exit 1 if a flush failed, the run failed or a cleanup refused."
+        "of each model, summary. --incremental reads only the repositories after the last "
+        "completed run's cursor. Exit 1 if a flush failed, the run failed or a cleanup refused."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -141,6 +163,12 @@ class Command(StrictCommand):
             help="the source omits its last N repositories (cleanup removes exactly those)",
         )
         parser.add_argument(
+            "--incremental",
+            action="store_true",
+            help="read only the repositories after the cursor of the last completed run (their "
+            "id, as GitHub's ?since=); their cleanup and the owners' are skipped",
+        )
+        parser.add_argument(
             "--dry-run",
             action="store_true",
             help="sync and complete, but only plan the cleanups: print what they would remove "
@@ -155,15 +183,31 @@ class Command(StrictCommand):
             fail_after_page=options["fail_after_page"],
         )
         dry_run: bool = options["dry_run"]
+        incremental: bool = options["incremental"]
         problems: list[str] = []
+        metadata: dict[str, Any] = {"job": "sync_repositories"}
+        if incremental:
+            metadata["incremental"] = True
         try:
             # Leaving the block completes the run; complete_run is fail-safe across models: a
             # failed (or unfinished) flush of either model makes the run failed, never completed.
-            with services.track_run(SCOPE, metadata={"job": "sync_repositories"}) as run:
-                self.stdout.write(f"Run {run.pk} started (scope {SCOPE!r}).")
-                owners_ok = self._flush(run.pk, Owner, source.owners(), owner_row, problems)
+            with services.track_run(SCOPE, metadata=metadata) as run:
+                how = "; repositories read incrementally" if incremental else ""
+                self.stdout.write(f"Run {run.pk} started (scope {SCOPE!r}{how}).")
+                # Owners are a small table: always read whole.
+                owners_ok = self._flush(
+                    run.pk, Owner, lambda _: source.owners(), owner_row, problems
+                )
                 if owners_ok:
-                    self._flush(run.pk, Repository, source.repositories(), repository_row, problems)
+                    self._flush(
+                        run.pk,
+                        Repository,
+                        source.repositories,
+                        repository_row,
+                        problems,
+                        incremental=incremental,
+                        cursor=lambda page: page[-1]["id"],
+                    )
                 else:
                     self.stdout.write("Repositories: not synced (the owners' flush failed).")
         except RunInProgress as exc:
@@ -171,8 +215,15 @@ class Command(StrictCommand):
 
         self._summary(run.pk, problems)
 
-        removed, refusal = self._cleanup(run.pk, Repository, dry_run, problems)
-        if refusal in ROW_REFUSALS:
+        expected = frozenset({INCREMENTAL_REFUSAL}) if incremental else frozenset()
+        removed, refusal = self._cleanup(run.pk, Repository, dry_run, problems, expected)
+        if incremental:
+            self.stdout.write(
+                "Cleanup of owners: skipped: an incremental run does not clean up repositories, "
+                "and a repository it did not read may still reference an owner the source no "
+                "longer lists."
+            )
+        elif refusal in ROW_REFUSALS:
             self.stdout.write(
                 "Cleanup of owners: skipped: the stale repositories were kept, and an owner "
                 "cannot be removed while it owns one."
@@ -192,21 +243,33 @@ class Command(StrictCommand):
         self,
         run_id: str,
         model: type[TrackedModel],
-        source_pages: Iterator[list[dict[str, Any]]],
+        listing: Callable[[Any], Iterator[list[dict[str, Any]]]],
         to_row: Callable[[dict[str, Any]], dict[str, Any]],
         problems: list[str],
+        *,
+        incremental: bool = False,
+        cursor: Callable[[list[dict[str, Any]]], Any] | None = None,
     ) -> bool:
         """Every page of one listing through one flush session of ``model``: its flush succeeds
         only if the block is left normally, after the last page. A source failing between two
         pages escapes the block, which records this model's flush failed and raises
-        ``FlushFailed``. Returns whether the flush succeeded."""
+        ``FlushFailed``. Returns whether the flush succeeded.
+
+        ``listing(since)``: the source's pages after ``since`` (None: from the start; an
+        incremental flush gives it the last completed run's cursor). ``cursor(page)``: the
+        cursor each page is written with (the run's cursor is its last page's)."""
         name = str(model._meta.verbose_name_plural)
-        self.stdout.write(f"{name.capitalize()}:")
+        self.stdout.write(f"{name.capitalize()}{' (incremental)' if incremental else ''}:")
         written = 0  # pages written: a failure is on the next one (fetching or writing it)
         try:
-            with services.flush(run_id, model) as flush:
-                for number, page in enumerate(source_pages, 1):
-                    result = flush.write([to_row(record) for record in page])
+            with services.flush(run_id, model, incremental=incremental) as flush:
+                since = self._starting_point(flush) if incremental else None
+                for number, page in enumerate(listing(since), 1):
+                    rows = [to_row(record) for record in page]
+                    if cursor is None:
+                        result = flush.write(rows)
+                    else:
+                        result = flush.write(rows, cursor=cursor(page))
                     written = number
                     self.stdout.write(
                         f"  page {number}: {result.seen} flushed ({result.created} created, "
@@ -218,9 +281,25 @@ class Command(StrictCommand):
             return False
         return True
 
+    def _starting_point(self, flush: services.FlushSession) -> int | None:
+        """Where an incremental read of the repositories starts (said on the output): the
+        cursor of the newest completed run that set one, never a failed run's."""
+        since = flush.cursor
+        if since is None:
+            self.stdout.write("  no completed run set a cursor: reading from the start")
+            return None
+        if not isinstance(since, int) or isinstance(since, bool):
+            # Raised in the block: the flush fails with this message, nothing is read.
+            raise ValueError(
+                f"the cursor of run {flush.cursor_run} is {since!r}, not a repository id"
+            )
+        self.stdout.write(f"  resuming after repository id {since}, from run {flush.cursor_run}")
+        return since
+
     def _summary(self, run_id: str, problems: list[str]) -> None:
         state = services.get_run(run_id).state
-        if state.status == RunStatus.COMPLETED:
+        completed = state.status == RunStatus.COMPLETED
+        if completed:
             self.stdout.write(f"Run {run_id}: completed.")
         else:
             self.stdout.write(f"Run {run_id}: {state.status} ({state.error}).")
@@ -232,21 +311,39 @@ class Command(StrictCommand):
             if line is None:
                 self.stdout.write(f"  {name:<14}not flushed")
                 continue
+            mode = " (incremental)" if line.flush_mode == FlushMode.INCREMENTAL else ""
             self.stdout.write(
-                f"  {name:<14}flush {line.flush_status}, {line.rows_seen} seen "
+                f"  {name:<14}flush {line.flush_status}{mode}, {line.rows_seen} seen "
                 f"({line.rows_created} created, {line.rows_updated} updated), "
                 f"{line.rows_confirmed} confirmed"
             )
+            if line.cursor is not None:
+                use = (
+                    "the next incremental run resumes after it"
+                    if completed
+                    else "not a starting point: the run did not complete"
+                )
+                self.stdout.write(f"  {'':<14}cursor {json.dumps(line.cursor)}: {use}")
 
     def _cleanup(
-        self, run_id: str, model: type[TrackedModel], dry_run: bool, problems: list[str]
+        self,
+        run_id: str,
+        model: type[TrackedModel],
+        dry_run: bool,
+        problems: list[str],
+        expected: frozenset[str] = frozenset(),
     ) -> tuple[int, str | None]:
         """The safe cleanup of ``model`` for the run (planned only, for a dry run). Returns the
-        rows removed and, if it refused (or would refuse) or failed, the reason."""
+        rows removed and, if it refused (or would refuse) or failed, the reason. A refusal in
+        ``expected`` is printed as skipped and is not a problem."""
         name = str(model._meta.verbose_name_plural)
+        dry = " (dry run)" if dry_run else ""
         try:
             result = services.safe_cleanup(run_id, model, dry_run=dry_run)
         except CleanupRefused as exc:
+            if exc.reason in expected:
+                self.stdout.write(f"Cleanup of {name}{dry}: skipped: {exc.reason}: {exc.message}")
+                return 0, exc.reason
             self.stdout.write(f"Cleanup of {name} refused: {exc.reason}: {exc.message}")
             problems.append(f"{name} cleanup refused ({exc.reason})")
             return 0, exc.reason
@@ -256,6 +353,11 @@ class Command(StrictCommand):
             )
             return result.removed, None
         sample = f" (e.g. {', '.join(map(str, result.sample_keys))})" if result.sample_keys else ""
+        if result.refusal in expected:
+            self.stdout.write(
+                f"Cleanup of {name}{dry}: skipped: {result.refusal}: {result.refusal_message}"
+            )
+            return 0, result.refusal
         if result.refusal is not None:
             self.stdout.write(
                 f"Cleanup of {name} (dry run): would refuse: {result.refusal}: "
