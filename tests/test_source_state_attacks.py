@@ -698,3 +698,21 @@ def test_the_cursor_read_does_not_probe_every_run_of_the_scope_without_statistic
         cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.captured_queries[-1]["sql"])
         plan = cursor.fetchone()[0][0]["Plan"]
     assert lines_probed(plan) <= 100, json.dumps(plan, indent=1)[:4000]
+
+
+# -- source_state's own arguments -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("before", ["7", True, 0, -1, 1.5], ids=repr)
+def test_a_bad_before_ordinal_is_refused_naming_it(before: Any) -> None:
+    completed_with_cursor("s", "c0")
+    with pytest.raises(InvalidInput) as refused:
+        services.source_state("s", Project, before_ordinal=before)
+    assert (refused.value.field, refused.value.limit) == ("before_ordinal", 1)
+
+
+def test_before_ordinal_beyond_any_ordinal_sees_every_completed_run() -> None:
+    run = completed_with_cursor("s", "c0")
+    assert services.source_state("s", Project, before_ordinal=run.ordinal).cursor is None
+    assert services.source_state("s", Project, before_ordinal=run.ordinal + 1).cursor == "c0"
+    assert services.source_state("s", Project, before_ordinal=10**30).cursor == "c0"
