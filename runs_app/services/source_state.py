@@ -25,7 +25,7 @@ from ..db import db_alias
 from ..exceptions import InvalidInput
 from ..models import RunModelState, RunStatus
 from ..tracking import tracked_spec
-from .validation import encode_json_value, validate_scope
+from .validation import encode_json_value, validate_positive_int, validate_scope
 
 #: The largest cursor, in bytes of JSON: a cursor is a position in a source, not data. It travels
 #: in the ``<sync_name>.flushed`` event of the batch that set it.
@@ -48,7 +48,7 @@ def source_state(
 ) -> SourceState:
     """The source state of ``scope`` for the tracked ``model``: what the next incremental run
     of the scope starts from. ``before_ordinal``: only runs created before that one (a run's own
-    starting point). Reads only.
+    starting point; a positive integer, else ``InvalidInput``). Reads only.
 
     To read a source incrementally, open the flush with ``incremental=True`` and use the
     session's ``cursor``: that is what marks the run incremental, so that its cleanup is
@@ -63,7 +63,8 @@ def source_state(
         run__state__status=RunStatus.COMPLETED,
     )
     if before_ordinal is not None:
-        lines = lines.filter(run__ordinal__lt=before_ordinal)
+        before = validate_positive_int("before_ordinal", before_ordinal, None)
+        lines = lines.filter(run__ordinal__lt=before)
     found = lines.order_by("-run__ordinal").values_list("cursor", "run_id", "cursor_at").first()
     if found is None:
         return SourceState()
