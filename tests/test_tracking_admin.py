@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from django.db import connection
 from django.test import Client, RequestFactory
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils.html import escape
 
 from runs_app import services
 from runs_app.exceptions import FlushFailed
@@ -262,7 +264,7 @@ def test_through_the_services_flush_completion_and_cleanup(viewer: Client) -> No
     line = html[html.index("<td>runs_app.project</td>") :]
     line = re.sub(r"<[^>]+>", "|", line[: line.index("</tr>")])
     cells = [cell for cell in line.split("|") if cell.strip()]
-    assert cells[:8] == ["runs_app.project", "succeeded", "3", "0", "3", "3", "1", "done"]
+    assert cells[:9] == ["runs_app.project", "succeeded", "full", "3", "0", "3", "3", "1", "done"]
     html = viewer.get(run_url("live-3")).content.decode()
     assert "<td>runs_app.project</td>" in html and ">failed</span>" in html
 
@@ -566,6 +568,12 @@ def test_the_stamps_join_the_declared_list_select_related(
 # The run page: one line per model under the run-level ledger
 
 
+# The cursor as the run page shows it: its JSON, cut to 80 characters, escaped.
+CURSOR_SHOWN_TEXT = (
+    json.dumps({"since": SCRIPT, "page": "x" * 100}, separators=(",", ":"))[:79] + "\u2026"
+)
+
+
 def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
     run = RunFactory.create(scope="lines", id="lines-1")
     RunModelStateFactory.create(
@@ -579,6 +587,8 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
         rows_created=7,
         cleanup_refused=True,
         cleanup_message=f"refused {SCRIPT}",
+        flush_mode="incremental",
+        cursor={"since": SCRIPT, "page": "x" * 100},
     )
     response = viewer.get(run_url(run.pk))
     assert response.status_code == 200
@@ -592,6 +602,7 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
     assert text[0] == [
         "model",
         "flush",
+        "source read, cursor",
         "seen",
         "created",
         "updated",
@@ -603,11 +614,12 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
         "grace, approval, undo",
     ]
     project, repository = text[1:]
-    assert project[:8] == [PROJECT, "succeeded", "1234", "1200", "34", "0", "1", "done"]
-    assert project[8] == "-"
-    assert repository[:8] == [
+    assert project[:9] == [PROJECT, "succeeded", "full", "1234", "1200", "34", "0", "1", "done"]
+    assert project[9] == "-"
+    assert repository[:9] == [
         "example_project.repository",
         "failed",
+        escape("incremental, cursor " + CURSOR_SHOWN_TEXT),
         "7",
         "7",
         "0",
@@ -615,7 +627,7 @@ def test_the_run_page_shows_one_line_per_model(viewer: Client) -> None:
         "0",
         "refused: flush_failed",
     ]
-    assert repository[8] == f"refused {ESCAPED_SCRIPT}"
+    assert repository[9] == f"refused {ESCAPED_SCRIPT}"
     assert SCRIPT not in html
 
 
