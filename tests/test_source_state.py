@@ -269,3 +269,14 @@ def test_a_fault_anywhere_never_leaves_a_cursor_without_its_rows() -> None:
             assert (cursor, rows) == (4, 3)
 
     assert check_under_faults(setup, action, check) > 5
+
+
+@override_settings(RUNS_APP={"MAX_PAYLOAD_BYTES": 4096})
+def test_the_cursor_limit_follows_a_smaller_payload_limit() -> None:
+    run = services.create_run("s")
+    with services.flush(run, incremental=True) as flush:
+        flush.write([], cursor="x" * 2046)  # 2,048 bytes of JSON: half the payload limit
+        with pytest.raises(InvalidInput) as refused:
+            flush.write([], cursor="x" * 2047)
+    assert (refused.value.field, refused.value.limit) == ("cursor", 2048)
+    assert "MAX_PAYLOAD_BYTES" in str(refused.value)

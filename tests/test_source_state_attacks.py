@@ -682,11 +682,6 @@ def lines_probed(plan: dict[str, Any]) -> int:
 
 
 @pytest.mark.postgresql
-@pytest.mark.xfail(
-    strict=True,
-    reason="without statistics PostgreSQL reads every run of the scope (bitmap scan + sort) "
-    "instead of walking runs_app_run_scope_ordinal backwards: reported to the lead (issue 15)",
-)
 def test_the_cursor_read_does_not_probe_every_run_of_the_scope_without_statistics() -> None:
     many_completed_runs(20_000, "big")
     from django.test.utils import CaptureQueriesContext
