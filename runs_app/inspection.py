@@ -125,6 +125,9 @@ class ModelHealth:
     rows_removed: int
     cleanup_status: str
     cleanup_reason: str
+    #: "full" or "incremental" (``flush(..., incremental=True)``), and the cursor the run set.
+    flush_mode: str
+    cursor: Any
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,8 @@ def health(scope: str | None = None, now: datetime | None = None) -> Health:
                 rows_removed=line.rows_removed,
                 cleanup_status=line.cleanup_status,
                 cleanup_reason=line.cleanup_reason,
+                flush_mode=line.flush_mode,
+                cursor=line.cursor,
             )
         )
     scopes = [

@@ -329,8 +329,8 @@ def test_the_latest_runs_per_model_lines_are_shown_under_the_summary(
         flush.write(
             [{"uid": uuid.UUID(int=1), "name": "d1"}, {"uid": uuid.UUID(int=2), "name": "d2"}]
         )
-    with services.flush(run, Membership) as flush:
-        flush.write([{"repo_id": 1, "login": "ada", "role": "admin"}])
+    with services.flush(run, Membership, incremental=True) as flush:
+        flush.write([{"repo_id": 1, "login": "ada", "role": "admin"}], cursor={"since": 7})
     services.complete_run(run)
 
     code, out, _ = status(monkeypatch=monkeypatch)
@@ -360,7 +360,13 @@ def test_the_latest_runs_per_model_lines_are_shown_under_the_summary(
         "0",
         "not_run",
     ]
-    assert lines[start + 3].split()[:4] == ["fleet", "tracked_app.membership", "succeeded", "1"]
+    assert lines[start + 3].split()[:5] == [
+        "fleet",
+        "tracked_app.membership",
+        "succeeded",
+        "(incremental)",
+        "1",
+    ]
     code, out, _ = status("--json", monkeypatch=monkeypatch)
     (scope,) = json.loads(out)["scopes"]
     assert [line["model"] for line in scope["models"]] == [
@@ -368,6 +374,10 @@ def test_the_latest_runs_per_model_lines_are_shown_under_the_summary(
         "tracked_app.membership",
     ]
     assert scope["models"][0]["rows_confirmed"] == 2
+    assert [(line["flush_mode"], line["cursor"]) for line in scope["models"]] == [
+        ("full", None),
+        ("incremental", {"since": 7}),
+    ]
 
 
 def finished_ago(run_id: str, seconds: float) -> None:

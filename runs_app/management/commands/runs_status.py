@@ -29,7 +29,7 @@ from django.utils import timezone
 from ... import inspection
 from ...exceptions import InvalidInput
 from ...services.validation import validate_scope
-from ...statuses import CleanupStatus, RunStatus
+from ...statuses import CleanupStatus, FlushMode, RunStatus
 from ..argtypes import non_negative_int, non_negative_seconds, positive_seconds
 from ..base import StrictCommand
 
@@ -232,7 +232,8 @@ class Command(StrictCommand):
                 [
                     item.scope,
                     line.model,
-                    line.flush_status,
+                    line.flush_status
+                    + (f" ({line.flush_mode})" if line.flush_mode != FlushMode.FULL else ""),
                     str(line.rows_seen),
                     str(line.rows_created),
                     str(line.rows_updated),
