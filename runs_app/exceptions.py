@@ -30,6 +30,10 @@ CLEANUP_REFUSAL_REASONS: tuple[CleanupRefusalReason, ...] = (
     "too_many_deletions",
 )
 
+#: Refusals that are the design working, not a problem to report: an incremental run never
+#: cleans up (health checks do not count them as failures).
+CLEANUP_EXPECTED_REFUSALS: tuple[CleanupRefusalReason, ...] = ("incremental_run",)
+
 #: Refusals of an approval (``safe_cleanup(..., approve=N)``) once the guards above passed or
 #: were the withheld ones: the run has no withheld plan, or the plan grew past the approval.
 CLEANUP_APPROVAL_REFUSALS: tuple[CleanupRefusalReason, ...] = (

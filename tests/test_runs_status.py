@@ -430,6 +430,11 @@ def test_max_failed_flags_a_failed_latest_run_or_a_refused_cleanup(
     RunState.objects.filter(run=refused).update(
         cleanup_status=CleanupStatus.REFUSED, cleanup_reason="too_many_deletions"
     )
+    # An incremental run's refusal is the design working, not a failure.
+    incremental = scenarios.completed_run("epsilon", "epsilon-1")
+    RunState.objects.filter(run=incremental).update(
+        cleanup_status=CleanupStatus.REFUSED, cleanup_reason="incremental_run"
+    )
 
     # Without the threshold the exit code stays 0, as documented; the last line says why not OK.
     code, out, _ = status(monkeypatch=monkeypatch)
@@ -452,6 +457,7 @@ def test_max_failed_flags_a_failed_latest_run_or_a_refused_cleanup(
         "alpha": [],
         "beta": [],
         "delta": ["max_failed"],
+        "epsilon": [],
         "gamma": ["max_age", "max_failed"],
     }
 

@@ -27,7 +27,7 @@ from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
 from ... import inspection
-from ...exceptions import InvalidInput
+from ...exceptions import CLEANUP_EXPECTED_REFUSALS, InvalidInput
 from ...services.validation import validate_scope
 from ...statuses import CleanupStatus, FlushMode, RunStatus
 from ..argtypes import non_negative_int, non_negative_seconds, positive_seconds
@@ -56,8 +56,12 @@ def _completed_ago(item: inspection.ScopeHealth) -> str:
 
 
 def _has_failed(item: inspection.ScopeHealth) -> bool:
-    """The latest run failed, or its cleanup was refused."""
-    return item.status == RunStatus.FAILED or item.cleanup_status == CleanupStatus.REFUSED
+    """The latest run failed, or its cleanup was refused (but for a refusal that is the design
+    working: an incremental run's)."""
+    return item.status == RunStatus.FAILED or (
+        item.cleanup_status == CleanupStatus.REFUSED
+        and item.cleanup_reason not in CLEANUP_EXPECTED_REFUSALS
+    )
 
 
 def _text(value: Any) -> str:
