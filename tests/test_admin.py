@@ -23,10 +23,12 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import Promise
 
+from runs_app import services
 from runs_app.admin.base import STYLESHEET
 from runs_app.admin.delivery import DELIVERY_FIELDS
 from runs_app.admin.outbox import RunOutboxAdmin
 from runs_app.admin.run import TIMELINE_EVENTS, RunAdmin
+from runs_app.exceptions import CleanupRefused
 from runs_app.models import Project, Run, RunEvent, RunOutbox, RunState
 from runs_app.testing import RunsOutbox
 from runs_app.tracking_admin import RUN_STAMPS, NotSeenByLatestRunFilter, TrackedModelAdminMixin
@@ -242,6 +244,22 @@ def test_a_failed_run_page_says_why(viewer: Client, story: AdminStory) -> None:
     assert banners(viewer, crashed)["runs-banner-failed"].startswith(
         f"This run failed (error). | job crashed {SCRIPT}"
     )
+
+
+def test_an_incremental_runs_refused_cleanup_is_no_problem(viewer: Client) -> None:
+    run = services.create_run("feed")
+    with services.flush(run, incremental=True) as flush:
+        flush.write([{"key": "k1", "name": "K1"}], cursor=1)
+    services.complete_run(run)
+    with pytest.raises(CleanupRefused):
+        services.safe_cleanup_old_projects(run)
+    assert banners(viewer, run) == {}
+    html = viewer.get(changelist("run")).content.decode()
+    row = html[html.index(f">{run.pk}<") :]
+    row = row[: row.index("</tr>")]
+    assert "runs-badge--bad" not in row and "cleanup refused" not in row
+    page = viewer.get(change("run", run.pk)).content.decode()
+    assert "refused: incremental_run" in page and "incremental, cursor 1" in page
 
 
 def test_a_healthy_run_page_has_no_banner(viewer: Client, story: AdminStory) -> None:

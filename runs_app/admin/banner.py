@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from django.utils.translation import gettext as _
 
 from ..models import CleanupStatus, Run, RunEvent, RunModelState, RunStatus
-from .display import related
+from .display import refused_for_a_problem, related
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def run_banners(run: Run) -> list[Banner]:
                 % {"scope": run.scope},
             )
         )
-    if state is not None and state.cleanup_status == CleanupStatus.REFUSED:
+    if state is not None and refused_for_a_problem(state):
         withheld = RunModelState.objects.filter(
             run_id=run.pk, cleanup_status=CleanupStatus.REFUSED, withheld_count__isnull=False
         ).exists()

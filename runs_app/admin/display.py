@@ -21,6 +21,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext
 
 from .. import inspection
+from ..exceptions import CLEANUP_EXPECTED_REFUSALS
 from ..models import (
     CleanupStatus,
     FlushMode,
@@ -92,9 +93,18 @@ def problem_badges(state: RunState) -> list[SafeString]:
         problems.append(badge(gettext("flush failed"), "bad", title=state.flush_error))
     elif state.flush_status == FlushStatus.IN_PROGRESS and state.status != RunStatus.ACTIVE:
         problems.append(badge(gettext("flush unfinished"), "bad"))
-    if state.cleanup_status == CleanupStatus.REFUSED:
+    if refused_for_a_problem(state):
         problems.append(badge(gettext("cleanup refused"), "bad", title=state.cleanup_reason))
     return problems
+
+
+def refused_for_a_problem(state: RunState | RunModelState) -> bool:
+    """The cleanup was refused, and not as designed (an incremental run's refusal is no
+    problem: it never cleans up)."""
+    return (
+        state.cleanup_status == CleanupStatus.REFUSED
+        and state.cleanup_reason not in CLEANUP_EXPECTED_REFUSALS
+    )
 
 
 def flush_badge(status: str) -> SafeString:
@@ -209,6 +219,8 @@ def cleanup_result(state: RunState | RunModelState | None) -> SafeString | str:
     text: StrOrPromise = status.label
     if status == CleanupStatus.REFUSED and state.cleanup_reason:
         text = gettext("refused: %(reason)s") % {"reason": state.cleanup_reason}
+        if not refused_for_a_problem(state):
+            return badge(text, "quiet")
     elif status == CleanupStatus.DONE and state.cleanup_forced:
         text = gettext("done (forced)")
     return badge(text, CLEANUP_TONES.get(status, "quiet"))
