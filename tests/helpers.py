@@ -285,6 +285,31 @@ def shell_parser(command: BaseCommand, name: str) -> CommandParser:
     return command.create_parser("manage.py", name)
 
 
+#: The start of every worker script (``Workers``): Django set up with the suite's settings,
+#: ``role`` and ``args`` from the command line, ``out`` (the JSON line a worker prints), and the
+#: marker files two processes meet at (``wait_for(name)``, ``mark(name)``).
+WORKER_PRELUDE = r"""
+import json, sys, time, uuid
+from pathlib import Path
+import django
+django.setup()
+
+role, args = sys.argv[1], json.loads(sys.argv[2])
+directory = Path(args["dir"])
+out = {"role": role}
+
+def wait_for(name, timeout=90.0):
+    deadline = time.monotonic() + timeout
+    while not (directory / name).exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{role}: timed out waiting for {name}")
+        time.sleep(0.01)  # the poll's interval; the marker is the condition
+
+def mark(name):
+    (directory / name).write_text("1")
+"""
+
+
 class Workers:
     """Worker processes of a test module: ``python -c SCRIPT ROLE JSON`` running Django with the
     suite's settings on the test's database. ``kill_leftovers()`` (from the module's autouse

@@ -22,18 +22,16 @@ from django.test import override_settings
 
 from runs_app import services
 from runs_app.models import CleanupStatus, Run, RunEvent, RunModelState, RunStatus
-from tests.helpers import Workers, finish_worker
+from tests.helpers import WORKER_PRELUDE, Workers, finish_worker
 from tests.relay_helpers import wait_until
 from tests.tracked_app.models import Asset, Device
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
 
 # The worker: ``python -c WORKER ROLE JSON``. Prints one JSON line with its outcome.
-WORKER = r"""
-import json, sys, time, uuid
-from pathlib import Path
-import django
-django.setup()
+WORKER = (
+    WORKER_PRELUDE
+    + r"""
 from django.db import connection, transaction
 from django.db.utils import OperationalError
 from django.test import override_settings
@@ -41,21 +39,8 @@ from runs_app import services
 from runs_app.exceptions import CleanupRefused, FlushFailed
 from tests.tracked_app.models import Asset, Device
 
-role, args = sys.argv[1], json.loads(sys.argv[2])
-directory = Path(args["dir"])
 model = Asset if args.get("model") == "asset" else Device
 table = model._meta.db_table
-out = {"role": role}
-
-def wait_for(name, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while not (directory / name).exists():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{role}: timed out waiting for {name}")
-        time.sleep(0.01)  # the poll's interval; the marker is the condition
-
-def mark(name):
-    (directory / name).write_text("1")
 
 def row(index, version):
     if model is Asset:
@@ -139,6 +124,7 @@ elif role == "cleaner":
                 out["refused"] = exc.reason
 print(json.dumps(out))
 """
+)
 
 WORKERS = Workers(WORKER)
 start_worker = WORKERS.start

@@ -50,6 +50,7 @@ from runs_app.models import (
 from runs_app.services.source_state import CURSOR_MAX_BYTES
 from runs_app.services.validation import JSON_MAX_DEPTH
 from tests.helpers import (
+    WORKER_PRELUDE,
     StatementCounter,
     Workers,
     finish_worker,
@@ -412,28 +413,12 @@ def test_the_line_is_the_only_record_of_an_incremental_read() -> None:
 
 # -- worker processes (PostgreSQL) ----------------------------------------------------------------
 
-WORKER = r"""
-import json, sys, time
-from pathlib import Path
-import django
-django.setup()
+WORKER = (
+    WORKER_PRELUDE
+    + r"""
 from django.db import connection
 from runs_app import services
 from runs_app.exceptions import FlushFailed, RunClosed
-
-role, args = sys.argv[1], json.loads(sys.argv[2])
-directory = Path(args["dir"])
-out = {"role": role}
-
-def wait_for(name, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while not (directory / name).exists():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{role}: timed out waiting for {name}")
-        time.sleep(0.01)  # the poll's interval; the marker is the condition
-
-def mark(name):
-    (directory / name).write_text("1")
 
 def hold_after(starts, contains):
     # Holds the transaction open (its locks taken) after the first statement that starts with
@@ -485,6 +470,7 @@ elif role == "reap":
 
 print(json.dumps(out))
 """
+)
 
 WORKERS = Workers(WORKER)
 

@@ -28,7 +28,7 @@ from runs_app.models import (
     RunState,
     RunStatus,
 )
-from tests.helpers import Workers, finish_worker
+from tests.helpers import WORKER_PRELUDE, Workers, finish_worker
 from tests.relay_helpers import wait_until
 from tests.tracked_app.models import Device, Membership
 
@@ -39,30 +39,15 @@ PAGE = 50  # rows a page, and a batch
 MEMBERS = 20_000  # memberships of the lock-order race
 
 # The worker: ``python -c WORKER ROLE JSON``. Prints one JSON line with its outcome.
-WORKER = r"""
-import json, sys, time, uuid
-from pathlib import Path
-import django
-django.setup()
+WORKER = (
+    WORKER_PRELUDE
+    + r"""
 from django.test import override_settings
 from runs_app import services
 from runs_app.exceptions import CleanupRefused, FlushFailed, RunClosed
 from tests.tracked_app.models import Device, Membership
 
-role, args = sys.argv[1], json.loads(sys.argv[2])
-directory = Path(args["dir"])
-out = {"role": role}
 LOGINS = ["zoé", "Zoe", "ada", "éa", "ä", "日本", "\U0001f600", "e\u0301", "bob", "Ω"]
-
-def wait_for(name, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while not (directory / name).exists():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{role}: timed out waiting for {name}")
-        time.sleep(0.01)  # the poll's interval; the marker is the condition
-
-def mark(name):
-    (directory / name).write_text("1")
 
 def device(index, version):
     return {"uid": uuid.UUID(int=index + 1), "name": f"{version} {index}", "port": index,
@@ -207,6 +192,7 @@ elif role == "restamper":
     out["status"] = services.complete_run(run).state.status
 print(json.dumps(out))
 """
+)
 
 
 WORKERS = Workers(WORKER)
