@@ -345,3 +345,16 @@ class Workers:
             if process.poll() is None:
                 process.kill()
                 process.communicate(timeout=30)
+
+
+def waiting_on_a_lock(*statements: str) -> bool:
+    """A backend of the test database waits on a lock, running a statement containing one of
+    ``statements``."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database() AND pid <> pg_backend_pid() "
+            "AND EXISTS (SELECT 1 FROM unnest(%s::text[]) s WHERE position(s in query) > 0)",
+            [list(statements)],
+        )
+        return bool(cursor.fetchone()[0])

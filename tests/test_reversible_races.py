@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test import override_settings
 
 from runs_app import services
 from runs_app.models import CleanupStatus, Run, RunEvent, RunModelState, RunStatus
-from tests.helpers import WORKER_PRELUDE, Workers, finish_worker
+from tests.helpers import WORKER_PRELUDE, Workers, finish_worker, waiting_on_a_lock
 from tests.relay_helpers import wait_until
 from tests.tracked_app.models import Asset, Device
 
@@ -138,19 +137,6 @@ def _kill_leftover_workers() -> Any:
 
 def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
     return finish_worker(process, 120)
-
-
-def waiting_on_a_lock(*statements: str) -> bool:
-    """A backend of the test database waits on a lock, running a statement containing one of
-    ``statements``."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND datname = current_database() AND pid <> pg_backend_pid() "
-            "AND EXISTS (SELECT 1 FROM unnest(%s::text[]) s WHERE position(s in query) > 0)",
-            [list(statements)],
-        )
-        return bool(cursor.fetchone()[0])
 
 
 # Where a restore waits for a flush's batch, and a flush for a restore: on the rows, or (once

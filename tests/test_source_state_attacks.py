@@ -59,6 +59,7 @@ from tests.helpers import (
     snapshot,
     stored,
     synced_run,
+    waiting_on_a_lock,
 )
 from tests.relay_helpers import wait_until
 from tests.tracked_app.models import Device
@@ -491,19 +492,6 @@ def marker(directory: Path, name: str) -> None:
 
 def go(directory: Path, name: str) -> None:
     (directory / name).write_text("1")
-
-
-def waiting_on_a_lock(*statements: str) -> bool:
-    """A backend of the test database waits on a lock, running a statement containing one of
-    ``statements``."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND datname = current_database() AND pid <> pg_backend_pid() "
-            "AND EXISTS (SELECT 1 FROM unnest(%s::text[]) s WHERE position(s in query) > 0)",
-            [list(statements)],
-        )
-        return bool(cursor.fetchone()[0])
 
 
 RUN_LOCK = "FOR NO KEY UPDATE"
