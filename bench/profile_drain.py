@@ -5,8 +5,9 @@ rest (Python); the raw relay's passes on the same backlog for comparison.
 
     DATABASE_URL=postgres://root@127.0.0.1:5432/postgres python bench/profile_drain.py --runs 20000
 
-(Re)creates its own database ``bench_runs_app_profile``. Times are wall-clock per statement,
-client side (round trip included); statements are grouped by their first words.
+(Re)creates its own database (``--database-name``, default ``bench_runs_app_profile``). Times are
+wall-clock per statement, client side (round trip included); statements are grouped by their
+first words.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if p and Path(p).resolve
 from bench.run import (  # noqa: E402
     DEFAULT_URL,
     configure_django,
+    database_name,
     positive_int,
     recreate_database,
 )
@@ -37,6 +39,8 @@ def kind(sql: str) -> str:
     words = text.split(" ")
     if text.upper().startswith("UPDATE") and "lease_token" in text and "SKIP LOCKED" in text:
         return "claim: UPDATE outbox ... WHERE run_id IN (... FOR UPDATE SKIP LOCKED)"
+    if text.startswith("WITH acked AS"):  # before the read's test: it has unnest and LATERAL too
+        return "ack: WITH acked AS (UPDATE outbox ...), marked AS (UPDATE event ...)"
     if "unnest" in text and "LATERAL" in text:
         return "read: SELECT ... unnest(...) CROSS JOIN LATERAL (events)"
     return " ".join(words[:6])[:90]
@@ -45,8 +49,14 @@ def kind(sql: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=positive_int, default=20_000)
+    parser.add_argument(
+        "--database-name",
+        type=database_name,
+        default="bench_runs_app_profile",
+        help="the database to (re)create (default bench_runs_app_profile, always bench_*)",
+    )
     args = parser.parse_args()
-    url = recreate_database(os.environ.get("DATABASE_URL") or DEFAULT_URL, "bench_runs_app_profile")
+    url = recreate_database(os.environ.get("DATABASE_URL") or DEFAULT_URL, args.database_name)
     configure_django(url)
     from django.core.management import call_command
     from django.db import connection

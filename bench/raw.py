@@ -669,8 +669,9 @@ def seed_outbox(
         # Ordinals from runs_app's sequence, as create_run draws them (they must not collide).
         cursor.execute(
             f"""
-            INSERT INTO {RUN} (id, scope, metadata, last_seq, ordinal, closed, created_at)
-            SELECT %(prefix)s || g, %(prefix)s || g, '{{}}', %(per)s,
+            INSERT INTO {RUN} (id, scope, metadata, trace_context, last_seq, ordinal, closed,
+                created_at)
+            SELECT %(prefix)s || g, %(prefix)s || g, '{{}}', '{{}}', %(per)s,
                    nextval('runs_app_run_ordinal_seq'), %(closed)s, now()
             FROM generate_series(1, %(runs)s) AS g
             """,

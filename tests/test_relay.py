@@ -624,3 +624,18 @@ def test_the_pending_predicate_is_defined_once_and_is_the_index_condition() -> N
     RunEvent.objects.filter(run_id="a", seq=1).update(published_at=timezone.now())
     RunEvent.objects.filter(run_id="a", seq=2).update(skipped_at=timezone.now())
     assert list(RunEvent.objects.pending().values_list("seq", flat=True)) == [3]
+
+
+def test_run_ids_with_quotes_backslashes_commas_and_braces_drain_and_acknowledge() -> None:
+    # On PostgreSQL the pass's run ids travel as array literals (runs_app.db.pg_array): a wrong
+    # escape would read another run's events or fence off the acknowledgement.
+    names = ['q"uote', "back\\slash", "com,ma", "{brace}", "NULL", "é-ü"]
+    for name in names:
+        make_run(name, events=2)
+    publisher = MemoryPublisher()
+    result = relay.drain_outbox_once(publisher=publisher)
+    assert result.published == 3 * len(names)  # the run's creation event, then its two
+    assert delivered(publisher) == {name: [1, 2, 3] for name in names}
+    assert {row.run_id: row.next_seq for row in RunOutbox.objects.all()} == dict.fromkeys(names, 4)
+    assert not RunEvent.objects.filter(published_at__isnull=True).exists()
+    assert_cursor_invariant()

@@ -6,14 +6,17 @@ lease is lost; see docs/relay.md, the delivery bound)."""
 from __future__ import annotations
 
 import signal
+import threading
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import cast
 
 import pytest
+from django.db import connection
 
 from runs_app.models import RunOutbox
+from runs_app.testing import MemoryPublisher
 from tests.helpers import InjectedFault
 from tests.relay_helpers import (
     assert_cursor_invariant,
@@ -110,3 +113,51 @@ def test_the_lease_keeper_renews_reports_a_taken_lease_and_survives_errors(
             keeper.stop()
         assert len(calls) >= 3
         lease.release_leases(claim, ["a"])
+
+
+def keeper_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "runs_app lease keeper"]
+
+
+def backends() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return int(cursor.fetchone()[0])
+
+
+def test_one_keeper_thread_serves_every_pass_and_closes_its_connection_when_they_end() -> None:
+    from django.test import override_settings
+
+    from runs_app import relay, services
+    from runs_app.relay import lease
+
+    for name in ("a", "b"):
+        services.create_run(name, run_id=name)
+    before = backends()
+    with override_settings(RUNS_APP={"LEASE_SECONDS": 0.3}):
+        first, second = relay.claim_runs(1), relay.claim_runs(1)
+        assert [r.run_id for r in first.runs + second.runs] == ["a", "b"]
+        set_at = lease_untils()
+        keepers = [lease.LeaseKeeper.start(first), lease.LeaseKeeper.start(second)]
+        try:
+            assert len(keeper_threads()) == 1  # both claims, one thread
+            wait_until(
+                lambda: all(until > set_at[run_id] for run_id, until in lease_untils().items()),
+                30,
+                "both claims' leases renewed",
+            )
+            assert backends() == before + 1  # the keeper thread's own connection
+        finally:
+            for keeper in keepers:
+                assert keeper is not None
+                keeper.stop()
+        assert backends() == before  # closed when the last pass left, before stop() returned
+        (thread,) = keeper_threads()  # idle between passes, not ended
+        lease.release_leases(first, ["a"])
+        lease.release_leases(second, ["b"])
+        assert relay.drain_outbox_once(publisher=MemoryPublisher()).runs_touched == 2
+        assert keeper_threads() == [thread]  # the next pass used the same thread
+        lease.stop_lease_keeper()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert backends() == before

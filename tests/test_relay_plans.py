@@ -83,8 +83,7 @@ def claim_sql() -> tuple[str, list[Any]]:
 
 
 def read_sql(runs: list[tuple[str, int]]) -> tuple[str, list[Any]]:
-    sql = read._READ_POSTGRESQL.format(run=table(Run), event=table(RunEvent))
-    return sql, [[r for r, _ in runs], [s for _, s in runs], 100, 32 * 1024 * 1024]
+    return read.read_postgresql_query(runs, 100, 32 * 1024 * 1024)
 
 
 def seed() -> list[tuple[str, int]]:

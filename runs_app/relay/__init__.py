@@ -12,8 +12,9 @@ One concept per module:
 
 The relay is built on :mod:`runs_app.services` (the operator services ``retry_outbox``,
 ``skip_outbox_event`` and ``prune_outbox`` live there, in :mod:`runs_app.services.outbox`); the
-services never import the relay. No function here starts a thread or runs in the background:
-draining is always an explicit call.
+services never import the relay. Nothing here runs in the background on its own: draining is
+always an explicit call (the one thread a pass starts, the lease keeper of :mod:`.lease`, only
+renews the leases of passes under way, and is idle between them).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ never claim the same run; the leases it hands out are then the business of :mod:
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import threading
@@ -18,11 +17,10 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.db.models.functions import Now
 
-from ..conf import runs_settings
 from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..models import RunEvent, RunOutbox
 from . import lease
-from .lease import Claim, ClaimedRun, compile_expression, db_now_plus
+from .lease import Claim, ClaimedRun, lease_until_sql
 
 
 class ClaimOrder:
@@ -113,9 +111,7 @@ def _claim(
 ) -> list[tuple[Any, ...]]:
     connection = connection_for_write()
     holder = f"{socket.gethostname()}:{os.getpid()}"[:200]
-    lease_sql, lease_params = compile_expression(
-        db_now_plus(dt.timedelta(seconds=float(runs_settings.LEASE_SECONDS)))
-    )
+    lease_sql, lease_params = lease_until_sql()
     token_value = RunOutbox._meta.get_field("lease_token").get_db_prep_value(token, connection)
     if is_postgresql():
         # An idle PostgreSQL relay polls with the claim itself: with nothing to claim it locks

@@ -129,8 +129,9 @@ def _drain_claim(
     while a run has more. ``rotating``: the claim came from the rotation, which resumes at the
     runs the byte budget left unread.
 
-    The leases are kept alive while the pass publishes (:class:`.lease.LeaseKeeper`; inside a
-    caller's transaction, renewed between publishes once half-way to expiry instead)."""
+    The leases are kept alive while the pass publishes (:class:`.lease.LeaseKeeper`, served by
+    the process's keeper thread; inside a caller's transaction, renewed between publishes once
+    half-way to expiry instead)."""
 
     def stopping() -> bool:
         return budget == 0 or (should_stop is not None and should_stop())

@@ -1,6 +1,7 @@
 """The relay loop and its process life: drain until idle, wait for work, again; survive the
-database going away; stop cleanly when asked. No function here starts a thread or runs in the
-background: the loop runs in the caller's thread until ``stop`` is set."""
+database going away; stop cleanly when asked. No function here runs in the background: the loop
+runs in the caller's thread until ``stop`` is set (the passes' lease keeper thread, see
+:class:`.lease.LeaseKeeper`, is stopped when the loop returns)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from django.db import InterfaceError, OperationalError, connections
 from ..conf import runs_settings
 from ..publishers import Publisher
 from .drain import DrainResult, drain_outbox_once
+from .lease import stop_lease_keeper
 from .listener import OutboxListener
 
 logger = logging.getLogger("runs_app.relay")
@@ -112,6 +114,7 @@ def run_relay(
     finally:
         if listener is not None:
             listener.close()
+        stop_lease_keeper()  # idle between passes; not needed once the loop is over
     return total
 
 

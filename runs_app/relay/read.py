@@ -21,7 +21,7 @@ from django.db.models.expressions import RawSQL
 from django.db.models.functions import RowNumber
 
 from ..conf import runs_settings
-from ..db import connection_for_write, db_alias, is_postgresql, table
+from ..db import connection_for_write, db_alias, is_postgresql, pg_array, table
 from ..models import Run, RunEvent
 from ..publishers import Message
 from ..tracing import TRACE_CONTEXT_KEYS
@@ -128,16 +128,27 @@ def read_pending(run_id: str, next_seq: int, limit: int) -> list[Message]:
     return read_claimed([(run_id, next_seq)], limit).get(run_id, [])
 
 
+def read_postgresql_query(
+    runs: Sequence[tuple[str, int]], limit: int, budget: int
+) -> tuple[str, list[Any]]:
+    """The PostgreSQL read's statement and parameters (the runs' ids and cursors as array
+    literals: :func:`runs_app.db.pg_array`)."""
+    sql = _READ_POSTGRESQL.format(run=table(Run), event=table(RunEvent))
+    return sql, [
+        pg_array([run_id for run_id, _ in runs]),
+        pg_array([s for _, s in runs]),
+        limit,
+        budget,
+    ]
+
+
 def _read_postgresql(
     runs: Sequence[tuple[str, int]], limit: int, budget: int
 ) -> tuple[list[tuple[Any, ...]], int, bool]:
     connection = connection_for_write()
     payload = RunEvent._meta.get_field("payload")
     with connection.cursor() as cursor:
-        cursor.execute(
-            _READ_POSTGRESQL.format(run=table(Run), event=table(RunEvent)),
-            [[run_id for run_id, _ in runs], [seq for _, seq in runs], limit, budget],
-        )
+        cursor.execute(*read_postgresql_query(runs, limit, budget))
         fetched = cursor.fetchall()
     rows = [
         (
