@@ -143,22 +143,24 @@ def traced(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 def _traced(func: Callable[P, R], operation: str) -> Callable[P, R]:
     trace = _otel_trace()
     name = f"runs_app {operation}"
-    static: dict[str, Any] = {"code.function.name": f"{func.__module__}.{func.__qualname__}"}
-    describe = _arguments_reader(func)
+    kind = trace.SpanKind.INTERNAL
+    function_name = f"{func.__module__}.{func.__qualname__}"
+    read = _arguments_reader(func)
 
-    def start() -> Any:
-        # The tracer is looked up per call, as publish_span does: a tracer kept from an earlier
-        # call would stay bound to whatever provider was global then.
-        return trace.get_tracer(TRACER_NAME).start_as_current_span(
-            name, kind=trace.SpanKind.INTERNAL, attributes=static
-        )
+    def start(tracer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # The attributes known before the call are given to the span's start (one copy, and a
+        # sampler sees them), not set one by one (each set_attribute takes the span's lock).
+        attributes = {"code.function.name": function_name, **_call_attributes(read, args, kwargs)}
+        return tracer.start_as_current_span(name, kind=kind, attributes=attributes)
 
     if inspect.isgeneratorfunction(func):
 
         @functools.wraps(func)
         def generator_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            with start() as span:
-                _describe_call(span, describe, args, kwargs)
+            tracer = _tracer(trace)
+            if tracer is None:
+                return (yield from cast(Iterator[Any], func(*args, **kwargs)))
+            with start(tracer, args, kwargs) as span:
                 try:
                     # yield from: the caller's send(), throw() and close() reach the function.
                     return (yield from cast(Iterator[Any], func(*args, **kwargs)))
@@ -170,8 +172,10 @@ def _traced(func: Callable[P, R], operation: str) -> Callable[P, R]:
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with start() as span:
-            _describe_call(span, describe, args, kwargs)
+        tracer = _tracer(trace)
+        if tracer is None:
+            return func(*args, **kwargs)
+        with start(tracer, args, kwargs) as span:
             try:
                 result = func(*args, **kwargs)
             except Exception as exc:
@@ -181,6 +185,26 @@ def _traced(func: Callable[P, R], operation: str) -> Callable[P, R]:
             return result
 
     return wrapper
+
+
+#: (the global tracer provider, its ``runs_app`` tracer or None): one slot, replaced whenever
+#: the provider is (set by the operator's SDK set-up, or swapped by a test).
+_tracer_slot: tuple[Any, Any] = (None, None)
+
+
+def _tracer(trace: ModuleType) -> Any:
+    """The ``runs_app`` tracer of the global tracer provider, or None when no SDK provider is
+    set: the API alone makes only non-recording spans, which nothing would see, so the call
+    runs without one (the API's nested context managers cost more than the rest of the
+    wrapper). An SDK's ``get_tracer`` builds a new tracer each time: kept per provider."""
+    global _tracer_slot
+    provider = trace.get_tracer_provider()
+    cached_provider, tracer = _tracer_slot
+    if provider is not cached_provider:
+        no_sdk = isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+        tracer = None if no_sdk else provider.get_tracer(TRACER_NAME)
+        _tracer_slot = (provider, tracer)
+    return tracer
 
 
 def _otel_trace() -> ModuleType:
@@ -233,31 +257,31 @@ def _run_class() -> type[Any]:
     return Run
 
 
-def _describe_call(span: Any, read: _Reader, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    # Set after the span started, not passed to it, so a non-recording span (an API without an
-    # SDK, or a trace not sampled) costs no attribute work.
-    if not span.is_recording():
-        return
+def _call_attributes(
+    read: _Reader, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     from .models import RUN_ID_MAX_LENGTH
 
+    attributes: dict[str, Any] = {}
     run, model = read(args, kwargs)
     if isinstance(run, str):
         # Not validated yet: kept only when it could be a run id at all.
         if 0 < len(run) <= RUN_ID_MAX_LENGTH:
-            span.set_attribute("runs_app.run_id", run)
+            attributes["runs_app.run_id"] = run
     elif isinstance(run, _run_class()):
-        _describe_run(span, run)
+        attributes.update(_run_attributes(run))
     elif run is not None:
         # A flush session: its run id (validated when it was made) and its model.
         run_id = getattr(run, "run_id", None)
         if isinstance(run_id, str):
-            span.set_attribute("runs_app.run_id", run_id)
+            attributes["runs_app.run_id"] = run_id
         label = getattr(getattr(run, "spec", None), "label", None)
         if isinstance(label, str):
-            span.set_attribute("runs_app.model", label)
+            attributes["runs_app.model"] = label
     meta = getattr(model, "_meta", None)
     if isinstance(model, type) and meta is not None:
-        span.set_attribute("runs_app.model", meta.label_lower)  # as the ledgers name it
+        attributes["runs_app.model"] = meta.label_lower  # as the ledgers name it
+    return attributes
 
 
 def describe_run(run: Any) -> None:
@@ -269,25 +293,25 @@ def describe_run(run: Any) -> None:
 
 
 def _describe_result(span: Any, result: Any) -> None:
-    if not span.is_recording():
-        return
     if isinstance(result, tuple) and result:  # ensure_run: (run, created)
         result = result[0]
-    if isinstance(result, _run_class()):
-        _describe_run(span, result)
+    if isinstance(result, _run_class()) and span.is_recording():
+        span.set_attributes(_run_attributes(result))
 
 
-def _describe_run(span: Any, run: Any) -> None:
+def _run_attributes(run: Any) -> dict[str, str]:
     # From the instance's loaded fields only: a deferred field would cost a query.
     fields = run.__dict__
+    attributes = {}
     if isinstance(fields.get("id"), str):
-        span.set_attribute("runs_app.run_id", fields["id"])
+        attributes["runs_app.run_id"] = fields["id"]
     if isinstance(fields.get("scope"), str):
-        span.set_attribute("runs_app.scope", fields["scope"])
+        attributes["runs_app.scope"] = fields["scope"]
+    return attributes
 
 
 def _record_error_type(span: Any, exc: Exception) -> None:
-    # The status, description and exception event are set by start_as_current_span.
+    # The status, its description and the exception event are start_as_current_span's.
     if span.is_recording():
         kind = type(exc)
         span.set_attribute("error.type", f"{kind.__module__}.{kind.__qualname__}")
