@@ -17,6 +17,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -26,6 +27,10 @@ TRACER_NAME = "runs_app"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+#: The OpenTelemetry context the innermost traced service call in progress was called in (its
+#: caller's span current), or None outside one: see current_trace_context.
+_caller_context: ContextVar[Any] = ContextVar("runs_app_service_caller", default=None)
 
 #: The W3C trace context headers, which are also the CloudEvents distributed-tracing extension
 #: attributes (``traceparent``, ``tracestate``).
@@ -50,15 +55,19 @@ def enabled() -> bool:
 def current_trace_context() -> dict[str, str]:
     """The caller's current span as W3C trace context headers (``traceparent``, and
     ``tracestate`` when there is one), for a run to keep (``Run.trace_context``) so that its
-    messages carry it; ``{}`` when OpenTelemetry is absent or there is no valid current span."""
+    messages carry it; ``{}`` when OpenTelemetry is absent or there is no valid current span.
+
+    Inside a traced service call (``create_run``), the span of that call's caller (the job's),
+    not the call's own span: a run is created in its job's trace, not in ``create_run``'s."""
     otel = _otel()
     if otel is None:
         return {}
     trace, propagate = otel
-    if not trace.get_current_span().get_span_context().is_valid:
+    context = _caller_context.get()  # None outside a traced call: the current context
+    if not trace.get_current_span(context).get_span_context().is_valid:
         return {}
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return {key: value for key, value in carrier.items() if key in TRACE_CONTEXT_KEYS}
 
 
@@ -142,6 +151,8 @@ def traced(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 def _traced(func: Callable[P, R], operation: str) -> Callable[P, R]:
     trace = _otel_trace()
+    from opentelemetry.context import get_current as get_current_context
+
     name = f"runs_app {operation}"
     kind = trace.SpanKind.INTERNAL
     function_name = f"{func.__module__}.{func.__qualname__}"
@@ -175,14 +186,18 @@ def _traced(func: Callable[P, R], operation: str) -> Callable[P, R]:
         tracer = _tracer(trace)
         if tracer is None:
             return func(*args, **kwargs)
-        with start(tracer, args, kwargs) as span:
-            try:
-                result = func(*args, **kwargs)
-            except Exception as exc:
-                _record_error_type(span, exc)
-                raise
-            _describe_result(span, result)
-            return result
+        caller = _caller_context.set(get_current_context())
+        try:
+            with start(tracer, args, kwargs) as span:
+                try:
+                    result = func(*args, **kwargs)
+                except Exception as exc:
+                    _record_error_type(span, exc)
+                    raise
+                _describe_result(span, result)
+                return result
+        finally:
+            _caller_context.reset(caller)
 
     return wrapper
 

@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from runs_app import services
 from runs_app.exceptions import InvalidInput, RunClosed
-from runs_app.models import Project
+from runs_app.models import Project, Run
 
 pytestmark = pytest.mark.django_db
 
@@ -234,3 +234,25 @@ def test_without_an_sdk_the_spans_record_nothing_and_the_calls_work() -> None:
         run = services.create_run("crm")
         services.flush_projects(run, rows("a"))
         assert services.complete_run(run).state.status == "completed"
+
+
+def test_a_run_keeps_its_callers_trace_context_not_create_runs(
+    spans: InMemorySpanExporter,
+) -> None:
+    # Run.trace_context (tests/test_trace_context.py) is the span create_run was called in: the
+    # job's, or track_run's when the job is a track_run block; never create_run's own span.
+    with trace.get_tracer("the caller").start_as_current_span("sync job") as job:
+        direct = services.create_run("crm")
+        services.complete_run(direct)
+    with services.track_run("crm") as tracked:
+        pass
+    named = by_name(spans.get_finished_spans())
+    (track,) = named["runs_app track_run"]
+    assert track.context is not None
+
+    def span_id(run_id: str) -> int:
+        traceparent = Run.objects.get(pk=run_id).trace_context["traceparent"]
+        return int(traceparent.split("-")[2], 16)
+
+    assert span_id(direct.id) == job.get_span_context().span_id
+    assert span_id(tracked.id) == track.context.span_id
