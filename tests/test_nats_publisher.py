@@ -33,6 +33,7 @@ from tests.relay_helpers import (
     ROOT,
     Relay,
     assert_cursor_invariant,
+    database_url,
     relay_env,
     seed_runs,
     start_relay,
@@ -367,26 +368,48 @@ def test_a_missing_nats_py_says_which_extra_to_install(monkeypatch: pytest.Monke
     assert "pip install runs_app[nats]" in str(raised.value)
 
 
+@pytest.mark.django_db(transaction=True)  # the subprocess's job writes to the test database
 def test_importing_runs_app_never_needs_nats_prometheus_or_opentelemetry() -> None:
     code = (
         "import sys\n"
         "for name in ('nats', 'prometheus_client', 'opentelemetry'): sys.modules[name] = None\n"
         "import django; django.setup()\n"
         "import runs_app.nats_publisher, runs_app.publish_metrics, runs_app.metrics\n"
-        "from runs_app import tracing, publish_metrics\n"
+        "from runs_app import tracing, publish_metrics, services\n"
         "assert not tracing.enabled()\n"
         "publish_metrics.record_publish('r', messages=1, seconds=0.1, failed=False)\n"
-        "print('ok')\n"
+        # The service spans cost nothing: the functions are not even wrapped.
+        "assert not hasattr(services.create_run, '__wrapped__')\n"
+        "assert not hasattr(services.FlushSession._write_batch, '__wrapped__')\n"
+        "for _ in range(2):\n"
+        "    with services.track_run('no-otel') as run:\n"
+        "        services.append_events(run, [{'type': 'no-otel.seen'}])\n"
+        "        services.flush_projects(run, [{'key': 'k', 'name': 'n', 'data': {}}])\n"
+        "    services.safe_cleanup_old_projects(run)\n"
+        "print('ok', run.id)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={**dict(__import__("os").environ), "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        env={
+            **dict(__import__("os").environ),
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DATABASE_URL": database_url(),
+        },
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert done.returncode == 0, done.stderr
+    word, run_id = done.stdout.split()
+    assert word == "ok"
+    run = Run.objects.select_related("state").get(pk=run_id)
+    assert (run.scope, run.state.status, run.state.cleanup_status) == (
+        "no-otel",
+        "completed",
+        "done",
+    )
+    assert list(RunEvent.objects.filter(run=run, type="no-otel.seen").values_list("seq", flat=True))
 
 
 # --- traces and publish counters ---------------------------------------------------------------
@@ -396,6 +419,7 @@ def test_a_span_around_each_publish_and_its_context_in_every_message(
     stream: JetStreamAdmin, make_publisher: Any, spans: InMemorySpanExporter
 ) -> None:
     run = make_run(events=1)
+    spans.clear()  # create_run's span (tests/test_service_spans.py)
     publisher = make_publisher()
     tracer = trace.get_tracer("the caller")
     with tracer.start_as_current_span("sync job") as caller:
@@ -430,6 +454,7 @@ def test_a_failed_publish_is_recorded_on_its_span(
     make_publisher: Any, spans: InMemorySpanExporter
 ) -> None:
     run = make_run(events=0)
+    spans.clear()  # create_run's span (tests/test_service_spans.py)
     publisher = make_publisher(servers=f"nats://127.0.0.1:{closed_port()}")
     relay.drain_outbox_once(publisher=publisher, run_id=run.id)
     (publish,) = spans.get_finished_spans()

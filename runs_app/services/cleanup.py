@@ -34,6 +34,7 @@ from ..models import (
     RunState,
     RunStatus,
 )
+from ..tracing import traced
 from ..tracking import SyncSpec, json_key, tracked_spec
 from .cleanup_batches import BatchCursor, Tombstone, batch_cursor, delete_batch
 from .events import insert_encoded_events, insert_events
@@ -126,6 +127,7 @@ def safe_cleanup_old_projects(
     return safe_cleanup(run, Project, dry_run=dry_run, force=force)
 
 
+@traced("safe_cleanup")
 def safe_cleanup(
     run: Run | str,
     model: type[Model],

@@ -13,6 +13,7 @@ from ..db import connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import RunClosed, RunNotFound
 from ..models import Run, RunEvent, RunState, RunStatus
 from ..notify import returning_clause
+from ..tracing import traced
 from .validation import (
     EncodedEvent,
     PreparedEvent,
@@ -22,6 +23,7 @@ from .validation import (
 )
 
 
+@traced("append_events")
 def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
     """Append events to an active run and return them with their seqs.
 

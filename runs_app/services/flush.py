@@ -41,6 +41,7 @@ from ..models import (
     RunState,
     RunStatus,
 )
+from ..tracing import traced
 from ..tracking import SyncSpec, json_key, tracked_spec
 from .events import insert_events
 from .rows import PreparedRow, RowSchema
@@ -112,6 +113,7 @@ def flush(
     return FlushSession(run_id, spec, _batch_size(batch_size), incremental=incremental)
 
 
+@traced("flush_projects")
 def flush_projects(
     run: Run | str, projects: Iterable[Mapping[str, Any]], *, batch_size: int | None = None
 ) -> FlushResult:
@@ -321,6 +323,7 @@ class FlushSession:
             if last:
                 return total
 
+    @traced("flush.batch")
     def _write_batch(self, rows: list[PreparedRow], cursor: str | None = None) -> FlushResult:
         """One batch's transaction (``rows`` may be empty when it carries only the cursor)."""
         assert self._schema is not None
@@ -383,6 +386,7 @@ class FlushSession:
 
     # -- open, close, fail ----------------------------------------------------------------------
 
+    @traced("flush.open")
     def _open(self) -> None:
         connection = connection_for_write()
         if _in_transaction(connection):
@@ -460,6 +464,7 @@ class FlushSession:
             self._record_failure(failure)
             raise FlushFailed(self.run_id, failure)
 
+    @traced("flush.close")
     def _close_transaction(self) -> str | None:
         """The close's one transaction; returns why the session failed, or None."""
         alias = db_alias()
@@ -505,6 +510,7 @@ class FlushSession:
                 insert_events(self.run_id, [PreparedEvent("flush.succeeded", payload)])
         return failure
 
+    @traced("flush.fail")
     def _record_failure(self, error: str) -> None:
         """``failed`` on the session and the ledger, with a ``flush.failed`` event, in a
         transaction of its own; idempotent; never on a closed run. If this write fails too, the

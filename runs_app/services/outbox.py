@@ -17,6 +17,7 @@ from ..db import db_alias
 from ..exceptions import OutboxNotBlocked, RunNotFound
 from ..models import Run, RunEvent, RunOutbox
 from ..notify import notify_outbox
+from ..tracing import traced
 from .events import insert_events
 from .validation import (
     PreparedEvent,
@@ -30,6 +31,7 @@ from .validation import (
 NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_until": None, "leased_by": ""}
 
 
+@traced("retry_outbox")
 def retry_outbox(run: Run | str, *, actor: str | None = None) -> None:
     """Make a run claimable now: clear ``blocked_at``, ``attempts``, the backoff and any lease
     (``last_error`` stays, as history), and wake the listening relays. One transaction. A relay
@@ -60,6 +62,7 @@ def retry_outbox(run: Run | str, *, actor: str | None = None) -> None:
         raise RunNotFound(run_id)
 
 
+@traced("skip_outbox_event")
 def skip_outbox_event(run: Run | str, *, actor: str | None = None) -> RunEvent | None:
     """Skip what blocks a blocked run and unblock it: its head event, or a gap.
 
@@ -122,6 +125,7 @@ def skip_outbox_event(run: Run | str, *, actor: str | None = None) -> RunEvent |
     return head
 
 
+@traced("prune_outbox")
 def prune_outbox(older_than: float | dt.timedelta, *, batch_size: int | None = None) -> int:
     """Delete events published more than ``older_than`` (seconds or timedelta) ago; return how
     many. Never an unpublished or skipped event, never one at or above its run's ``next_seq``.

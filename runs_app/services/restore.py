@@ -37,6 +37,7 @@ from ..models import (
     RunState,
     RunStatus,
 )
+from ..tracing import traced
 from ..tracking import TOMBSTONE, SyncSpec, json_key, tracked_spec
 from .cleanup import SAMPLE_SIZE, split_removed
 from .cleanup_batches import sqlite_record
@@ -84,6 +85,7 @@ class _DryRun(Exception):
     """Rolls a dry run's restore back: the preview is the real restore, undone."""
 
 
+@traced("restore_cleanup")
 def restore_cleanup(
     run: Run | str, model: type[Model], *, dry_run: bool = False, restored_by: str = ""
 ) -> RestoreResult:

@@ -35,6 +35,7 @@ from ..models import (
     RunStatus,
 )
 from ..notify import notify_outbox
+from ..tracing import describe_run, traced
 from ..tracking import is_tracked, sync_spec
 from .events import ensure_run_accepts_events, insert_event_rows, insert_events
 from .validation import (
@@ -63,6 +64,7 @@ ORDINAL_SEQUENCE = "runs_app_run_ordinal_seq"
 logger = logging.getLogger(__name__)
 
 
+@traced("create_run")
 def create_run(
     scope: str = "default",
     *,
@@ -83,6 +85,7 @@ def create_run(
     return _create(run_id, scope, metadata_dict, prepared)
 
 
+@traced("ensure_run")
 def ensure_run(
     run_id: str, *, scope: str = "default", metadata: Mapping[str, Any] | None = None
 ) -> tuple[Run, bool]:
@@ -298,6 +301,7 @@ def close_run(
     return state.run
 
 
+@traced("complete_run")
 def complete_run(run: Run | str) -> Run:
     """Close an active run, fail-safe across the models it flushed: a run whose flush failed or
     never finished, for any model (a flush session still open: another worker still flushing,
@@ -391,6 +395,7 @@ def ledger_counts(state: RunState) -> dict[str, Any]:
     }
 
 
+@traced("fail_run")
 def fail_run(
     run: Run | str, error: str = "", *, reason: str = "error", actor: str | None = None
 ) -> Run:
@@ -418,6 +423,7 @@ def fail_locked(state: RunState, error: str, reason: str, *, actor: str | None =
 
 
 @contextmanager
+@traced("track_run")
 def track_run(
     scope: str = "default",
     *,
@@ -434,6 +440,7 @@ def track_run(
     its own transaction; the block runs between them, outside any transaction of this function.
     """
     run = create_run(scope, run_id=run_id, metadata=metadata)
+    describe_run(run)  # on track_run's span, which began before the run existed
     try:
         yield run
     except BaseException as exc:
@@ -456,6 +463,7 @@ def stale_cutoff(older_than: float | timedelta | None = None) -> datetime:
     return timezone.now() - validate_duration("older_than", older_than)
 
 
+@traced("fail_stale_runs")
 def fail_stale_runs(older_than: float | timedelta | None = None) -> int:
     """Mark failed every active run whose heartbeat is older than ``older_than`` (seconds or a
     timedelta; default ``RUN_STALE_AFTER``), with a ``run.failed`` event of reason ``stale``.
@@ -503,6 +511,7 @@ def _fail_if_stale(state: RunState, cutoff: datetime) -> int:
     return 1
 
 
+@traced("heartbeat")
 def heartbeat(run: Run | str) -> None:
     """Record that the run's process is alive (so it is not reaped as stale).
 

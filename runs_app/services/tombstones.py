@@ -21,6 +21,7 @@ from ..conf import runs_settings
 from ..db import column, connection_for_write, db_alias, is_postgresql, table
 from ..exceptions import InvalidInput
 from ..models import Run, RunModelState
+from ..tracing import traced
 from ..tracking import SyncSpec, tracked_spec
 from .cleanup import split_removed
 from .cleanup_batches import sqlite_record
@@ -41,6 +42,7 @@ class PurgeResult:
     cutoff: datetime.datetime
 
 
+@traced("purge_tombstones")
 def purge_tombstones(
     model: type[Model],
     older_than: float | datetime.timedelta | None = None,
