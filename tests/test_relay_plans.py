@@ -60,8 +60,10 @@ def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def explain(sql: str, params: list[Any]) -> tuple[list[tuple[str, str]], int]:
-    """The plan's (node type, relation or index) list and the rows its scans touched (returned
-    plus removed by a filter, times loops). Run for real (ANALYZE) and rolled back."""
+    """The plan's (node type, relation or index) list and the table rows its scans touched
+    (returned plus removed by a filter or a recheck, times loops). A bitmap scan's rows are
+    counted once, at its heap scan: its index scan's are the same rows. Run for real
+    (ANALYZE) and rolled back."""
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
         (document,) = cursor.fetchone()
@@ -70,12 +72,28 @@ def explain(sql: str, params: list[Any]) -> tuple[list[tuple[str, str]], int]:
     shape: list[tuple[str, str]] = []
     touched = 0
     for node in nodes(plan):
+        kind = node["Node Type"]
         target = node.get("Index Name") or node.get("Relation Name") or ""
-        shape.append((node["Node Type"], target))
-        if "Scan" in node["Node Type"] and target:
-            loops = node.get("Actual Loops", 1)
-            touched += (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * loops
+        shape.append((kind, target))
+        if "Scan" in kind and target and kind != "Bitmap Index Scan":
+            removed = node.get("Rows Removed by Filter", 0)
+            removed += node.get("Rows Removed by Index Recheck", 0)
+            touched += (node.get("Actual Rows", 0) + removed) * node.get("Actual Loops", 1)
     return shape, touched
+
+
+def accesses(shape: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """How a plan reaches the tables: each index it walks (by an index scan, an index-only
+    scan or a bitmap: the same entries, fetched in another order) and each table it scans
+    whole. Which of those the planner picks for an index depends on its row estimates, which
+    differ with and without statistics; the rows touched are bounded apart."""
+    found: set[tuple[str, str]] = set()
+    for kind, target in shape:
+        if kind in ("Index Scan", "Index Only Scan", "Bitmap Index Scan"):
+            found.add(("index", target))
+        elif kind == "Seq Scan":
+            found.add(("scan", target))
+    return found
 
 
 def claim_sql() -> tuple[str, list[Any]]:
@@ -87,9 +105,13 @@ def read_sql(runs: list[tuple[str, int]]) -> tuple[str, list[Any]]:
 
 
 def seed() -> list[tuple[str, int]]:
-    """2,000 delivered runs (40,000 published events, unpruned) and 200 runs with 5 pending."""
-    done = seed_runs(2000, 20, prefix="done")
-    RunOutbox.objects.filter(run_id__in=done).update(next_seq=21)
+    """10,000 delivered runs (40,000 published events, unpruned) and 200 runs with 5 pending.
+
+    Enough outbox rows that a scan of the table costs the planner clearly more than 50 probes
+    of its key: with 2,000 the two were within 1% of each other (a coin toss between plans on
+    a fresh database, and a 0.4 ms scan either way); the guarantee is about tables that grow."""
+    done = seed_runs(10000, 4, prefix="done")
+    RunOutbox.objects.filter(run_id__in=done).update(next_seq=5)
     RunEvent.objects.filter(run_id__in=done).update(published_at=timezone.now())
     todo = seed_runs(200, 5, prefix="todo")
     return [(run_id, 1) for run_id in todo[:LIMIT]]
@@ -104,16 +126,13 @@ def test_claim_and_read_plans_do_not_depend_on_statistics() -> None:
     analyzed_claim, _ = explain(*claim_sql())
     analyzed_read, _ = explain(*read_sql(claimed))
 
-    assert fresh_claim == analyzed_claim
-    assert fresh_read == analyzed_read
+    assert accesses(fresh_claim) == accesses(analyzed_claim)
+    assert accesses(fresh_read) == accesses(analyzed_read)
     for shape in (fresh_claim, fresh_read):
         assert not [node for node in shape if node[0] == "Seq Scan"], shape
-    assert ("Index Only Scan", "runs_app_event_pending") in fresh_claim or (
-        "Index Scan",
-        "runs_app_event_pending",
-    ) in fresh_claim
+    assert ("index", "runs_app_event_pending") in accesses(fresh_claim)
     # The claim walks one index entry, one outbox row and one cursor probe per run it takes;
-    # the read its events and each run's scope: a few hundred rows, of 42,000 in the tables.
+    # the read its events and each run's scope: a few hundred rows, of about 70,000 in the tables.
     assert claim_rows <= 4 * LIMIT, claim_rows
     assert read_rows <= 3 * (LIMIT * 5 + LIMIT), read_rows
 
@@ -140,5 +159,5 @@ def test_the_acknowledgement_touches_only_the_acknowledged_events_on_a_fresh_dat
     shape, rows = explain(sql, params)  # type: ignore[arg-type]
     assert not [node for node in shape if node[0] == "Seq Scan"], shape
     # Each acknowledged run's outbox row and its 5 events, found by key: not the 1,000 pending
-    # events of the other runs, nor the 40,000 published ones.
+    # events of the other runs, nor the 40,000 published ones, nor the 10,000 other outbox rows.
     assert rows <= 3 * (LIMIT * 5 + LIMIT), (rows, shape)

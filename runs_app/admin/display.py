@@ -257,10 +257,11 @@ CURSOR_SHOWN = 80
 
 def source_note(line: Any) -> str:
     """How a model's ledger line read its source: "full" or "incremental", and the cursor it
-    set (its JSON, cut to ``CURSOR_SHOWN`` characters)."""
+    set (its JSON with sorted keys, so that SQLite and PostgreSQL's jsonb, which reorders keys,
+    show the same text; cut to ``CURSOR_SHOWN`` characters)."""
     note = str(FlushMode(line.flush_mode).label)
     if line.cursor is not None:
-        text = json.dumps(line.cursor, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(line.cursor, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
         if len(text) > CURSOR_SHOWN:
             text = text[: CURSOR_SHOWN - 1] + "…"
         note += ", " + gettext("cursor %(cursor)s") % {"cursor": text}
