@@ -101,6 +101,10 @@ def test_message_carries_the_event() -> None:
         payload={"k": 1},
         occurred_at=event.created_at,
     )
+    # The same instant and the same label as the ORM gives it (PostgreSQL's read parses the
+    # timestamp itself, in the session's zone, and labels it with the connection's).
+    assert message.occurred_at.tzinfo == event.created_at.tzinfo
+    assert message.occurred_at.isoformat() == event.created_at.isoformat()
 
 
 def test_only_new_events_after_a_drain() -> None:
