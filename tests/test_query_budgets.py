@@ -16,10 +16,11 @@ from functools import partial
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 
 from runs_app import services
+from runs_app.exceptions import RunClosed
 from runs_app.models import Project, Run, RunEvent
 
 
@@ -109,6 +110,31 @@ def test_append_events_costs_the_same_for_1_or_many_events() -> None:
     assert len(set(counts.values())) == 1, counts
     assert counts[1] <= 4, f"append_events: {counts[1]} statements"
     assert RunEvent.objects.filter(run=run).count() == 1 + sum(sizes)
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_an_append_outside_a_transaction_is_one_statement_and_all_or_nothing() -> None:
+    """In autocommit the append is its one statement: no BEGIN, no COMMIT round trip. Failing
+    it writes nothing; a closed run still gets RunClosed and nothing."""
+    run = services.create_run("append-alone")
+    count, sql = statements(partial(services.append_events, run, [{"type": "a"}]))
+    assert (count, sql[0].split()[0]) == (1, "WITH"), sql
+
+    def fail(*args: Any) -> Any:
+        raise OperationalError("injected")
+
+    with connection.execute_wrapper(fail), pytest.raises(OperationalError):
+        services.append_events(run, [{"type": "lost"}])
+    assert Run.objects.get(pk=run.pk).last_seq == 2  # run.started, a
+    services.complete_run(run)
+    with pytest.raises(RunClosed):
+        services.append_events(run, [{"type": "late"}])
+    assert [event.type for event in services.list_events(run)] == [
+        "run.started",
+        "a",
+        "run.completed",
+    ]
 
 
 # --- drain_outbox_once -------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from .validation import (
 def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
     """Append events to an active run and return them with their seqs.
 
-    One transaction (nested in the caller's, if any): a single ``UPDATE ... RETURNING`` bumps the
+    One transaction (nested in the caller's, if any; on PostgreSQL outside one, a single
+    statement in autocommit): a single ``UPDATE ... RETURNING`` bumps the
     run's ``last_seq`` by the number of events and locks the run row until commit, then one
     INSERT writes the events, whatever their number. Concurrent appenders to one run therefore get
     contiguous seqs that commit in seq order, so a reader of ``seq >= next_seq`` never skips a row.
@@ -37,6 +38,11 @@ def append_events(run: Run | str, events: Iterable[Any]) -> list[RunEvent]:
     """
     run_id = run_id_of(run)
     prepared = prepare_events(events)
+    if prepared and is_postgresql() and connection_for_write().get_autocommit():
+        # Outside any transaction the append is one statement on PostgreSQL (append_rows),
+        # atomic by itself: sent in autocommit it commits alone, without the BEGIN and COMMIT
+        # round trips of an atomic block (about a fifth of a one-event append on loopback).
+        return insert_events(run_id, prepared)
     with transaction.atomic(using=db_alias()):
         return insert_events(run_id, prepared)
 
