@@ -112,8 +112,10 @@ class Command(StrictCommand):
         if failures and options["once"]:
             runs = ", ".join(sorted(set(total.failed_runs)))
             raise CommandError(
-                f"{failures} publish(es) failed (runs: {runs}); their events stay pending "
-                "and are retried after a backoff.",
+                f"{failures} publish(es) failed (runs: {runs}); their events stay pending: "
+                "a failed publish is retried after a backoff; a blocked run (a gap, or "
+                "MAX_ATTEMPTS reached) waits for an operator: runs_status lists it, "
+                "skip_outbox_event or the admin's skip moves it on.",
                 returncode=1,
             )
 
