@@ -151,7 +151,7 @@ def _read_postgresql(
     with connection.cursor() as cursor:
         cursor.execute(*read_postgresql_query(runs, limit, budget))
         fetched = cursor.fetchall()
-    # Per event, the two conversions Django's loaders would make, done the cheap way (a third
+    # Per event, the two conversions Django's loaders would make, done the cheap way (a fifth
     # of a pass of 100 events per run went to them): the payload's JSON text (Django's jsonb
     # loader keeps it a string) decoded by json.loads, as JSONField.from_db_value does with no
     # decoder; created_at read as a timestamp in the session's time zone (the C loader, where

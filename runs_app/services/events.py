@@ -103,7 +103,8 @@ def append_rows(
     ``(seq, id)``. Call inside a transaction.
 
     PostgreSQL: one statement, the counter's ``UPDATE ... RETURNING`` as a data-modifying CTE
-    feeding the ``INSERT`` (an append costs one round trip besides BEGIN and COMMIT). The
+    feeding the ``INSERT`` (an append costs one round trip; ``append_events`` sends it alone in
+    autocommit when its caller has no transaction, where it is atomic by itself). The
     UPDATE keeps all its guarantees inside the CTE: it locks the run row, re-checks
     ``NOT closed`` on the row version a closing transaction committed, and NOTIFYs. No row
     comes back when it matched no run; the caller then learns why (``RunClosed`` /
