@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Where a relay pass spends its time: drain 1 event per run and break each runs_app pass into
+"""Where a relay pass spends its time: drain a backlog (1 event per run unless
+``--events-per-run``) and break each runs_app pass into
 its SQL statements (count and time per pass, from Django's query log), its commits and the
 rest (Python); the raw relay's passes on the same backlog for comparison.
 
@@ -49,6 +50,7 @@ def kind(sql: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=positive_int, default=20_000)
+    parser.add_argument("--events-per-run", type=positive_int, default=1)
     parser.add_argument(
         "--database-name",
         type=database_name,
@@ -71,7 +73,7 @@ def main() -> int:
     def seed() -> None:
         with raw.connect(url) as conn:
             raw.reset(conn)
-            raw.seed_outbox(conn, args.runs, 1)
+            raw.seed_outbox(conn, args.runs, args.events_per_run)
             raw.settle(conn)
 
     # runs_app, pass by pass, every statement captured (Django logs BEGIN and COMMIT too).
@@ -112,8 +114,12 @@ def main() -> int:
             plans.append((len(passes), explain(claim_sql)))
     count = len(passes)
     total = sum(passes)
+    events = args.runs * args.events_per_run
     sql_time = sum(sum(times) for times in per_kind.values())
-    print(f"runs_app: {args.runs:,} runs x 1 event, {count} passes, {args.runs / total:,.0f} ev/s")
+    print(
+        f"runs_app: {args.runs:,} runs x {args.events_per_run} event(s), {count} passes,"
+        f" {events / total:,.0f} ev/s"
+    )
     print(
         f"  per pass: {total / count * 1000:.2f} ms = SQL and commits"
         f" {sql_time / count * 1000:.2f} ms + Python {(total - sql_time) / count * 1000:.2f} ms"
@@ -145,7 +151,7 @@ def main() -> int:
             raw_passes.append(time.perf_counter() - began)
     raw_total = sum(raw_passes)
     print(
-        f"raw: {len(raw_passes)} passes, {args.runs / raw_total:,.0f} ev/s,"
+        f"raw: {len(raw_passes)} passes, {events / raw_total:,.0f} ev/s,"
         f" {raw_total / len(raw_passes) * 1000:.2f} ms per pass"
         f" (first {raw_passes[0] * 1000:.1f} ms, last {raw_passes[-1] * 1000:.1f} ms)"
     )

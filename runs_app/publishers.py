@@ -28,7 +28,7 @@ from .exceptions import PublisherError
 logger = logging.getLogger("runs_app.publishers")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     """One event on its way out. ``id`` (``"<run_id>:<seq>"``) is the idempotency key: a
     consumer that remembers the ids it has seen turns at-least-once delivery into exactly-once

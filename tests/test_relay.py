@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -101,8 +102,8 @@ def test_message_carries_the_event() -> None:
         payload={"k": 1},
         occurred_at=event.created_at,
     )
-    # The same instant and the same label as the ORM gives it (PostgreSQL's read parses the
-    # timestamp itself, in the session's zone, and labels it with the connection's).
+    # The same instant and the same label as the ORM gives it (PostgreSQL's read loads the
+    # timestamp with psycopg's loader, not Django's, and must label it as Django does).
     assert message.occurred_at.tzinfo == event.created_at.tzinfo
     assert message.occurred_at.isoformat() == event.created_at.isoformat()
 
@@ -643,3 +644,29 @@ def test_run_ids_with_quotes_backslashes_commas_and_braces_drain_and_acknowledge
     assert {row.run_id: row.next_seq for row in RunOutbox.objects.all()} == dict.fromkeys(names, 4)
     assert not RunEvent.objects.filter(published_at__isnull=True).exists()
     assert_cursor_invariant()
+
+
+def test_the_read_decodes_payloads_as_json_loads_does() -> None:
+    from runs_app.relay.read import _decode_json
+
+    for text in ('{"k": [1, 2.5, "x", null, true]}', "{}", "[]", '"s"', "3"):
+        assert _decode_json(text) == json.loads(text)
+    assert _decode_json(' {"k": 1} ') == {"k": 1}  # not jsonb's output, still decoded
+    for bad in ("", "{", '{"k": 1} x', "nope"):
+        with pytest.raises(json.JSONDecodeError):
+            _decode_json(bad)
+
+
+@pytest.mark.postgresql
+def test_a_session_in_another_zone_still_gives_the_instant_in_the_connection_zone() -> None:
+    run = services.create_run("billing", run_id="r1")
+    stored = RunEvent.objects.get(run=run, seq=1).created_at
+    with connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'Asia/Tokyo'")
+    try:
+        message = relay.read_pending("r1", 1, 10)[0]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE %s", [connection.timezone_name])
+    assert message.occurred_at == stored
+    assert message.occurred_at.tzinfo == connection.timezone

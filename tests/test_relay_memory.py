@@ -111,3 +111,33 @@ def test_drain_outbox_for_run_goes_on_after_a_read_cut_by_the_budget() -> None:
     publisher = MemoryPublisher()
     result = relay.drain_outbox_for_run(run, publisher=publisher)
     assert result.published == 4 and [m.seq for m in publisher.messages] == [1, 2, 3, 4]
+
+
+def test_the_cut_at_the_budget_is_exact_at_each_boundary() -> None:
+    # PostgreSQL sends the row that crosses the budget without its payload, as the marker of a
+    # cut, and sends nothing after it; SQLite stops reading there. Same answers on both.
+    run = services.create_run("a", run_id="a")
+    services.append_events(run, [{"type": "e", "payload": {"n": "z" * n}} for n in (10, 20)])
+    services.create_run("b", run_id="b")  # run.started only
+    size = [read_batches([("a", seq)], 1, 10**9).payload_bytes for seq in (1, 2, 3)]
+    everything = sum(size)
+
+    def read(budget: int) -> tuple[list[int], int, bool]:
+        result = read_batches([("a", 1)], 100, budget)
+        seqs = [m.seq for m in result.batches.get("a", [])]
+        return seqs, result.payload_bytes, result.cut
+
+    assert read(everything) == ([1, 2, 3], everything, False)  # exactly full: no cut
+    assert read(everything - 1) == ([1, 2], size[0] + size[1], True)
+    assert read(size[0] + size[1]) == ([1, 2], size[0] + size[1], True)
+    assert read(size[0]) == ([1], size[0], True)
+    assert read(1) == ([1], size[0], True)  # the first event always, alone over the budget
+    # A last event alone over the budget: nothing after it, so no cut.
+    assert read_batches([("a", 3)], 100, 1).cut is False
+    assert read_batches([("b", 1)], 100, 1).cut is False
+    # Across runs, in claim order (run id): the run after the cut is not read at all.
+    both = read_batches([("b", 1), ("a", 1)], 100, everything - 1)
+    assert {run_id: [m.seq for m in batch] for run_id, batch in both.batches.items()} == {
+        "a": [1, 2]
+    }
+    assert both.cut and both.payload_bytes == size[0] + size[1]

@@ -12,6 +12,7 @@ about 2.5 GB).
 from __future__ import annotations
 
 import json
+import json.scanner
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,12 +33,18 @@ from ..tracing import TRACE_CONTEXT_KEYS
 # key, also LATERAL (its LIMIT 1 keeps the planner from flattening it into a join that may scan
 # the run table): a nested loop by construction, whatever the statistics say. A running sum
 # over the claim (runs in claim order, then seq) cuts it at the byte budget on the server, so
-# what does not fit is never sent. The ORM says neither LATERAL nor a filter over a window.
+# what does not fit is never sent: the rows that start within the budget (``before <=``) come
+# back, and the one that crosses it comes without its payload (a marker saying "cut here"); the
+# first row always comes whole, and the second comes as a marker when the first alone is over
+# the budget. One window, computed as the rows stream (a count over the whole claim would hold
+# every row back until the last one). The ORM says neither LATERAL nor a filter over a window.
 _READ_POSTGRESQL = """
-SELECT run_id, scope, trace_context, seq, type, payload, created_at, upto, total FROM (
+SELECT run_id, scope, trace_context, seq, type,
+    CASE WHEN n = 1 OR upto <= %s THEN payload END AS payload, created_at, n, upto
+FROM (
     SELECT c.ord, c.run_id, r.scope, r.trace_context, e.seq, e.type, e.payload,
-        e.created_at::timestamp AS created_at,
-        row_number() OVER w AS n, sum(e.size) OVER w AS upto, count(*) OVER () AS total
+        e.created_at,
+        row_number() OVER w AS n, sum(e.size) OVER w AS upto, e.size
     FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS c(run_id, next_seq, ord)
     CROSS JOIN LATERAL (SELECT scope, trace_context FROM {run} WHERE id = c.run_id LIMIT 1) r
     CROSS JOIN LATERAL (
@@ -47,7 +54,7 @@ SELECT run_id, scope, trace_context, seq, type, payload, created_at, upto, total
     ) e
     WINDOW w AS (ORDER BY c.ord, e.seq ROWS UNBOUNDED PRECEDING)
 ) t
-WHERE n = 1 OR upto <= %s
+WHERE n <= 2 OR upto - size <= %s
 ORDER BY ord, seq
 """
 
@@ -81,9 +88,8 @@ def read_batches(runs: Sequence[tuple[str, int]], limit: int, max_bytes: int | N
     runs = sorted(runs)  # claim order: run id
     budget = int(runs_settings.DRAIN_MAX_BYTES) if max_bytes is None else max_bytes
     if is_postgresql():
-        rows, used, cut = _read_postgresql(runs, limit, budget)
-    else:
-        rows, used, cut = _within_budget(_read_sqlite(runs, limit), budget)
+        return _read_postgresql(runs, limit, budget)
+    rows, used, cut = _within_budget(_read_sqlite(runs, limit), budget)
     read = Read(payload_bytes=used, cut=cut)
     trace_field = Run._meta.get_field("trace_context")
     connection = connection_for_write()
@@ -137,6 +143,7 @@ def read_postgresql_query(
     literals: :func:`runs_app.db.pg_array`)."""
     sql = _READ_POSTGRESQL.format(run=table(Run), event=table(RunEvent))
     return sql, [
+        budget,
         pg_array([run_id for run_id, _ in runs]),
         pg_array([s for _, s in runs]),
         limit,
@@ -144,29 +151,80 @@ def read_postgresql_query(
     ]
 
 
-def _read_postgresql(
-    runs: Sequence[tuple[str, int]], limit: int, budget: int
-) -> tuple[list[tuple[Any, ...]], int, bool]:
+def _read_postgresql(runs: Sequence[tuple[str, int]], limit: int, budget: int) -> Read:
+    from psycopg.types.datetime import TimestamptzLoader
+
     connection = connection_for_write()
     with connection.cursor() as cursor:
+        # This cursor reads timestamptz with psycopg's own loader (in C with psycopg's binary
+        # or C build), not the Python subclass Django registers on the connection, which
+        # parses each value in Python and relabels it: a twentieth of a pass of 100 events per
+        # run. Both label a value with the session's zone, the connection's (psycopg maps UTC
+        # to datetime.timezone.utc, as Django does); where they differ (USE_TZ = False: Django
+        # gives naive datetimes) the loop below converts.
+        cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
         cursor.execute(*read_postgresql_query(runs, limit, budget))
         fetched = cursor.fetchall()
-    # Per event, the two conversions Django's loaders would make, done the cheap way (a fifth
-    # of a pass of 100 events per run went to them): the payload's JSON text (Django's jsonb
-    # loader keeps it a string) decoded by json.loads, as JSONField.from_db_value does with no
-    # decoder; created_at read as a timestamp in the session's time zone (the C loader, where
-    # Django's timestamptz loader parses in Python) and labelled with the connection's zone,
-    # as Django's loader labels it.
-    zone = connection.timezone
-    loads = json.loads
-    rows = [
-        (run_id, scope, trace_text, seq, kind, loads(data), created.replace(tzinfo=zone))
-        for run_id, scope, trace_text, seq, kind, data, created, _, _ in fetched
-    ]
+    read = Read()
     if not fetched:
-        return rows, 0, False
-    *_, used, total = fetched[-1]
-    return rows, int(used), len(fetched) < int(total)
+        return read
+    *_, n, upto = fetched[-1]
+    if n > 1 and upto > budget:  # the marker: the budget cut the claim here
+        fetched.pop()
+        read.cut = True
+    read.payload_bytes = int(fetched[-1][-1])
+    zone = connection.timezone
+    relabel = fetched[0][6].tzinfo is not zone
+    trace_field = Run._meta.get_field("trace_context")
+    batches = read.batches
+    batch: list[Message] = []
+    current = None
+    scope = ""
+    trace_context: dict[str, str] = {}
+    # One loop from rows to messages, per event only what must be per event (a second loop and
+    # intermediate tuples took a tenth of a pass of 100 events per run).
+    for run_id, run_scope, trace_text, seq, event_type, data, created_at, _, _ in fetched:
+        if run_id != current:
+            current, scope = run_id, run_scope
+            trace_context = _trace_context(trace_field, trace_text, connection)
+            batch = batches[run_id] = []
+        batch.append(
+            Message(
+                f"{run_id}:{seq}",
+                run_id,
+                scope,
+                seq,
+                event_type,
+                _decode_json(data),
+                _in_zone(created_at, zone) if relabel else created_at,
+                trace_context,
+            )
+        )
+    return read
+
+
+def _in_zone(value: datetime, zone: Any) -> datetime:
+    """``value`` as Django would give it on this connection: in its zone, or naive (in the
+    session's zone) without one."""
+    return value.astimezone(zone) if zone is not None else value.replace(tzinfo=None)
+
+
+# The standard decoder's scanner (the C one where there is one), as json.loads uses it.
+# (typeshed types its argument as a scanner; it is the decoder whose settings it reads.)
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
+def _decode_json(text: str) -> Any:
+    """A payload's JSON text (Django's jsonb loader keeps it a string) decoded as
+    ``JSONField.from_db_value`` does with no decoder, ``json.loads``, at a third of its cost:
+    the decoder's scanner called directly, without ``loads``'s checks for bytes, a BOM and
+    surrounding whitespace, which PostgreSQL's jsonb output never has. Anything else (a value
+    not ending where the text ends) goes through ``json.loads`` and its errors."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:  # the scanner's way of saying "no JSON value starts here"
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 def _read_sqlite(
