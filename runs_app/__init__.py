@@ -6,4 +6,4 @@ Public API: :mod:`runs_app.services` (functions), :mod:`runs_app.models`,
 
 # The package's one version: pyproject.toml reads it (setuptools dynamic version), and
 # CHANGELOG.md has a section for it.
-__version__ = "0.4.0"
+__version__ = "0.4.1"

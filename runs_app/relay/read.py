@@ -33,8 +33,8 @@ from ..tracing import TRACE_CONTEXT_KEYS
 # key, also LATERAL (its LIMIT 1 keeps the planner from flattening it into a join that may scan
 # the run table): a nested loop by construction, whatever the statistics say. A running sum
 # over the claim (runs in claim order, then seq) cuts it at the byte budget on the server, so
-# what does not fit is never sent: the rows that start within the budget (``before <=``) come
-# back, and the one that crosses it comes without its payload (a marker saying "cut here"); the
+# what does not fit is never sent: the rows that start within the budget (``upto - size <=``
+# it) come back, the one that crosses it without its payload (a marker saying "cut here"); the
 # first row always comes whole, and the second comes as a marker when the first alone is over
 # the budget. One window, computed as the rows stream (a count over the whole claim would hold
 # every row back until the last one). The ORM says neither LATERAL nor a filter over a window.
@@ -174,7 +174,7 @@ def _read_postgresql(runs: Sequence[tuple[str, int]], limit: int, budget: int) -
         read.cut = True
     read.payload_bytes = int(fetched[-1][-1])
     zone = connection.timezone
-    relabel = fetched[0][6].tzinfo is not zone
+    relabel = fetched[0][6].tzinfo is not zone  # created_at, as psycopg labelled it
     trace_field = Run._meta.get_field("trace_context")
     batches = read.batches
     batch: list[Message] = []
