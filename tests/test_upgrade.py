@@ -1,7 +1,8 @@
 """Upgrading a database filled by an earlier release: 0001 to 0002 (every row kept, closed runs
 flagged closed, and on PostgreSQL new ordinals above every existing one), and 0002 to 0003
 (every row kept, each run that flushed gets its runs_app.project ledger line), 0004 and 0005
-(every line kept: delete-mode cleanups, full reads without a cursor).
+(every line kept: delete-mode cleanups, full reads without a cursor), 0006 (the event table's
+index on the run alone dropped, and back on the way down; every row kept).
 
 Standard MigrationExecutor use: migrate back to 0001, fill through the historical models as the
 previous release wrote its rows, migrate forward. The database is left fully migrated.
@@ -246,3 +247,47 @@ def test_upgrade_to_tracked_models_gives_each_flushed_run_its_project_line(
         flush.write([{"key": "e1", "name": "E1"}])
     assert services.complete_run("old-active").state.status == RunStatus.COMPLETED
     assert RunModelState.objects.get(run_id="old-active").rows_confirmed == 1
+
+
+RUN_SEQ_COVERS_RUN = [("runs_app", "0006_event_run_index_covered_by_run_seq")]
+
+
+def event_indexes() -> dict[str, list[str]]:
+    """The event table's indexes (no constraints): name -> columns."""
+    with connection.cursor() as cursor:
+        found = connection.introspection.get_constraints(cursor, RunEvent._meta.db_table)
+    return {
+        name: info["columns"]
+        for name, info in found.items()
+        if info["index"] and not info["primary_key"]
+    }
+
+
+def event_foreign_keys() -> list[list[str]]:
+    with connection.cursor() as cursor:
+        found = connection.introspection.get_constraints(cursor, RunEvent._meta.db_table)
+    return [info["columns"] for info in found.values() if info["foreign_key"]]
+
+
+def test_0006_drops_only_the_run_index_and_keeps_every_row_and_the_foreign_key(
+    old_database: Apps,
+) -> None:
+    before = fill(old_database)
+    migrate(SOURCE_STATE)
+    on_run_alone = [name for name, columns in event_indexes().items() if columns == ["run_id"]]
+    # 0001 created it (PostgreSQL: and its varchar_pattern_ops copy, on the same column).
+    assert len(on_run_alone) == (2 if connection.vendor == "postgresql" else 1)
+    foreign_keys = event_foreign_keys()
+
+    migrate(RUN_SEQ_COVERS_RUN)
+    assert snapshot_values() == before
+    assert not [name for name, columns in event_indexes().items() if columns == ["run_id"]]
+    assert event_indexes()["runs_app_event_pending"] == ["run_id", "seq"]  # the relay's
+    with connection.cursor() as cursor:
+        unique = connection.introspection.get_constraints(cursor, RunEvent._meta.db_table)
+    assert unique["runs_app_event_run_seq"]["columns"] == ["run_id", "seq"]  # serves the run
+    assert event_foreign_keys() == foreign_keys  # still there
+
+    migrate(SOURCE_STATE)  # reversible: the index (and its copy) come back
+    assert sorted(n for n, c in event_indexes().items() if c == ["run_id"]) == sorted(on_run_alone)
+    assert snapshot_values() == before
