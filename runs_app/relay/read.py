@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -88,29 +88,54 @@ def read_batches(runs: Sequence[tuple[str, int]], limit: int, max_bytes: int | N
     runs = sorted(runs)  # claim order: run id
     budget = int(runs_settings.DRAIN_MAX_BYTES) if max_bytes is None else max_bytes
     if is_postgresql():
-        return _read_postgresql(runs, limit, budget)
+        rows, used, cut = _read_postgresql(runs, limit, budget)
+        return Read(_messages(rows, _decode_json), used, cut)
     rows, used, cut = _within_budget(_read_sqlite(runs, limit), budget)
-    read = Read(payload_bytes=used, cut=cut)
-    trace_field = Run._meta.get_field("trace_context")
+    return Read(_messages(rows, None), used, cut)  # the ORM decoded the payloads
+
+
+def _messages(
+    rows: Sequence[tuple[Any, ...]], decode: Callable[[str], Any] | None
+) -> dict[str, list[Message]]:
+    """The rows of a read, in claim order (run id, then seq), as messages keyed by run id. A
+    row starts with (run id, scope, trace context, seq, type, payload, created_at); ``decode``
+    turns a payload's text into its value (None: it is one already).
+
+    One loop, per event only what must be per event (a second loop and intermediate tuples took
+    a tenth of a pass of 100 events per run on PostgreSQL); a run's scope and trace context are
+    taken from its first row."""
+    batches: dict[str, list[Message]] = {}
+    if not rows:
+        return batches
     connection = connection_for_write()
-    contexts: dict[str, dict[str, str]] = {}  # decoded once per run, not per event
-    for run_id, scope, trace_text, seq, event_type, data, created_at in rows:
-        trace_context = contexts.get(run_id)
-        if trace_context is None:
-            trace_context = contexts[run_id] = _trace_context(trace_field, trace_text, connection)
-        read.batches.setdefault(run_id, []).append(
+    trace_field = Run._meta.get_field("trace_context")
+    zone = connection.timezone
+    # As Django gives a time on this connection. PostgreSQL's read loads them with psycopg's
+    # loader (see _read_postgresql), which labels them with the session's zone: the
+    # connection's, but for USE_TZ = False (Django's are naive); SQLite's come from the ORM.
+    relabel = rows[0][6].tzinfo is not zone
+    batch: list[Message] = []
+    current = None
+    scope = ""
+    trace_context: dict[str, str] = {}
+    for run_id, run_scope, trace_text, seq, event_type, data, created_at, *_ in rows:
+        if run_id != current:
+            current, scope = run_id, run_scope
+            trace_context = _trace_context(trace_field, trace_text, connection)
+            batch = batches[run_id] = []
+        batch.append(
             Message(
-                id=f"{run_id}:{seq}",
-                run_id=run_id,
-                scope=scope,
-                seq=seq,
-                type=event_type,
-                payload=data,
-                occurred_at=created_at,
-                trace_context=trace_context,
+                f"{run_id}:{seq}",
+                run_id,
+                scope,
+                seq,
+                event_type,
+                data if decode is None else decode(data),
+                _in_zone(created_at, zone) if relabel else created_at,
+                trace_context,
             )
         )
-    return read
+    return batches
 
 
 def _trace_context(trace_field: Any, text: Any, connection: Any) -> dict[str, str]:
@@ -151,7 +176,9 @@ def read_postgresql_query(
     ]
 
 
-def _read_postgresql(runs: Sequence[tuple[str, int]], limit: int, budget: int) -> Read:
+def _read_postgresql(
+    runs: Sequence[tuple[str, int]], limit: int, budget: int
+) -> tuple[list[tuple[Any, ...]], int, bool]:
     from psycopg.types.datetime import TimestamptzLoader
 
     connection = connection_for_write()
@@ -161,46 +188,17 @@ def _read_postgresql(runs: Sequence[tuple[str, int]], limit: int, budget: int) -
         # parses each value in Python and relabels it: a twentieth of a pass of 100 events per
         # run. Both label a value with the session's zone, the connection's (psycopg maps UTC
         # to datetime.timezone.utc, as Django does); where they differ (USE_TZ = False: Django
-        # gives naive datetimes) the loop below converts.
+        # gives naive datetimes) _messages converts.
         cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
         cursor.execute(*read_postgresql_query(runs, limit, budget))
         fetched = cursor.fetchall()
-    read = Read()
     if not fetched:
-        return read
+        return fetched, 0, False
     *_, n, upto = fetched[-1]
-    if n > 1 and upto > budget:  # the marker: the budget cut the claim here
+    cut = n > 1 and upto > budget  # the marker: the budget cut the claim here
+    if cut:
         fetched.pop()
-        read.cut = True
-    read.payload_bytes = int(fetched[-1][-1])
-    zone = connection.timezone
-    relabel = fetched[0][6].tzinfo is not zone  # created_at, as psycopg labelled it
-    trace_field = Run._meta.get_field("trace_context")
-    batches = read.batches
-    batch: list[Message] = []
-    current = None
-    scope = ""
-    trace_context: dict[str, str] = {}
-    # One loop from rows to messages, per event only what must be per event (a second loop and
-    # intermediate tuples took a tenth of a pass of 100 events per run).
-    for run_id, run_scope, trace_text, seq, event_type, data, created_at, _, _ in fetched:
-        if run_id != current:
-            current, scope = run_id, run_scope
-            trace_context = _trace_context(trace_field, trace_text, connection)
-            batch = batches[run_id] = []
-        batch.append(
-            Message(
-                f"{run_id}:{seq}",
-                run_id,
-                scope,
-                seq,
-                event_type,
-                _decode_json(data),
-                _in_zone(created_at, zone) if relabel else created_at,
-                trace_context,
-            )
-        )
-    return read
+    return fetched, int(fetched[-1][-1]), cut
 
 
 def _in_zone(value: datetime, zone: Any) -> datetime:
